@@ -1,0 +1,16 @@
+# The CUDA architectures are set here and only here; DMAX_CUDA_ARCHS (CMake variable or
+# environment variable) overrides them. sm_80 = A100, sm_90a = H100/H200 (with wgmma/TMA features).
+set(DMAX_DEFAULT_CUDA_ARCHS "80;90a")
+if(NOT DMAX_CUDA_ARCHS)
+  if(DEFINED ENV{DMAX_CUDA_ARCHS} AND NOT "$ENV{DMAX_CUDA_ARCHS}" STREQUAL "")
+    set(DMAX_CUDA_ARCHS "$ENV{DMAX_CUDA_ARCHS}")
+  else()
+    set(DMAX_CUDA_ARCHS "${DMAX_DEFAULT_CUDA_ARCHS}")
+  endif()
+endif()
+string(REPLACE "," ";" DMAX_CUDA_ARCHS "${DMAX_CUDA_ARCHS}")
+set(CMAKE_CUDA_ARCHITECTURES "${DMAX_CUDA_ARCHS}")
+set(CMAKE_CUDA_STANDARD 17)
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+message(STATUS "dmax_ext: CUDA kernels for architectures ${DMAX_CUDA_ARCHS}")

@@ -1,0 +1,31 @@
+// Shared by the per-op binding headers: the stream to launch on and the device guard, which
+// differ between the real CUDA build and the simt emulation build.
+#pragma once
+#include <ATen/ATen.h>
+
+#ifdef DMAX_SIMT
+#include "kernels/device.h"
+namespace dmax::gpu {
+inline cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
+// The emulated kernels run on CPU tensors.
+inline void check_kernel_device(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dmax_simt: ", name, " must be a CPU tensor, got ", t.device());
+}
+struct DeviceGuard { explicit DeviceGuard(const at::Tensor&) {} };
+}  // namespace dmax::gpu
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+namespace dmax::gpu {
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+inline void check_kernel_device(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "dmax: ", name, " must be a CUDA tensor, got ", t.device());
+}
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+}  // namespace dmax::gpu
+#endif

@@ -1,0 +1,24 @@
+// CPU implementations of the dmax ops (csrc/cpu/<op>.cpp). Signatures follow csrc/schemas.h.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace dmax::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
+    const at::Tensor& logits, int64_t k, double temperature, const std::optional<at::Tensor>& seeds);
+at::Tensor promote(const at::Tensor& ids, const at::Tensor& conf, const at::Tensor& pred,
+                   double threshold, int64_t mask_id, bool prefix);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spd_update(
+    const at::Tensor& ids, const at::Tensor& active, const at::Tensor& promoted,
+    const at::Tensor& pred, const at::Tensor& conf, double accept_threshold, int64_t mask_id);
+void hybrid_embed(const at::Tensor& embeds, const at::Tensor& weight, const at::Tensor& ids,
+                  const at::Tensor& active, const at::Tensor& changed, const at::Tensor& topk_ids,
+                  const at::Tensor& topk_probs, int64_t mask_id);
+at::Tensor onpolicy_noise(const at::Tensor& noisy_ids, const at::Tensor& sample_flags,
+                          const at::Tensor& topk_ids, const at::Tensor& topk_probs,
+                          double temperature, const std::optional<at::Tensor>& seeds,
+                          int64_t mask_id);
+
+}  // namespace dmax::cpu

@@ -1,0 +1,16 @@
+// The one place where torch.ops.dmax.* is declared and bound to its CPU implementations.
+// CUDA implementations are bound in csrc/cuda/bindings.cpp (built only with DMAX_WITH_CUDA).
+#include <torch/library.h>
+
+#include "ops_cpu.h"
+#include "schemas.h"
+
+TORCH_LIBRARY(dmax, m) { dmax::define_dmax_schemas(m); }
+
+TORCH_LIBRARY_IMPL(dmax, CPU, m) {
+  m.impl("logits_stats", &dmax::cpu::logits_stats);
+  m.impl("promote", &dmax::cpu::promote);
+  m.impl("spd_update", &dmax::cpu::spd_update);
+  m.impl("hybrid_embed", &dmax::cpu::hybrid_embed);
+  m.impl("onpolicy_noise", &dmax::cpu::onpolicy_noise);
+}

@@ -1,0 +1,33 @@
+// The schema of every dmax op, written once. registration.cpp declares them in namespace `dmax`;
+// the test-only simt build declares the same strings in namespace `dmax_simt`.
+// Semantics: docs/ARCHITECTURE.md ("Ops") and python/dmax_ext/reference.py.
+#pragma once
+
+namespace dmax {
+
+constexpr const char* kLogitsStatsSchema =
+    "logits_stats(Tensor logits, int k, float temperature, Tensor? seeds) -> "
+    "(Tensor pred, Tensor conf, Tensor topk_ids, Tensor topk_probs)";
+constexpr const char* kPromoteSchema =
+    "promote(Tensor ids, Tensor conf, Tensor pred, float threshold, int mask_id, bool prefix) -> Tensor";
+constexpr const char* kSpdUpdateSchema =
+    "spd_update(Tensor ids, Tensor active, Tensor promoted, Tensor pred, Tensor conf, "
+    "float accept_threshold, int mask_id) -> (Tensor new_ids, Tensor changed, Tensor converged)";
+constexpr const char* kHybridEmbedSchema =
+    "hybrid_embed(Tensor(a!) embeds, Tensor weight, Tensor ids, Tensor active, Tensor changed, "
+    "Tensor topk_ids, Tensor topk_probs, int mask_id) -> ()";
+constexpr const char* kOnpolicyNoiseSchema =
+    "onpolicy_noise(Tensor noisy_ids, Tensor sample_flags, Tensor topk_ids, Tensor topk_probs, "
+    "float temperature, Tensor? seeds, int mask_id) -> Tensor";
+
+// Applies `def` to every schema, so the two namespaces can never drift apart.
+template <typename Library>
+void define_dmax_schemas(Library& m) {
+  m.def(kLogitsStatsSchema);
+  m.def(kPromoteSchema);
+  m.def(kSpdUpdateSchema);
+  m.def(kHybridEmbedSchema);
+  m.def(kOnpolicyNoiseSchema);
+}
+
+}  // namespace dmax
