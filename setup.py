@@ -46,6 +46,11 @@ def _want_cuda(torch) -> bool:
 
 
 class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname):
+        # CMake names the library _C.so (no ABI tag): tell setuptools, whose editable and wheel
+        # builds look for the extension under this name.
+        return os.path.join(*fullname.split(".")) + ".so"
+
     def build_extension(self, ext):
         import torch
 

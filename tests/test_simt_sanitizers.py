@@ -19,8 +19,14 @@ KERNEL_TESTS = ["test_logits_stats.py", "test_onpolicy_noise.py", "test_promote.
 
 
 def _asan_runtime() -> str:
-    out = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
-    return out.stdout.strip()
+    # libstdc++ right after libasan: otherwise ASan's __cxa_throw interceptor finds no real
+    # __cxa_throw (python itself does not link libstdc++) and the first C++ exception (a
+    # TORCH_CHECK, or triton's import under opcheck) aborts with "CHECK failed: real___cxa_throw".
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        out = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True)
+        libs.append(out.stdout.strip())
+    return " ".join(libs)
 
 
 def test_emulated_kernels_are_clean_under_asan_and_ubsan():

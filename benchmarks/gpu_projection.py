@@ -1,0 +1,396 @@
+"""Writes the "GPU projections" section of docs/PERFORMANCE.md: the bytes one block forward of
+LLaDA2.0-mini must read on an H100 / H200, the time that takes at the device's memory bandwidth,
+the tokens per second that implies at the paper's tokens per forward (TPF), and what one
+CUDA-graph step of our decoder launches. No GPU is involved: every figure is a projection.
+
+    python benchmarks/gpu_projection.py            # rewrite the section between the markers
+    python benchmarks/gpu_projection.py --print    # print the section instead
+
+The model's sizes come from the "llada2-mini" preset (dmax_ext.model.presets), the bytes and
+FLOPs from roofline.block_forward_cost, the op counts from step_ops.count_step_ops (a trace of the
+real step on the "tiny" preset, whose code paths are llada2-mini's).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import roofline  # noqa: E402  (puts python/ on sys.path)
+import step_ops  # noqa: E402
+from dmax_ext.model.presets import preset_config  # noqa: E402
+
+DOC = roofline.REPO / "docs" / "PERFORMANCE.md"
+BEGIN, END = "<!-- gpu-projections:begin -->", "<!-- gpu-projections:end -->"
+DOC_HEADER = """# Performance log
+
+The project's measurement log. Each entry: date, machine, command, figures, what changed since the
+previous entry; newest first. GPU figures are projections only (no GPU has been measured), written
+by `benchmarks/gpu_projection.py` into the section between the markers at the end.
+"""
+
+PRESET = "llada2-mini"
+BLOCK = 32                    # block length of the paper's evaluation (SPEC section 3)
+CACHE_SLOTS = (512, 2048)     # cache lengths the block's queries attend to
+WEIGHT_BYTES = 2              # bf16 (config torch_dtype)
+ACHIEVABLE = 0.85             # assumed fraction of peak HBM bandwidth weight streaming reaches
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_bytes_per_s: float
+    bf16_dense_flops: float
+    source: str
+
+
+DEVICES = (
+    Device("H100 SXM", 3.35e12, 989e12,
+           "NVIDIA H100 datasheet, SXM5: 80 GB HBM3 at 3.35 TB/s, 989 dense BF16 TFLOP/s"),
+    Device("H200", 4.8e12, 989e12,
+           "NVIDIA H200 datasheet: 141 GB HBM3e at 4.8 TB/s, same compute as H100 SXM"),
+)
+EXPERT_FORMATS = (("bf16", 2.0), ("FP8", 1.0))   # bytes per routed-expert weight
+TPS = (1, 2)
+# SPEC section 6 (the paper): TPF per benchmark and throughput.
+PAPER_TPF = (("DMax GSM8K", 5.47), ("DMax MBPP", 5.86), ("baseline GSM8K", 2.04),
+             ("baseline MBPP", 2.71))
+PAPER_TOKENS_PER_S, PAPER_SETUP = 1338, "two H200, tensor parallel 2, batch 1"
+# Assumptions for what the bandwidth floor leaves out (order of magnitude, not measured).
+ASSUMED_US_PER_GRAPH_KERNEL = 2.0      # launch gap + minimal duration of a small kernel in a graph
+ASSUMED_US_PER_EAGER_OP = 5.0          # PyTorch eager dispatch + launch, CPU side
+ASSUMED_US_PER_ALLREDUCE = 10.0        # small-message all-reduce over NVLink (2 GPUs)
+
+
+def costs(config, tp: int, expert_bytes: float, cache_slots: int) -> dict:
+    """The two kinds of forward of a block (SPEC section 2): "later" = one block fed as hybrid
+    embeddings (no embedding rows gathered by the model); "first" = the previous and the current
+    block fed as ids (2 x BLOCK tokens), after the same committed cache minus one block."""
+    common = dict(weight_bytes=WEIGHT_BYTES, expert_bytes=expert_bytes, tp=tp)
+    cost = roofline.block_forward_cost
+    return {"later": cost(config, BLOCK, cache_slots, embedding_rows=0, **common),
+            "first": cost(config, 2 * BLOCK, cache_slots - BLOCK, **common)}
+
+
+def ms(nbytes: float, device: Device) -> float:
+    return 1e3 * nbytes / (ACHIEVABLE * device.peak_bytes_per_s)
+
+
+def block_ms(first_ms: float, later_ms: float, tpf: float) -> float:
+    """A block of BLOCK tokens takes BLOCK / TPF forwards: its first step and the rest later."""
+    return first_ms + (BLOCK / tpf - 1) * later_ms
+
+
+def tokens_per_s(first_ms: float, later_ms: float, tpf: float) -> float:
+    return BLOCK / block_ms(first_ms, later_ms, tpf) * 1e3
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:,.1f}"
+
+
+def assumptions(config) -> list[str]:
+    c, n_moe = config, roofline.moe_layer_count(config)
+    expert_params = 3 * c.hidden_size * c.moe_intermediate_size
+    lines = ["### Sources and assumptions", "",
+             f"- Model: preset `{PRESET}` (LLaDA2Config): {c.num_hidden_layers} layers "
+             f"({c.num_hidden_layers - n_moe} dense, {n_moe} MoE), hidden {c.hidden_size}, "
+             f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads of {c.head_dim}, "
+             f"dense MLP {c.intermediate_size}, {c.num_experts} experts of "
+             f"{c.moe_intermediate_size} "
+             f"(3 x {c.hidden_size} x {c.moe_intermediate_size} = {expert_params:,} params each), "
+             f"top-{c.num_experts_per_tok}, {c.num_shared_experts} shared expert, vocabulary "
+             f"{c.vocab_size:,}. Weights, activations and KV cache bf16 ({WEIGHT_BYTES} B).",
+             "- Bandwidth: " + "; ".join(f"{d.name}: {d.source}" for d in DEVICES)
+             + f". Projected at **{ACHIEVABLE:.0%} of peak** (assumed: what well-tuned "
+             "weight-streaming kernels reach on HBM; not measured).",
+             "- FP8 experts: routed experts at 1 B per weight (block scales, ~4 B per 128 x 128 "
+             "block, ignored); everything else bf16.",
+             "- Counting (`roofline.block_forward_cost`): each weight a forward uses is read once "
+             "(attention, dense MLP, the distinct routed experts, shared expert, router + fp32 "
+             "bias, norms, lm_head), the embedding rows gathered, the KV cache read over slots "
+             "[0, cache + fed tokens) as the model's attention does and written for the fed "
+             "tokens, the logits written. Activations between kernels are not counted.",
+             "- TP 2: attention heads, MLP / expert / shared-expert widths, lm_head rows and KV "
+             "heads split over the GPUs (bytes per GPU = half); router, norms and embedding "
+             "replicated. Communication is not in the floor (see below). The model has no "
+             "tensor-parallel code yet: TP 2 is a projection of a layout, not of our code.",
+             f"- TPF: the paper's (SPEC section 6): "
+             + ", ".join(f"{name} {tpf}" for name, tpf in PAPER_TPF)
+             + f". A block of {BLOCK} tokens takes {BLOCK}/TPF forwards: one first step "
+             f"({2 * BLOCK} tokens, SPEC section 2) and {BLOCK}/TPF - 1 later steps ({BLOCK} "
+             "tokens). The prompt's prefill forward is not modelled.", ""]
+    return lines
+
+
+def distinct_section(config) -> list[str]:
+    e, k = config.num_experts, config.num_experts_per_tok
+    lines = ["### Distinct experts per MoE layer (uniform routing assumed)", "",
+             f"E[distinct] = E (1 - (1 - k/E)^T) with E = {e}, k = {k}: every token picks each "
+             "expert with probability k/E independently of the others.", "",
+             "| tokens T | E[distinct] | of E | skew scenario: uniform over E/2 | over E/4 |",
+             "|---|---|---|---|---|"]
+    for t in (BLOCK, 2 * BLOCK):
+        d = roofline.expected_distinct_experts(config, t)
+        half = roofline.expected_distinct_experts(config, t, e // 2)
+        quarter = roofline.expected_distinct_experts(config, t, e // 4)
+        lines.append(f"| {t} | {e} (1 - (1 - {k}/{e})^{t}) = **{d:.1f}** | {d / e:.0%} | "
+                     f"{half:.1f} | {quarter:.1f} |")
+    lines += ["", "Uniform is the upper bound: for given per-expert probabilities p_e (summing to "
+              "k) the expectation sum_e 1 - (1 - p_e)^T is largest when they are equal. The "
+              "router's expert bias balances load over a corpus, but the tokens of one block are "
+              "correlated (same text, neighbouring positions) and route alike, so a real block "
+              "touches fewer experts; the skew columns show how the expert bytes would shrink. "
+              "`roofline.RoutingRecorder` measures the real count from a forward of a real "
+              "checkpoint (none was available here).", ""]
+    return lines
+
+
+def bytes_section(config) -> list[str]:
+    later = {s: costs(config, 1, WEIGHT_BYTES, s)["later"] for s in CACHE_SLOTS}
+    first = costs(config, 1, WEIGHT_BYTES, CACHE_SLOTS[-1])["first"]
+    fp8 = costs(config, 1, 1.0, CACHE_SLOTS[-1])["later"]
+    cols = [(f"later step, cache {s}", later[s]) for s in CACHE_SLOTS]
+    cols += [(f"first step ({2 * BLOCK} tok), cache {CACHE_SLOTS[-1]}", first),
+             (f"later, cache {CACHE_SLOTS[-1]}, FP8 experts", fp8)]
+    c, n_moe = config, roofline.moe_layer_count(config)
+    d32 = roofline.expected_distinct_experts(config, BLOCK)
+    kv_row = 2 * c.num_key_value_heads * c.head_dim * WEIGHT_BYTES
+    how = {"attention": f"{c.num_hidden_layers} x ((nh + 2 nkv) hd + nh hd) x H x 2 B",
+           "dense_mlp": f"{c.num_hidden_layers - n_moe} x 3 x H x {c.intermediate_size} x 2 B",
+           "experts": f"{n_moe} x E[distinct] ({d32:.1f} at {BLOCK} tok) x 3 x H x "
+                      f"{c.moe_intermediate_size} x 2 B",
+           "shared_expert": f"{n_moe} x 3 x H x {c.moe_intermediate_size * c.num_shared_experts}"
+                            " x 2 B",
+           "router": f"{n_moe} x ({c.num_experts} x H x 2 B + {c.num_experts} x 4 B)",
+           "norms": "(2 H + 2 hd) per layer + H", "lm_head": f"{c.vocab_size} x H x 2 B",
+           "embedding": "fed ids x H x 2 B (later steps: fed embeddings)",
+           "kv_read": f"{c.num_hidden_layers} layers x (cache + fed) x {kv_row} B",
+           "kv_write": f"{c.num_hidden_layers} layers x fed x {kv_row} B",
+           "logits": f"fed x {c.vocab_size} x 2 B"}
+    lines = ["### Bytes one block forward must read or write (one GPU, TP 1; MB = 1e6 B)", "",
+             "| part | " + " | ".join(name for name, _ in cols) + " | arithmetic |",
+             "|---" * (len(cols) + 2) + "|"]
+    for part in roofline.COST_PARTS:
+        lines.append(f"| {part} | " + " | ".join(_mb(cost.bytes[part]) for _, cost in cols)
+                     + f" | {how[part]} |")
+    lines.append("| **total** | " + " | ".join(f"**{_mb(cost.total_bytes)}**" for _, cost in cols)
+                 + " | |")
+    lines.append("| GFLOP | " + " | ".join(f"{cost.total_flops / 1e9:,.1f}" for _, cost in cols)
+                 + " | 2 per multiply-add |")
+    small, large = later[CACHE_SLOTS[0]], later[CACHE_SLOTS[-1]]
+    one_token = roofline.block_forward_cost(config, 1, 0, c.num_experts_per_tok,
+                                            weight_bytes=WEIGHT_BYTES)
+    lines += ["", f"The routed experts are {small.bytes['experts'] / small.total_bytes:.0%} of a "
+              f"later step's bytes: a {BLOCK}-token block touches {d32:.0f} of {c.num_experts} "
+              "experts per layer, so a block forward reads most of the model, where one token "
+              f"alone would read {one_token.total_bytes / 1e9:.2f} GB ({c.num_experts_per_tok} "
+              "experts per layer). The KV cache is small next to that (cache "
+              f"{CACHE_SLOTS[0]} vs {CACHE_SLOTS[-1]} changes the total by "
+              f"{large.total_bytes / small.total_bytes - 1:.1%}).", ""]
+    return lines
+
+
+def projection_rows(config, cache_slots: int) -> list[tuple]:
+    rows = []
+    for device in DEVICES:
+        for fmt, expert_bytes in EXPERT_FORMATS:
+            for tp in TPS:
+                cost = costs(config, tp, expert_bytes, cache_slots)
+                rows.append((device, fmt, tp, cost["later"], cost["first"],
+                             ms(cost["later"].total_bytes, device),
+                             ms(cost["first"].total_bytes, device)))
+    return rows
+
+
+def projection_section(config) -> list[str]:
+    slots = CACHE_SLOTS[0]
+    rows = projection_rows(config, slots)
+    lines = [f"### Projected forward time and tokens/s (cache {slots}; bandwidth floor only)", "",
+             "| GPU | experts | TP | GB/GPU later | later ms | first ms | "
+             + " | ".join(f"tok/s at {name} TPF {tpf}" for name, tpf in PAPER_TPF) + " |",
+             "|---" * (6 + len(PAPER_TPF)) + "|"]
+    for device, fmt, tp, later, first, later_ms, first_ms in rows:
+        lines.append(f"| {device.name} | {fmt} | {tp} | {later.total_bytes / 1e9:.2f} | "
+                     f"{later_ms:.2f} | {first_ms:.2f} | "
+                     + " | ".join(f"{tokens_per_s(first_ms, later_ms, tpf):,.0f}"
+                                  for _, tpf in PAPER_TPF) + " |")
+    device, fmt, tp, later, first, later_ms, first_ms = next(
+        r for r in rows if r[0].name == "H200" and r[1] == "bf16" and r[2] == 2)
+    tpf = PAPER_TPF[0][1]
+    bw = ACHIEVABLE * device.peak_bytes_per_s / 1e12
+    peak = device.peak_bytes_per_s / 1e12
+    lines += ["", f"Arithmetic, {device.name}, {fmt} experts, TP {tp}: later step "
+              f"{later.total_bytes / 1e9:.3f} GB / ({ACHIEVABLE} x {peak} TB/s = {bw:.2f} TB/s) = "
+              f"{later_ms:.2f} ms; first step {first.total_bytes / 1e9:.3f} GB -> {first_ms:.2f} "
+              f"ms; at TPF {tpf} a block takes {BLOCK}/{tpf} = {BLOCK / tpf:.2f} forwards = "
+              f"{first_ms:.2f} + {BLOCK / tpf - 1:.2f} x {later_ms:.2f} = "
+              f"{block_ms(first_ms, later_ms, tpf):.2f} ms for {BLOCK} tokens -> "
+              f"{tokens_per_s(first_ms, later_ms, tpf):,.0f} tokens/s (projection).", ""]
+    at_2048 = {(r[0].name, r[1], r[2]): tokens_per_s(r[6], r[5], tpf)
+               for r in projection_rows(config, CACHE_SLOTS[-1])}
+    floor_dmax = [tokens_per_s(first_ms, later_ms, t) for _, t in PAPER_TPF[:2]]
+    lines += [f"At cache {CACHE_SLOTS[-1]} the same row gives "
+              f"{at_2048[(device.name, fmt, tp)]:,.0f} tokens/s at TPF {tpf}.", "",
+              "### Compared with the paper", "",
+              f"The paper reports {PAPER_TOKENS_PER_S:,} tokens/s averaged over benchmarks "
+              f"({PAPER_SETUP}). Our bandwidth floor for that setup ({device.name}, TP {tp}, "
+              f"bf16) is {floor_dmax[0]:,.0f} - {floor_dmax[1]:,.0f} tokens/s at TPF "
+              f"{PAPER_TPF[0][1]} - {PAPER_TPF[1][1]}: the paper's figure is "
+              f"{PAPER_TOKENS_PER_S / floor_dmax[1]:.0%} - {PAPER_TOKENS_PER_S / floor_dmax[0]:.0%}"
+              " of it, plausible for a real engine that pays the overheads listed below. Our "
+              "own GPU throughput is unmeasured.", ""]
+    return lines
+
+
+def overheads_section(config, later_step, first_step) -> list[str]:
+    c = config
+    n_moe = roofline.moe_layer_count(c)
+    flops = costs(c, 2, WEIGHT_BYTES, CACHE_SLOTS[0])["later"].total_flops
+    h200 = DEVICES[-1]
+    kernels = sum(step_ops.scaled_counts(later_step, c).values())
+    eager = sum(step_ops.scaled_counts(first_step, c).values())
+    comm = 2 * c.num_hidden_layers
+    return ["### Beyond the bandwidth floor (not in the figures above)", "",
+            f"- Compute: a later step is {flops / 1e9:.1f} GFLOP per GPU at TP 2; at "
+            f"{h200.bf16_dense_flops / 1e12:.0f} dense BF16 TFLOP/s that is "
+            f"{1e3 * flops / h200.bf16_dense_flops:.3f} ms, far below the bandwidth time: "
+            "the forward is memory-bound (if its matmuls reach even 10% of peak at 32 rows).",
+            f"- Kernel count: one later step dispatches about {kernels:,} data-moving ops for "
+            f"{PRESET} (next section); at an assumed {ASSUMED_US_PER_GRAPH_KERNEL} us per small "
+            f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
+            "per step, the same order as the bandwidth floor: fusing the norms, rotary and "
+            "routing ops matters as much as the GEMMs.",
+            f"- Eager steps: a block's first step and its second (run eagerly before the capture) "
+            f"dispatch ~{eager:,} ops from Python; at an assumed {ASSUMED_US_PER_EAGER_OP} us each "
+            f"that is ~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step, "
+            "plus one graph capture and instantiation per block.",
+            f"- TP 2 communication: {comm} all-reduces per forward (after attention's dense and "
+            f"after each MLP) of [{BLOCK}, {c.hidden_size}] bf16 "
+            f"({BLOCK * c.hidden_size * 2 // 1024} KiB); at an assumed {ASSUMED_US_PER_ALLREDUCE}"
+            " us each, "
+            f"~{comm * ASSUMED_US_PER_ALLREDUCE / 1e3:.1f} ms per forward, plus the lm_head "
+            "all-gather.", ""]
+
+
+
+
+def step_section(config, later_step, first_step) -> list[str]:
+    c = config
+    later, eager = step_ops.scaled_counts(later_step, c), step_ops.scaled_counts(first_step, c)
+    per_unit = step_ops.per_unit_counts(later_step)
+    units = step_ops.section_units(c)
+    n_moe = roofline.moe_layer_count(c)
+    syncs_bincount = later_step.ops_by_section["moe"]["bincount.default"] // \
+        step_ops.section_units(later_step.config)["moe"]
+    eager_syncs = first_step.syncs.get("apply_step", 0)
+    lines = [f"### What one step of our decoder launches ({PRESET}; traced, not timed)", "",
+             "From `python/dmax_ext/decoding/` (engine.py, step.py, cuda_graph.py, backends.py) "
+             "and `model/`, as of this generation. Per block: step 0 runs eagerly "
+             f"(`forward_first`: the previous and current block, {2 * BLOCK} tokens from ids, "
+             "which also commits the previous block's K/V); step 1 runs eagerly on a side "
+             "stream and is then captured into a CUDA graph for this block's write slot (the "
+             "previous block's graph is dropped); steps 2.. are `graph.replay()`. A block that "
+             "converges in two steps never replays.", "",
+             "Ops counted by `benchmarks/step_ops.py` (a TorchDispatchMode trace of the real "
+             "step on the `tiny` preset, bf16, the CUDA MoE path `grouped`, scaled to "
+             f"{PRESET}'s layers; each op is at least one kernel on CUDA; views and no-op casts "
+             "excluded):", "",
+             "| section | ops per unit | units per forward | ops per later step | what |",
+             "|---|---|---|---|---|"]
+    what = {
+        "attention": "qkv GEMM; q/k RMSNorm per head in fp32 (cast, pow, mean, rsqrt, mul, "
+                     "cast, mul); partial rotary (slices, neg, cat, mul, add); K/V copied into "
+                     "the static cache; SDPA over slots [0, write_slot + L) with a bool mask "
+                     "and GQA (a bool mask rules out the FlashAttention backend); output "
+                     "transpose copy; dense GEMM",
+        "residual": "the two residual adds of each layer",
+        "moe": "router GEMM in fp32 (the weight is cast to fp32 at every call), sigmoid, bias, "
+               "group top-2 sums, top-4 groups, masked_fill, top-8, gather, normalize, scale; "
+               "stable argsort of the routed ids, bincount, row gather, cumsum offsets, two "
+               "`torch._grouped_mm` (gate and up fused, then down) around SwiGLU, inverse permutation, "
+               "weighted sum in fp32; shared expert: 3 GEMMs + SwiGLU, added",
+        "dense_mlp": "gate, up, down GEMMs + SwiGLU (layer 0)",
+        "norms": "RMSNorm in fp32: cast, pow, mean, add eps, rsqrt, mul, cast, mul by weight",
+        "other": "rotary cos/sin of the positions and the cached attention mask, per forward",
+        "lm_head": "one GEMM over all fed tokens",
+        "embedding": "embedding gather (first step only: later steps feed embeddings)",
+        "apply_step": "logits_stats (one CUDA block per position, <= 512 threads, one pass over "
+                      "its V logits), promote and spd_update (one CUDA block per sequence), "
+                      "hybrid_embed (one CUDA block per position: k + 1 embedding rows) and "
+                      "~7 elementwise ops (live mask, where, copy_, done or converged, step + 1)",
+    }
+    for section in ("attention", "moe", "dense_mlp", "norms", "residual", "other", "lm_head",
+                    "apply_step"):
+        lines.append(f"| {section} | {per_unit[section]:.0f} | {units.get(section, 1)} | "
+                     f"{later[section]:,} | {what[section]} |")
+    lines.append(f"| **total** | | | **{sum(later.values()):,}** | first (eager) step: "
+                 f"{sum(eager.values()):,} (with the embedding gather, the 2-block slicing and "
+                 "the ops wrappers' checks) |")
+    lines += ["", "Host synchronizations:", "",
+              "- Every step: one, the engine reading the convergence flags "
+              "(`(~state.done).tolist()` in `_run_block`) to decide whether the block goes on.",
+              "- Every block: the block's ids to the host (`state.ids.tolist()`, eos and "
+              "collection), the block starts copied to the device (`start_block`), and a "
+              "cache compaction (`KVCache.select`) when a sequence finishes.",
+              f"- Eager steps only: the ops wrappers' value checks ({eager_syncs} reads of a "
+              "tensor value per step in the trace: id range and NaN checks); a captured step "
+              "calls `torch.ops.dmax.*` directly.",
+              f"- MoE: `torch.bincount` ({syncs_bincount} per MoE layer, {n_moe} per forward) "
+              "reads its input's min and max to the host in PyTorch's CUDA implementation "
+              "(aten/src/ATen/native/cuda/SummaryOps.cu). Eagerly that is "
+              f"{2 * n_moe} syncs per forward; during CUDA-graph capture a host read is an "
+              "error, so capturing `forward_block` with the `grouped` MoE path should fail as "
+              "the code stands (not run here: no GPU). Counting with a device-side "
+              "`scatter_add_` / `index_add_` into a zeroed [E] tensor would avoid both.", ""]
+    return lines
+
+
+def section_text() -> str:
+    config = preset_config(PRESET)
+    later_step = step_ops.count_step_ops()
+    first_step = step_ops.count_step_ops(first_step=True, ops="native")
+    lines = ["## GPU projections", "",
+             "Generated by `python benchmarks/gpu_projection.py`; do not edit by hand. **Every "
+             "figure in this section is a projection** from the model's sizes and the devices' "
+             "datasheet bandwidth, not a measurement: no GPU has run this code.", ""]
+    lines += assumptions(config) + distinct_section(config) + bytes_section(config)
+    lines += projection_section(config) + overheads_section(config, later_step, first_step)
+    lines += step_section(config, later_step, first_step)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(text: str, path: Path = DOC) -> None:
+    """Replaces the text between the markers (creating the file or the markers if missing)."""
+    block = f"{BEGIN}\n{text}{END}\n"
+    doc = path.read_text() if path.exists() else DOC_HEADER
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        doc = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(doc)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the section instead of writing docs/PERFORMANCE.md")
+    args = p.parse_args(argv)
+    text = section_text()
+    if args.print_only:
+        print(text, end="")
+    else:
+        write_section(text)
+        print(f"wrote the GPU projections section of {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+// Raw-pointer launchers of the CUDA kernels, one per op (csrc/cuda/<op>.cu). No torch headers:
+// the .cu files compile quickly under nvcc, and unchanged as host C++ in the simt build.
+// Pointers are device pointers (host pointers in the simt build); shapes are element counts.
+// Each launcher checks the launch (DMAX_CHECK_LAUNCH) and throws std::runtime_error on failure.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#if defined(DMAX_SIMT) || defined(__CUDACC__)
+#include "kernels/device.h"  // cudaStream_t (the emulation's, or CUDA's)
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+// After a launch: cudaGetLastError in the CUDA build (bad configuration, missing kernel image);
+// nothing under simt, whose launcher throws simt::Error itself.
+#if defined(__CUDACC__)
+#define DMAX_CHECK_LAUNCH(op_name)                                                      \
+  do {                                                                                  \
+    const cudaError_t dmax_launch_err_ = cudaGetLastError();                            \
+    if (dmax_launch_err_ != cudaSuccess)                                                \
+      throw std::runtime_error(std::string("dmax: ") + (op_name) +                      \
+                               " kernel launch failed: " + cudaGetErrorString(dmax_launch_err_)); \
+  } while (0)
+#else
+#define DMAX_CHECK_LAUNCH(op_name) ((void)(op_name))
+#endif
+
+namespace dmax {
+
+// The floating-point element types the kernels are instantiated for.
+enum class FloatType { kFloat32, kFloat16, kBFloat16 };
+
+// ---- logits_stats / onpolicy_noise (csrc/cuda/logits_stats.cu, csrc/cuda/onpolicy_noise.cu) ----
+
+// logits [B * L, V] contiguous of `dtype`; seeds [B] (read only when temperature > 0);
+// outputs pred [B * L], conf [B * L], topk_ids [B * L, k], topk_probs [B * L, k].
+void launch_logits_stats(const void* logits, FloatType dtype, int64_t batch, int64_t length,
+                         int64_t vocab, int k, double temperature, const int64_t* seeds,
+                         int64_t* pred, float* conf, int64_t* topk_ids, float* topk_probs,
+                         cudaStream_t stream);
+
+// noisy_ids [B, L], sample_flags [B], topk_ids / topk_probs [B, L, k], seeds [B] (read only when
+// temperature > 0 and k > 1) -> new_ids [B, L].
+void launch_onpolicy_noise(const int64_t* noisy_ids, const bool* sample_flags,
+                           const int64_t* topk_ids, const float* topk_probs, int64_t batch,
+                           int64_t length, int k, double temperature, const int64_t* seeds,
+                           int64_t mask_id, int64_t* new_ids, cudaStream_t stream);
+
+}  // namespace dmax
+
+namespace dmax {
+
+// ---- promote / spd_update / hybrid_embed (csrc/cuda/{promote,spd_update,hybrid_embed}.cu) ----
+// ids/pred int64, conf float32, flags bool, all [batch, length] contiguous.
+void launch_promote(const int64_t* ids, const float* conf, const int64_t* pred, bool* promoted,
+                    int64_t batch, int64_t length, float threshold, int64_t mask_id, bool prefix,
+                    cudaStream_t stream);
+void launch_spd_update(const int64_t* ids, const bool* active, const bool* promoted,
+                       const int64_t* pred, const float* conf, int64_t batch, int64_t length,
+                       float accept_threshold, int64_t mask_id, int64_t* new_ids, bool* changed,
+                       bool* converged, cudaStream_t stream);
+// embeds [batch, length, hidden] (strides in elements, last dimension contiguous) and weight
+// [vocab, hidden] share `dtype`; ids/active/changed [batch, length] and topk_ids/topk_probs
+// [batch, length, k] are contiguous.
+struct HybridEmbedArgs {
+  void* embeds = nullptr;
+  FloatType dtype = FloatType::kFloat32;
+  int64_t embeds_stride_b = 0, embeds_stride_l = 0;
+  const void* weight = nullptr;
+  int64_t weight_stride = 0, vocab = 0;
+  const int64_t* ids = nullptr;
+  const bool* active = nullptr;
+  const bool* changed = nullptr;
+  const int64_t* topk_ids = nullptr;
+  const float* topk_probs = nullptr;
+  int64_t batch = 0, length = 0, hidden = 0, k = 0, mask_id = 0;
+};
+void launch_hybrid_embed(const HybridEmbedArgs& args, cudaStream_t stream);
+
+}  // namespace dmax

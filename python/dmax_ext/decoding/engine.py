@@ -1,0 +1,209 @@
+"""decode(): block-diffusion decoding of a batch with the static KV cache (SPEC sections 2, 3, 5).
+
+The loop, per slot block (layout.py): start the block (prompt tail + masks, or all masks), run
+its first step from ids (committing the previous block's K/V, step.forward_first), then later
+steps (cuda_graph.py: eager or replayed) until every row has converged or the step cap is hit.
+Then the block's ids go to the host once: a row whose block holds eos, or that finished its last
+block, is done and compacted out of the running batch (KVCache.select).
+
+Counting (SPEC section 5), per sequence and for the batch:
+- `seq_nfe[b]`: the forwards sequence b took part in: the prefill if its prompt has a full
+  block, then every step up to and including the one where its block converged. A converged row
+  that waits for the rest of the batch is not counted, so seq_nfe equals decoding b alone.
+- `nfe`: the forwards the batch actually ran (what wall time pays for); = seq_nfe[0] at batch 1.
+- `seq_tpf[b]` = len(tokens[b]) / seq_nfe[b];  `tpf` = total tokens / nfe (tokens per batched
+  forward).
+A prompt shorter than one block has no full block: no prefill forward is run or counted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .backends import resolve_ops
+from .cuda_graph import CudaGraphStep, EagerStep, StepTimer
+from .layout import BatchLayout, first_block_ids, plan_layout, prefill_inputs
+from .params import (DEFAULT_ACCEPT_THRESHOLD, DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH,
+                     DEFAULT_THRESHOLD, DEFAULT_TOP_K, DecodeConfig, check_positions,
+                     make_config, prompts_as_lists)
+from .step import BlockState, apply_step, forward_first
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]        # per sequence: generated ids after the prompt, up to and
+                                   # including eos, nothing after (whole blocks: up to
+                                   # block_length - 1 ids past gen_length, SPEC section 5)
+    nfe: int                       # model forwards run for the batch, prefill included
+    tpf: float                     # all sequences' tokens / nfe
+    seq_nfe: list[int]             # forwards each sequence took part in (= decoding it alone)
+    seq_tpf: list[float]
+    block_steps: list[list[int]]   # per sequence: steps of each generated block
+    capped_blocks: list[int]       # per sequence: blocks ended by the step cap, not convergence
+    wall_s: float
+    forward_s: float | None = None  # with timing=True: time in model forwards
+    ops_s: float | None = None      # with timing=True: time in the SPD / threshold ops
+
+
+def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
+           block_length: int = DEFAULT_BLOCK_LENGTH, threshold: float = DEFAULT_THRESHOLD,
+           accept_threshold: float = DEFAULT_ACCEPT_THRESHOLD, top_k: int = DEFAULT_TOP_K,
+           temperature: float = 0.0, mode: str = "spd", eos_id: int | None = None,
+           mask_id: int | None = None, seed: int | None = None, *, ops="native",
+           cuda_graphs: bool | None = None, timing: bool = False) -> DecodeResult:
+    """Decodes gen_length tokens (rounded up to whole blocks) after each prompt.
+
+    input_ids: tensor [batch, prompt] / [prompt], a list of id lists (or 1-D tensors) of any
+    lengths, or one flat list of ids. mode "spd": soft parallel decoding; "threshold": the
+    hard-threshold baseline. eos_id and mask_id default to model.config's. temperature > 0
+    samples (Gumbel-max) with per-row seeds derived from (seed, absolute position, step), so
+    every sequence decodes the same alone or in a batch; seed None then draws one from torch's
+    global generator.
+    ops: "native" (torch.ops.dmax) or "reference" (the pure-PyTorch spec). cuda_graphs: replay
+    the later steps as CUDA graphs (default: on for a CUDA model; never with timing=True).
+    A tensor-parallel model (model/tensor_parallel.py) decodes through vocab-parallel ops
+    (tensor_parallel_ops.py): call decode on every rank with the same arguments.
+
+    A block ends when every sequence has converged or after block_length steps (the step cap,
+    SPEC section 3: "up to B steps"); a capped block keeps its ids as they are (mask ids
+    included) and counts in capped_blocks."""
+    device = model.embedding_weight.device
+    config = make_config(model.config, mode=mode, gen_length=gen_length,
+                         block_length=block_length, threshold=threshold,
+                         accept_threshold=accept_threshold, top_k=top_k, temperature=temperature,
+                         eos_id=eos_id, mask_id=mask_id, seed=seed)
+    prompts = prompts_as_lists(input_ids, model.config.vocab_size, device)
+    check_positions(prompts, config.gen_length, config.block_length,
+                    getattr(model.config, "max_position_embeddings", None))
+    backend = resolve_ops(ops)
+    tp_group = getattr(model, "tp_group", None)
+    if tp_group is not None:  # a tensor-parallel shard (model/tensor_parallel.py)
+        from .tensor_parallel_ops import TensorParallelOps
+        backend = TensorParallelOps(backend, model)
+    if config.sampling and config.seed is None:
+        seed = int(torch.randint(2**31, ()))
+        if tp_group is not None:  # every rank must sample alike: rank 0's draw
+            from ..distributed import broadcast_int
+            seed = broadcast_int(seed, tp_group)
+        config = replace(config, seed=seed)
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda" and not timing
+    if cuda_graphs and (device.type != "cuda" or timing):
+        raise ValueError(f"cuda_graphs=True needs a CUDA model and timing=False "
+                         f"(model on {device}, timing={timing})")
+    timer = StepTimer(timing, device)
+    runner = CudaGraphStep() if cuda_graphs else EagerStep(timer)
+    with torch.inference_mode():
+        result = _Decoder(model, backend, config, runner, timer).run(prompts)
+    if timing:
+        result.forward_s, result.ops_s = timer.seconds["forward"], timer.seconds["ops"]
+    return result
+
+
+class _Decoder:
+    def __init__(self, model, ops, config: DecodeConfig, runner, timer: StepTimer):
+        self.model, self.ops, self.config = model, ops, config
+        self.runner, self.timer = runner, timer
+        self.device = model.embedding_weight.device
+
+    def run(self, prompts: list[list[int]]) -> DecodeResult:
+        start = time.perf_counter()
+        model, config, L = self.model, self.config, self.config.block_length
+        layout = plan_layout([len(p) for p in prompts], config.gen_length, L)
+        batch = layout.batch_size
+        self.nfe, self.seq_nfe, self.capped = 0, [0] * batch, [0] * batch
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.block_steps: list[list[int]] = [[] for _ in range(batch)]
+        rows = list(range(batch))  # running row i decodes sequence rows[i]
+        cache = model.new_cache(batch, layout.max_slots)
+        valid_from = torch.tensor([layout.valid_from(b) for b in rows], device=self.device)
+        if layout.first_slot_block > 0:
+            self._prefill(layout, prompts, cache, valid_from)
+        state, prev_ids = self._new_state(valid_from), None
+        for slot_block in range(layout.first_slot_block, layout.end_slot_block):
+            if slot_block == layout.first_slot_block:
+                ids = first_block_ids(layout, prompts, config.mask_id)
+            else:
+                ids = torch.full((len(rows), L), config.mask_id, dtype=torch.int64)
+            starts = [layout.absolute_block(b, slot_block) * L for b in rows]
+            with self.timer("ops"):
+                state.start_block(model, ids, torch.tensor(starts), config)
+            self._run_block(cache, state, prev_ids, slot_block * L, rows)
+            keep = self._collect(layout, slot_block, rows, starts, state.ids.tolist())
+            prev_ids = state.ids.clone()
+            if not keep:
+                break
+            if len(keep) < len(rows):  # compaction: finished sequences stop costing compute
+                index = torch.tensor(keep, device=self.device)
+                cache, prev_ids = cache.select(index), prev_ids[index]
+                rows = [rows[i] for i in keep]
+                state = self._new_state(state.valid_from[index])
+                self.runner.reset()
+        n_tokens = [len(t) for t in self.tokens]
+        return DecodeResult(
+            tokens=self.tokens, nfe=self.nfe, tpf=sum(n_tokens) / self.nfe,
+            seq_nfe=self.seq_nfe, seq_tpf=[n / f for n, f in zip(n_tokens, self.seq_nfe)],
+            block_steps=self.block_steps, capped_blocks=self.capped,
+            wall_s=time.perf_counter() - start)
+
+    def _collect(self, layout: BatchLayout, slot_block: int, rows: list[int], starts: list[int],
+                 block_ids: list[list[int]]) -> list[int]:
+        """Appends each row's new tokens (up to and including eos); returns the rows that go
+        on. Only generated positions count: an eos id in the prompt's tail does not stop."""
+        eos, keep = self.config.eos_id, []
+        for i, b in enumerate(rows):
+            new = block_ids[i][max(0, layout.prompt_lengths[b] - starts[i]):]
+            if eos in new:
+                self.tokens[b] += new[:new.index(eos) + 1]
+                continue
+            self.tokens[b] += new
+            if not layout.is_last_block(b, slot_block):
+                keep.append(i)
+        return keep
+
+    def _prefill(self, layout: BatchLayout, prompts, cache, valid_from) -> None:
+        """One forward of the prompts' full blocks into the cache (logits unused)."""
+        ids, positions = prefill_inputs(layout, prompts, self.config.eos_id, self.device)
+        with self.timer("forward"):
+            self.model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=0,
+                                      valid_from=valid_from, block_length=self.config.block_length)
+        self.nfe += 1
+        for b in range(layout.batch_size):
+            self.seq_nfe[b] += layout.first_blocks[b] > 0
+
+    def _new_state(self, valid_from: torch.Tensor) -> BlockState:
+        model = self.model
+        state = BlockState.allocate(valid_from.shape[0], self.config.block_length,
+                                    model.config.hidden_size, model.embedding_weight.dtype,
+                                    self.device)
+        state.valid_from.copy_(valid_from)
+        return state
+
+    def _run_block(self, cache, state: BlockState, prev_ids, write_slot: int,
+                   rows: list[int]) -> None:
+        """Steps the block until every row converged or the cap. Reads state.done once per
+        step: the only host sync of a step."""
+        live = [True] * len(rows)
+        steps = [0] * len(rows)
+        for step in range(self.config.max_steps_per_block):
+            if step == 0:
+                with self.timer("forward"):
+                    logits = forward_first(self.model, cache, state, prev_ids, write_slot,
+                                           self.config.block_length)
+                with self.timer("ops"):
+                    apply_step(self.ops, self.model, state, logits, self.config)
+            else:
+                self.runner(self.ops, self.model, cache, state, write_slot, self.config)
+            self.nfe += 1
+            for i, b in enumerate(rows):
+                if live[i]:
+                    self.seq_nfe[b] += 1
+                    steps[i] += 1
+            live = (~state.done).tolist()
+            if not any(live):
+                break
+        for i, b in enumerate(rows):
+            self.block_steps[b].append(steps[i])
+            self.capped[b] += live[i]

@@ -1,0 +1,115 @@
+"""One denoising step of a block on static shapes: the hot path (SPEC section 3).
+
+`BlockState` holds every tensor a step reads and writes, preallocated per running batch and
+updated in place, so the same step runs eagerly (CPU, and the first step of each block) or is
+captured once and replayed as a CUDA graph (cuda_graph.py). A step never syncs with the host: the
+engine reads `state.done` once per step to decide whether the block goes on.
+
+A step = the block's forward (`forward_block`, later steps; `forward_first`, a block's first step)
+followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD), or
+logits_stats -> promote(prefix=False) -> commit the promoted ids (the threshold baseline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .params import DecodeConfig
+
+
+@dataclass
+class BlockState:
+    """The running batch's current block. Row i is a running sequence; column l is position l of
+    its block. Filled in place at each block start (`start_block`) so the buffers keep their
+    addresses for CUDA-graph replay."""
+    ids: torch.Tensor         # [B, L] int64: the block's ids (prompt tail, masks, decoded ids)
+    active: torch.Tensor      # [B, L] bool: masked when the block started (SPEC section 3)
+    embeds: torch.Tensor      # [B, L, H] model dtype: next step's input (SPD; unused by threshold)
+    positions: torch.Tensor   # [B, L] int64: absolute position ids of the block
+    valid_from: torch.Tensor  # [B] int64: first cache slot of each sequence
+    done: torch.Tensor        # [B] bool: the row's block has converged; it waits, unchanged
+    seeds: torch.Tensor       # [B] int64: row seed of the block's step 0 (sampling only)
+    step: torch.Tensor        # [] int64: step index within the block
+
+    @classmethod
+    def allocate(cls, batch: int, block_length: int, hidden: int, dtype, device) -> "BlockState":
+        def ints(*shape):
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+        return cls(ids=ints(batch, block_length),
+                   active=torch.zeros(batch, block_length, dtype=torch.bool, device=device),
+                   embeds=torch.zeros(batch, block_length, hidden, dtype=dtype, device=device),
+                   positions=ints(batch, block_length), valid_from=ints(batch),
+                   done=torch.zeros(batch, dtype=torch.bool, device=device),
+                   seeds=ints(batch), step=ints())
+
+    def start_block(self, model, ids: torch.Tensor, block_starts: torch.Tensor,
+                    config: DecodeConfig) -> None:
+        """ids [B, L] (any device): the block's initial ids; block_starts [B]: the absolute
+        position of each row's block."""
+        device = self.ids.device
+        self.ids.copy_(ids)
+        self.active.copy_(self.ids == config.mask_id)
+        starts = block_starts.to(device)
+        self.positions.copy_(starts[:, None] + torch.arange(self.ids.shape[1], device=device))
+        self.done.zero_()
+        self.step.zero_()
+        self.seeds.copy_(row_seed_base(config.seed) + starts)
+        if config.mode == "spd":
+            self.embeds.copy_(model.embed(self.ids))
+
+
+def row_seed_base(seed: int | None) -> int:
+    # Row seed at step s = base + (absolute block start + s): unique per (seed, block, step)
+    # because s < block_length (the step cap), and independent of the row's batch index, so a
+    # sampled sequence decodes the same alone or in any batch. The user seed goes in the high
+    # 32 bits (mod 2^31, keeping the int64 positive); positions stay far below 2^32.
+    return 0 if seed is None else (seed % 2**31) << 32
+
+
+def forward_first(model, cache, state: BlockState, prev_ids: torch.Tensor | None,
+                  write_slot: int, block_length: int) -> torch.Tensor:
+    """A block's first step, from ids. With the previous block (prev_ids [B, L]), both blocks are
+    fed (2L tokens at write_slot - L) so this forward also commits the previous block's K/V
+    (SPEC section 2). The first generated block has no previous block to commit (prev_ids None):
+    its predecessors are the prompt's full blocks, committed by the prefill (or there are none),
+    so it is fed alone. Returns the current block's logits [B, L, V]."""
+    ids, positions, slot = state.ids, state.positions, write_slot
+    if prev_ids is not None:
+        ids = torch.cat([prev_ids, ids], dim=1)
+        positions = torch.cat([positions - block_length, positions], dim=1)
+        slot -= block_length
+    logits = model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=slot,
+                                  valid_from=state.valid_from, block_length=block_length)
+    return logits[:, -block_length:].contiguous() if prev_ids is not None else logits
+
+
+def forward_block(model, cache, state: BlockState, write_slot: int, config: DecodeConfig):
+    """A later step: only the current block, from the hybrid embeddings (SPD) or ids."""
+    inputs = ({"inputs_embeds": state.embeds} if config.mode == "spd" else {"input_ids": state.ids})
+    return model.forward_cached(cache, **inputs, position_ids=state.positions,
+                                write_slot=write_slot, valid_from=state.valid_from,
+                                block_length=config.block_length)
+
+
+def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: DecodeConfig) -> None:
+    """SPEC section 3 steps 2-6 (or the threshold baseline) for every row still running; rows
+    whose block has converged (state.done) keep their ids and embeddings. In place, no sync."""
+    seeds = state.seeds + state.step if config.sampling else None
+    pred, conf, topk_ids, topk_probs = ops.logits_stats(logits, config.top_k,
+                                                        config.temperature, seeds)
+    live = ~state.done[:, None]
+    if config.mode == "spd":
+        promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, True)
+        new_ids, changed, converged = ops.spd_update(state.ids, state.active, promoted, pred, conf,
+                                                     config.accept_threshold, config.mask_id)
+        # A row that converged at this step may get new embeddings: they are never fed.
+        ops.hybrid_embed(state.embeds, model.embedding_weight, new_ids, state.active & live,
+                         changed & live, topk_ids, topk_probs, config.mask_id)
+    else:
+        promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, False)
+        new_ids = torch.where(promoted, pred, state.ids)
+        converged = ~(new_ids == config.mask_id).logical_and_(state.active).any(dim=1)
+    state.ids.copy_(torch.where(live, new_ids, state.ids))
+    state.done.logical_or_(converged)
+    state.step.add_(1)

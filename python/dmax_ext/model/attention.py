@@ -1,0 +1,68 @@
+"""Attention (fused qkv, per-head q/k RMSNorm, partial rotary, GQA via SDPA) and its masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDA2Config
+from .modules import RMSNorm, apply_rotary
+
+
+def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
+    """[1, 1, T, T] bool, True = may attend: a token sees its own block and every earlier one.
+    Blocks are counted from index 0 of the sequence."""
+    blocks = torch.arange(length, device=device) // block_length
+    return (blocks[None, :] <= blocks[:, None])[None, None]
+
+
+def cached_attention_mask(valid_from: torch.Tensor, write_slot: int, n_fed: int,
+                          block_length: int) -> torch.Tensor:
+    """[B, 1, T, write_slot + T] bool for T tokens fed at slots [write_slot, write_slot + T).
+
+    Query i (slot write_slot + i) sees slot s iff s >= valid_from[b] (the sequence's first slot:
+    earlier slots are another sequence's padding) and block(s) <= block(write_slot + i)."""
+    device = valid_from.device
+    key_slots = torch.arange(write_slot + n_fed, device=device)
+    query_blocks = (write_slot + torch.arange(n_fed, device=device)) // block_length
+    causal = (key_slots // block_length)[None, :] <= query_blocks[:, None]            # [T, S]
+    valid = key_slots[None, :] >= valid_from[:, None]                                # [B, S]
+    return (causal[None] & valid[:, None])[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        n_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        # Rows: all query heads, then all key heads, then all value heads (the checkpoint order).
+        self.query_key_value = nn.Linear(config.hidden_size, n_rows, bias=False)
+        self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.dense = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                write_slot: int = 0) -> torch.Tensor:
+        """x [B, T, H]; mask bool [B or 1, 1, T, S] or None (full attention).
+
+        With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
+        slots [write_slot, write_slot + T) and the queries attend to slots [0, write_slot + T)."""
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        q = apply_rotary(self.query_layernorm(q), cos, sin)
+        k = apply_rotary(self.key_layernorm(k), cos, sin)
+        if cache_kv is not None:
+            keys, values = cache_kv
+            end = write_slot + length
+            keys[:, :, write_slot:end] = k
+            values[:, :, write_slot:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
+        # SDPA keeps the softmax in float32 for bf16 inputs; enable_gqa maps query head j to kv
+        # head j // (n_heads / n_kv_heads) without materializing repeated keys.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))

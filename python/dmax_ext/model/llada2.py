@@ -1,0 +1,164 @@
+"""LLaDA2MoeModel: the LLaDA2-MoE transformer (SPEC section 1) with a static block KV cache.
+
+Module names follow the Hugging Face checkpoint (model.word_embeddings, model.layers.N.attention
+.query_key_value, ..., lm_head), so state_dict() keys are the checkpoint's tensor names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, block_causal_mask, cached_attention_mask
+from .cache import KVCache
+from .config import LLaDA2Config
+from .modules import GatedMLP, RMSNorm, rotary_cos_sin, rotary_inv_freq
+from .moe import MoeBlock, resolve_impl
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDA2Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (MoeBlock(config) if config.is_moe_layer(layer)
+                    else GatedMLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x, cos, sin, mask, cache_kv=None, write_slot=0):
+        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, write_slot)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """The checkpoint's `model.*` part: embeddings, layers, final norm."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LLaDA2MoeModel(nn.Module):
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tokenizer = None
+
+    # -- embeddings ----------------------------------------------------------------------------
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.word_embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding_weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.word_embeddings(ids)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """"auto" (default), "padded", "grouped" or "reference" (one matmul pair per expert)."""
+        resolve_impl(impl, self.device)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoeBlock):
+                layer.mlp.impl = impl
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, block_length: int | None = None,
+                position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (logit i predicts token i). Attention: `attention_mask` (bool
+        [B or 1, 1, T, T], True = may attend) if given, else block-causal with `block_length`
+        (blocks counted from index 0), else full. position_ids default to 0..T-1."""
+        x = self._inputs(input_ids, inputs_embeds)
+        batch, length, _ = x.shape
+        if position_ids is None:
+            self._check_positions(length - 1)
+            position_ids = torch.arange(length, device=x.device).expand(batch, length)
+        else:
+            self._check_positions(int(position_ids.max()) if position_ids.numel() else 0)
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 \
+                    or attention_mask.shape[1:] != (1, length, length):
+                raise ValueError(f"attention_mask: expected bool [B or 1, 1, {length}, {length}], "
+                                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+            mask = attention_mask
+        elif block_length is not None:
+            mask = block_causal_mask(length, _positive(block_length), x.device)
+        else:
+            mask = None
+        return self._run(x, position_ids, mask)
+
+    def new_cache(self, batch_size: int, max_slots: int) -> KVCache:
+        # A token's position is at most its slot, so this bound keeps every position in range.
+        if max_slots > self.config.max_position_embeddings:
+            raise ValueError(f"max_slots ({max_slots}) exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        c = self.config
+        # The heads this process holds: fewer than the config's under tensor parallelism.
+        n_kv_heads = self.model.layers[0].attention.n_kv_heads
+        return KVCache.allocate(c.num_hidden_layers, batch_size, n_kv_heads, max_slots,
+                                c.head_dim, self.dtype, self.device)
+
+    def forward_cached(self, cache: KVCache, *, input_ids: torch.Tensor | None = None,
+                       inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor,
+                       write_slot: int, valid_from: torch.Tensor, block_length: int) -> torch.Tensor:
+        """Feeds T tokens at cache slots [write_slot, write_slot + T) and returns their logits.
+
+        Their keys/values are written to those slots; queries see slots [valid_from[b], write_slot)
+        and the fed tokens block-causally (blocks counted in slots). write_slot must be a multiple
+        of block_length; valid_from[b] (int64 [B]) is sequence b's first slot."""
+        x = self._inputs(input_ids, inputs_embeds)
+        batch, length, _ = x.shape
+        block_length = _positive(block_length)
+        if write_slot < 0 or write_slot % block_length:
+            raise ValueError(f"write_slot ({write_slot}) must be a multiple of block_length ({block_length})")
+        if batch != cache.batch_size or write_slot + length > cache.max_slots:
+            raise ValueError(f"cache holds batch {cache.batch_size} x {cache.max_slots} slots; "
+                             f"got batch {batch}, slots [{write_slot}, {write_slot + length})")
+        if tuple(position_ids.shape) != (batch, length):
+            raise ValueError(f"position_ids: expected shape ({batch}, {length}), got {tuple(position_ids.shape)}")
+        if tuple(valid_from.shape) != (batch,):
+            raise ValueError(f"valid_from: expected shape ({batch},), got {tuple(valid_from.shape)}")
+        mask = cached_attention_mask(valid_from.to(x.device), write_slot, length, block_length)
+        return self._run(x, position_ids, mask, cache, write_slot)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _inputs(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids: expected [B, T], got shape {tuple(input_ids.shape)}")
+            return self.embed(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds: expected [B, T, {self.config.hidden_size}], "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        return inputs_embeds.to(self.dtype)
+
+    def _check_positions(self, largest: int) -> None:
+        if largest >= self.config.max_position_embeddings:
+            raise ValueError(f"position {largest} is beyond max_position_embeddings "
+                             f"({self.config.max_position_embeddings}): the prompt plus generation "
+                             "is longer than the model supports")
+
+    def _run(self, x, position_ids, mask, cache: KVCache | None = None, write_slot: int = 0):
+        inv_freq = rotary_inv_freq(self.config.rotary_dim, self.config.rope_theta, x.device)
+        cos, sin = rotary_cos_sin(position_ids.to(x.device), inv_freq, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, write_slot)
+        return self.lm_head(self.model.norm(x))
+
+
+def _positive(block_length) -> int:
+    if not isinstance(block_length, int) or block_length <= 0:
+        raise ValueError(f"block_length must be a positive int, got {block_length!r}")
+    return block_length

@@ -1,0 +1,210 @@
+"""The MoE feed-forward: sigmoid router with group-limited selection, stacked experts, shared expert.
+
+Experts are stored stacked ([E, H, 2I] gate|up and [E, I, H] down) so that all of them run as a
+few batched matmuls; state_dict() and load_state_dict() still speak the checkpoint's per-expert
+names (`experts.E.gate_proj.weight` ...) through hooks, so state_dict keys == checkpoint keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDA2Config
+from .modules import GatedMLP
+
+# Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
+FLOAT32_TENSORS = ("expert_bias",)
+MOE_IMPLS = ("auto", "padded", "grouped", "reference")
+
+
+def select_experts(biased: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
+    """Group-limited top-k on biased scores [N, E] -> expert ids [N, top_k].
+
+    A group scores the sum of its two best experts; the best `topk_group` groups stay. The other
+    experts get -inf, not 0: biased scores can be negative, and 0 could then outrank a kept one."""
+    n = biased.shape[0]
+    grouped = biased.view(n, n_group, -1)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+    kept = group_scores.topk(topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    masked = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
+    return masked.topk(top_k, dim=-1).indices
+
+
+class Router(nn.Module):
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.top_k = config.num_experts_per_tok
+        self.scaling = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (expert ids [N, k] int64, weights [N, k] float32)."""
+        # float32 even under autocast (mixed-precision training): selection compares scores
+        # that differ in the 3rd decimal, which bf16 would turn into ties.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        ids = select_experts(scores + self.expert_bias.float(), self.n_group, self.topk_group,
+                             self.top_k)
+        # The bias only steers selection; the weights are the unbiased scores.
+        weights = scores.gather(1, ids)
+        if self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+def expert_counts(flat_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows routed to each expert, int64 [n_experts], computed on the device. Not torch.bincount:
+    its CUDA kernel reads the ids' min and max to the host (a sync per MoE layer, and an error
+    under CUDA-graph capture)."""
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat_ids.device)
+    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _experts_reference(xs, counts, gate_up, down):
+    """One matmul pair per expert: the plain formulation the batched ones must agree with."""
+    outs = [_swiglu(chunk @ gate_up[e]) @ down[e]
+            for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
+    return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[-1])
+
+
+def _experts_padded(xs, counts, gate_up, down):
+    """Each expert's rows padded to the busiest expert's count: two bmm over [E, C, *]. Reads
+    every expert's weights once with no per-expert overhead: best in bf16 when most experts
+    are busy (oneDNN's bf16 bmm costs about the same for any C up to ~32)."""
+    n_experts = counts.numel()
+    capacity = int(counts.max())
+    expert_of = torch.repeat_interleave(torch.arange(n_experts, device=xs.device), counts)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(xs.shape[0], device=xs.device) - starts[expert_of]
+    padded = xs.new_zeros(n_experts, capacity, xs.shape[-1])
+    padded[expert_of, slot] = xs
+    out = torch.bmm(_swiglu(torch.bmm(padded, gate_up)), down)
+    return out[expert_of, slot]
+
+
+def _experts_grouped(xs, counts, gate_up, down):
+    """torch._grouped_mm over the expert-sorted rows (no padding, only busy experts' weights)."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    hidden = _swiglu(torch._grouped_mm(xs, gate_up, offs=offsets))
+    return torch._grouped_mm(hidden, down, offs=offsets)
+
+
+def _grouped_mm_supports(xs, gate_up, down) -> bool:
+    # In 16-bit dtypes every row stride must be a multiple of 16 bytes ("strides should be
+    # multiple of 16 bytes"): hidden and expert widths multiples of 8.
+    return xs.element_size() >= 4 or all(d % 8 == 0 for d in down.shape[1:])
+
+
+def _experts_cpu(xs, counts, gate_up, down):
+    """CPU "auto", from measurements on llada2-small shapes (AVX512 + AMX, 32/64 tokens): fp32
+    grouped_mm is the fastest at any routing skew; in bf16, grouped_mm pays ~0.1 ms per busy
+    expert, so the padded bmm wins once at least half the experts are busy."""
+    busy = int((counts > 0).sum())
+    if not _grouped_mm_supports(xs, gate_up, down):
+        return _experts_padded(xs, counts, gate_up, down)
+    if xs.element_size() < 4 and 2 * busy >= counts.numel():
+        return _experts_padded(xs, counts, gate_up, down)
+    return _experts_grouped(xs, counts, gate_up, down)
+
+
+_EXPERT_IMPLS = {"reference": _experts_reference, "padded": _experts_padded,
+                 "grouped": _experts_grouped, "cpu": _experts_cpu}
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        # On CUDA grouped_mm needs no host sync (CUDA graphs); on CPU the choice is per call.
+        return "grouped" if device.type == "cuda" else "cpu"
+    return impl
+
+
+class StackedExperts(nn.Module):
+    """All routed experts: gate_up_proj [E, H, 2I] (x @ it = [gate | up]), down_proj [E, I, H]."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        n, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, h, 2 * i))
+        self.down_proj = nn.Parameter(torch.empty(n, i, h))
+        self._register_state_dict_hook(_per_expert_state_dict)
+        self._register_load_state_dict_pre_hook(_stack_experts_on_load, with_module=True)
+
+    def checkpoint_views(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Checkpoint name -> a view into the stacked parameters (same storage, HF shape)."""
+        i = self.down_proj.shape[1]
+        views = {}
+        for e in range(self.gate_up_proj.shape[0]):
+            views[f"{prefix}{e}.gate_proj.weight"] = self.gate_up_proj[e, :, :i].t()
+            views[f"{prefix}{e}.up_proj.weight"] = self.gate_up_proj[e, :, i:].t()
+            views[f"{prefix}{e}.down_proj.weight"] = self.down_proj[e].t()
+        return views
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                impl: str) -> torch.Tensor:
+        """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
+        n, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = expert_counts(flat, self.gate_up_proj.shape[0])
+        # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
+        sorted_out = _EXPERT_IMPLS[impl](x.index_select(0, order // k), counts,
+                                         self.gate_up_proj, self.down_proj)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
+        # Weighted sum over the k experts in float32, cast once (as the checkpoint's reference).
+        out = sorted_out.index_select(0, inverse).view(n, k, -1).float() * weights[..., None]
+        return out.sum(1).to(x.dtype)
+
+
+def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
+    del state_dict[prefix + "gate_up_proj"], state_dict[prefix + "down_proj"]
+    state_dict.update({name: view.detach() for name, view in module.checkpoint_views(prefix).items()})
+    return state_dict
+
+
+def _stack_experts_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs):
+    names = module.checkpoint_views(prefix)
+    if not all(name in state_dict for name in names):
+        return  # load_state_dict reports the stacked names as missing
+    n, h, two_i = module.gate_up_proj.shape
+    i = two_i // 2
+    gate_up = torch.empty(n, h, two_i, dtype=state_dict[next(iter(names))].dtype)
+    down = torch.empty(n, i, h, dtype=gate_up.dtype)
+    for e in range(n):
+        gate_up[e, :, :i] = state_dict.pop(f"{prefix}{e}.gate_proj.weight").t()
+        gate_up[e, :, i:] = state_dict.pop(f"{prefix}{e}.up_proj.weight").t()
+        down[e] = state_dict.pop(f"{prefix}{e}.down_proj.weight").t()
+    state_dict[prefix + "gate_up_proj"], state_dict[prefix + "down_proj"] = gate_up, down
+
+
+class MoeBlock(nn.Module):
+    """Router + routed experts + shared expert (names as the checkpoint: gate, experts, shared_experts)."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = StackedExperts(config)
+        self.shared_experts = (GatedMLP(config.hidden_size,
+                                        config.moe_intermediate_size * config.num_shared_experts)
+                               if config.num_shared_experts else None)
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.gate(flat)
+        out = self.experts(flat, ids, weights, resolve_impl(self.impl, x.device)).view_as(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

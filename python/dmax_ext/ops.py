@@ -1,0 +1,303 @@
+"""The seam between Python and the native kernels: typed wrappers over torch.ops.dmax.*.
+
+Every wrapper validates its arguments at this public boundary (naming the argument, what was
+expected and what came) and calls the native op; the fake (meta) kernels registered here let the
+ops run under torch.compile and CUDA-graph capture. Semantics: dmax_ext.reference (the executable
+spec) and docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._native import load_ops
+
+load_ops()
+
+# ---- shared argument checks -------------------------------------------------------------------
+
+
+def check_tensor(name: str, t, *, dtypes=None, ndim=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+# ---- ops (one section per op) -----------------------------------------------------------------
+
+
+# ---- promote / spd_update / hybrid_embed: one SPD step (SPEC section 3, steps 3-6) -------------
+
+MAX_TOPK = 8  # the kernels' largest k (csrc/common/spd_checks.h)
+
+
+def _check_same_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
+
+
+def _check_unit_interval(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_block(name: str, t, dtype: torch.dtype, shape) -> None:
+    check_tensor(name, t, dtypes=(dtype,), ndim=len(shape))
+    check_shape(name, t, shape)
+
+
+def _check_vocab_ids(name: str, t: torch.Tensor, vocab_size: int) -> None:
+    # A value check reads the data (a device sync on CUDA): it is skipped under torch.compile and
+    # while capturing a CUDA graph, where the native op's own guards are what remains.
+    if t.numel() == 0 or not _may_read_values(t):
+        return
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must hold ids in [0, {vocab_size}) (the rows of weight), "
+                         f"got {bad}")
+
+
+def promote(ids: torch.Tensor, conf: torch.Tensor, pred: torch.Tensor, threshold: float,
+            mask_id: int, prefix: bool = True) -> torch.Tensor:
+    """Which masked positions of each sequence take their prediction this step.
+
+    ids, pred: int64 [B, L]; conf: float32 [B, L]; threshold in [0, 1] (compared in float32).
+    prefix=True is SPD (SPEC section 3, step 3): the masked positions before the first masked one
+    with conf < threshold, or the first masked one alone when that is empty. prefix=False is the
+    hard-threshold baseline: masked positions with pred != mask_id and conf >= threshold, or when
+    none reaches it those within 1e-5 of the best. Returns bool [B, L]
+    (see dmax_ext.reference.promote_reference).
+    """
+    check_tensor("ids", ids, dtypes=(torch.int64,), ndim=2)
+    _check_block("conf", conf, torch.float32, ids.shape)
+    _check_block("pred", pred, torch.int64, ids.shape)
+    _check_same_device(ids.device, conf=conf, pred=pred)
+    _check_unit_interval("threshold", threshold)
+    return torch.ops.dmax.promote(ids, conf, pred, float(threshold), int(mask_id), bool(prefix))
+
+
+def spd_update(ids: torch.Tensor, active: torch.Tensor, promoted: torch.Tensor,
+               pred: torch.Tensor, conf: torch.Tensor, accept_threshold: float, mask_id: int):
+    """SPEC section 3, steps 4-5: update the block's ids and decide convergence, per sequence.
+
+    ids, pred: int64 [B, L]; active, promoted: bool [B, L]; conf: float32 [B, L];
+    accept_threshold in [0, 1]. Returns (new_ids int64 [B, L], changed bool [B, L],
+    converged bool [B]) (see dmax_ext.reference.spd_update_reference).
+    """
+    check_tensor("ids", ids, dtypes=(torch.int64,), ndim=2)
+    _check_block("active", active, torch.bool, ids.shape)
+    _check_block("promoted", promoted, torch.bool, ids.shape)
+    _check_block("pred", pred, torch.int64, ids.shape)
+    _check_block("conf", conf, torch.float32, ids.shape)
+    _check_same_device(ids.device, active=active, promoted=promoted, pred=pred, conf=conf)
+    _check_unit_interval("accept_threshold", accept_threshold)
+    return torch.ops.dmax.spd_update(ids, active, promoted, pred, conf, float(accept_threshold),
+                                     int(mask_id))
+
+
+def hybrid_embed(embeds: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                 active: torch.Tensor, changed: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_probs: torch.Tensor, mask_id: int) -> None:
+    """SPEC section 3, step 6: writes the next input embeddings into `embeds` in place.
+
+    embeds [B, L, H] and weight [V, H]: the same dtype (float32, float16 or bfloat16), last
+    dimension contiguous; ids (the new ids): int64 [B, L]; active, changed: bool [B, L];
+    topk_ids int64 / topk_probs float32 [B, L, k], 1 <= k <= 8. Soft positions
+    (active & ids != mask_id) get the norm-rescaled mix of their top-k rows and the mask row;
+    other changed positions get weight[ids]; the rest are untouched
+    (see dmax_ext.reference.hybrid_embed_reference). Eagerly, ids and topk_ids are checked to lie
+    in [0, V), which reads them (a device sync on CUDA).
+    """
+    check_tensor("embeds", embeds, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+    B, L, H = embeds.shape
+    check_tensor("weight", weight, dtypes=(embeds.dtype,), ndim=2)
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) (H of embeds), "
+                         f"got {tuple(weight.shape)}")
+    for name, t in (("embeds", embeds), ("weight", weight)):
+        if H > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension, "
+                             f"got strides {t.stride()}")
+    _check_block("ids", ids, torch.int64, (B, L))
+    _check_block("active", active, torch.bool, (B, L))
+    _check_block("changed", changed, torch.bool, (B, L))
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64,), ndim=3)
+    k = topk_ids.shape[2]
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"k (the last dimension of topk_ids) must be in 1..{MAX_TOPK}, got {k}")
+    check_shape("topk_ids", topk_ids, (B, L, k))
+    _check_block("topk_probs", topk_probs, torch.float32, (B, L, k))
+    _check_same_device(embeds.device, weight=weight, ids=ids, active=active, changed=changed,
+                       topk_ids=topk_ids, topk_probs=topk_probs)
+    V = weight.shape[0]
+    if not 0 <= int(mask_id) < V:
+        raise ValueError(f"mask_id must be in [0, {V}) (a row of weight), got {mask_id}")
+    _check_vocab_ids("ids", ids, V)
+    _check_vocab_ids("topk_ids", topk_ids, V)
+    torch.ops.dmax.hybrid_embed(embeds, weight, ids, active, changed, topk_ids, topk_probs,
+                                int(mask_id))
+
+
+# The native ops return contiguous outputs, whatever the inputs' strides.
+def _promote_fake(ids, conf, pred, threshold, mask_id, prefix):
+    return ids.new_empty(ids.shape, dtype=torch.bool)
+
+
+def _spd_update_fake(ids, active, promoted, pred, conf, accept_threshold, mask_id):
+    return (ids.new_empty(ids.shape), ids.new_empty(ids.shape, dtype=torch.bool),
+            ids.new_empty(ids.shape[:1], dtype=torch.bool))
+
+
+def _hybrid_embed_fake(embeds, weight, ids, active, changed, topk_ids, topk_probs, mask_id):
+    return None
+
+
+SPD_STEP_FAKES = {"promote": _promote_fake, "spd_update": _spd_update_fake,
+                  "hybrid_embed": _hybrid_embed_fake}
+for _name, _fake in SPD_STEP_FAKES.items():
+    torch.library.register_fake(f"dmax::{_name}")(_fake)
+
+
+# ---- logits_stats / onpolicy_noise: softmax statistics of the logits, on-policy rollout --------
+# NaN logits. A row with a NaN or +inf logit, or with only -inf logits, has no softmax. Both
+# kernels (CPU and CUDA) mark such a row for free: its sum of exponentials is NaN (or 0), so they
+# return conf = NaN and topk_probs = NaN there (ids stay in [0, V)). Turning that into an error
+# means reading conf: free for CPU tensors, a stream synchronization for CUDA ones (once per
+# decoding step, the thing CUDA graphs exist to avoid). Hence `validate`: None (the default)
+# checks CPU results and trusts CUDA ones; True always checks; False never does. Under
+# torch.compile and CUDA-graph capture no value is ever read.
+
+
+def _may_read_values(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_topk_arg(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"k must be an int in 1..{MAX_TOPK}, got {k!r}")
+
+
+def _check_temperature(temperature) -> None:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0.0 <= float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+
+
+def _check_seeds(seeds, batch: int, device: torch.device) -> None:
+    if seeds is None:
+        raise ValueError("seeds (int64 [B], one per sequence) are required when temperature > 0")
+    check_tensor("seeds", seeds, dtypes=(torch.int64,), ndim=1, device=device)
+    check_shape("seeds", seeds, (batch,))
+
+
+def logits_stats(logits: torch.Tensor, k: int = 1, temperature: float = 0.0,
+                 seeds: torch.Tensor | None = None, *, validate: bool | None = None):
+    """Softmax statistics of every position's logits (SPEC section 3, step 2), in one pass.
+
+    logits: [B, L, V] float32, float16 or bfloat16 (a non-contiguous tensor is copied first).
+    p = softmax(logits) in float32; the temperature only changes how pred is chosen:
+    temperature == 0: pred = argmax (lowest id on ties); temperature > 0: a Gumbel-max sample
+    argmax_v(logit_v / T + g_v) with counter-based noise g = -log(-log(rng_uniform(seeds[b], l, v)))
+    (seeds: int64 [B]; the same seeds give the same ids, on CPU and CUDA alike).
+    Returns (pred int64 [B, L], conf = p[pred] float32 [B, L], topk_ids int64 [B, L, k],
+    topk_probs float32 [B, L, k]): the k (1..8, <= V) largest p, descending, ranked by logit with
+    the lowest id first on ties (see dmax_ext.reference.logits_stats_reference).
+    A row with a NaN or +inf logit, or only -inf logits, has conf NaN; validate=True raises
+    ValueError on it, validate=None does so for CPU tensors only (see the note above).
+    """
+    check_tensor("logits", logits, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+    B, L, V = logits.shape
+    _check_topk_arg(k)
+    if k > V:
+        raise ValueError(f"k must be <= V = {V} (the last dimension of logits), got {k}")
+    _check_temperature(temperature)
+    if temperature > 0:
+        _check_seeds(seeds, B, logits.device)
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    out = torch.ops.dmax.logits_stats(logits, k, float(temperature),
+                                      seeds if temperature > 0 else None)
+    if (not logits.is_cuda if validate is None else validate) and _may_read_values(out[1]):
+        bad = torch.isnan(out[1])
+        if bad.any():
+            b, l = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"logits[{b}, {l}] has a NaN or +inf logit or only -inf logits: "
+                             "its softmax is undefined")
+    return out
+
+
+def onpolicy_noise(noisy_ids: torch.Tensor, sample_flags: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_probs: torch.Tensor, temperature: float = 0.0,
+                   seeds: torch.Tensor | None = None, *, mask_id: int,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """The on-policy rollout of OPUT (SPEC section 4, step 3): a new int64 [B, L] tensor.
+
+    noisy_ids: int64 [B, L]; sample_flags: bool [B]; topk_ids int64 / topk_probs float32
+    [B, L, k] (k in 1..8, from logits_stats). In samples with sample_flags[b], every position
+    holding mask_id takes topk_ids[b, l, 0] (the release's argmax) when k == 1 or
+    temperature == 0, else a draw over its k candidates with q_i proportional to p_i^(1/T),
+    u = rng_uniform(seeds[b], l, 0) (seeds int64 [B] required then). Other positions keep their
+    id (see dmax_ext.reference.onpolicy_noise_reference). With vocab_size, topk_ids and mask_id
+    are checked to lie in [0, vocab_size) (reading topk_ids: a device sync on CUDA).
+    """
+    check_tensor("noisy_ids", noisy_ids, dtypes=(torch.int64,), ndim=2)
+    B, L = noisy_ids.shape
+    device = noisy_ids.device
+    _check_block("sample_flags", sample_flags, torch.bool, (B,))
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64,), ndim=3)
+    k = topk_ids.shape[2]
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"k (the last dimension of topk_ids) must be in 1..{MAX_TOPK}, got {k}")
+    check_shape("topk_ids", topk_ids, (B, L, k))
+    _check_block("topk_probs", topk_probs, torch.float32, (B, L, k))
+    _check_same_device(device, sample_flags=sample_flags, topk_ids=topk_ids, topk_probs=topk_probs)
+    _check_temperature(temperature)
+    sample = temperature > 0 and k > 1
+    if sample:
+        _check_seeds(seeds, B, device)
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be an int, got {mask_id!r}")
+    if vocab_size is not None:
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id must be in [0, {vocab_size}) (vocab_size), got {mask_id}")
+        if topk_ids.numel() and _may_read_values(topk_ids):
+            low, high = int(topk_ids.min()), int(topk_ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"topk_ids must hold ids in [0, {vocab_size}) (vocab_size), "
+                                 f"got {low if low < 0 else high}")
+    return torch.ops.dmax.onpolicy_noise(noisy_ids, sample_flags, topk_ids, topk_probs,
+                                         float(temperature), seeds if sample else None, mask_id)
+
+
+def _logits_stats_fake(logits, k, temperature, seeds):
+    torch._check(logits.dim() == 3, lambda: f"logits must be [B, L, V], got {logits.shape}")
+    torch._check(1 <= k <= MAX_TOPK, lambda: f"k must be in 1..{MAX_TOPK}, got {k}")
+    B, L, _ = logits.shape
+    return (logits.new_empty((B, L), dtype=torch.int64),
+            logits.new_empty((B, L), dtype=torch.float32),
+            logits.new_empty((B, L, k), dtype=torch.int64),
+            logits.new_empty((B, L, k), dtype=torch.float32))
+
+
+def _onpolicy_noise_fake(noisy_ids, sample_flags, topk_ids, topk_probs, temperature, seeds,
+                         mask_id):
+    torch._check(noisy_ids.dim() == 2, lambda: f"noisy_ids must be [B, L], got {noisy_ids.shape}")
+    return torch.empty_like(noisy_ids, memory_format=torch.contiguous_format)
+
+
+SAMPLING_FAKES = {"logits_stats": _logits_stats_fake, "onpolicy_noise": _onpolicy_noise_fake}
+for _name, _fake in SAMPLING_FAKES.items():
+    torch.library.register_fake(f"dmax::{_name}")(_fake)

@@ -1,0 +1,201 @@
+"""Pure-PyTorch reference of every dmax op: the spec, executable.
+
+Each function states the semantics that the CPU and CUDA kernels must reproduce (integers and
+masks exactly, floats within the tolerances of tests/tolerances.py). Written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import torch
+
+# ---- one section per op -----------------------------------------------------------------------
+
+
+# ---- promote / spd_update / hybrid_embed: one SPD step (SPEC section 3, steps 3-6) -------------
+# Thresholds are compared in float32 (a Python float against a float32 tensor rounds the float to
+# float32 first), exactly as the kernels do: conf = 0.9f passes threshold 0.9.
+
+
+def promote_reference(ids: torch.Tensor, conf: torch.Tensor, pred: torch.Tensor,
+                      threshold: float, mask_id: int, prefix: bool = True) -> torch.Tensor:
+    """Which masked positions take their prediction this step: bool [B, L].
+
+    prefix=True (SPD, SPEC step 3): every masked position before the first masked position with
+    conf < threshold (unmasked positions neither count nor break the run); if that is empty and
+    something is masked, the first masked position alone. pred is not looked at.
+    prefix=False (the hard-threshold baseline): eligible = masked & pred != mask_id; the eligible
+    positions with conf >= threshold, or, when none reaches it, those with
+    conf >= best - 1e-5 (float32) where best is the highest eligible conf; nothing if none is
+    eligible.
+    """
+    masked = ids == mask_id
+    if prefix:
+        low = masked & (conf < threshold)
+        before_break = torch.cumsum(low.long(), dim=1) == 0
+        promoted = masked & before_break
+        first_masked = masked & (torch.cumsum(masked.long(), dim=1) == 1)
+        return torch.where(promoted.any(dim=1, keepdim=True), promoted, first_masked)
+    eligible = masked & (pred != mask_id)
+    above = eligible & (conf >= threshold)
+    best = torch.where(eligible, conf, float("-inf")).amax(dim=1, keepdim=True)
+    near_best = eligible & (conf >= best - 1e-5)
+    return torch.where(above.any(dim=1, keepdim=True), above, near_best)
+
+
+def spd_update_reference(ids: torch.Tensor, active: torch.Tensor, promoted: torch.Tensor,
+                         pred: torch.Tensor, conf: torch.Tensor, accept_threshold: float,
+                         mask_id: int):
+    """SPEC steps 4-5 per sequence: (new_ids int64 [B, L], changed bool [B, L], converged bool [B]).
+
+    If the sequence has a masked position (before this update), the promoted positions and the
+    active unmasked ones take pred; otherwise every active position does (the release's rule).
+    changed = updated & pred != ids. converged = every active position has
+    conf >= accept_threshold (float32; true when nothing is active) or nothing changed.
+    """
+    masked = ids == mask_id
+    any_masked = masked.any(dim=1, keepdim=True)
+    update = torch.where(any_masked, promoted | (active & ~masked), active)
+    new_ids = torch.where(update, pred, ids)
+    changed = update & (pred != ids)
+    confident = (conf >= accept_threshold) | ~active
+    converged = confident.all(dim=1) | ~changed.any(dim=1)
+    return new_ids, changed, converged
+
+
+def hybrid_embed_reference(embeds: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                           active: torch.Tensor, changed: torch.Tensor, topk_ids: torch.Tensor,
+                           topk_probs: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SPEC step 6: the next input embeddings. Returns a NEW tensor; `embeds` is left untouched
+    (the op itself writes in place).
+
+    soft = active & ids != mask_id: h = sum_i p_i E[t_i] + (1 - sum_i p_i) E[mask], rescaled by
+    (sum_i p_i |E[t_i]| + (1 - sum_i p_i) |E[mask]|) / (|h| + 1e-6), float32 math, cast to the
+    embeddings' dtype (float64 math for float64 inputs). Not soft but changed: E[ids] exactly.
+    Every other position: untouched.
+    """
+    out = embeds.clone()
+    soft = active & (ids != mask_id)
+    hard = ~soft & changed
+    if soft.any():
+        acc = torch.promote_types(embeds.dtype, torch.float32)  # float64 in: the tests' exact value
+        rows = weight[topk_ids[soft]].to(acc)                  # [N, k, H]
+        p = topk_probs[soft].to(acc)                           # [N, k]
+        p_mask = 1.0 - p.sum(dim=-1)                           # [N]
+        e_mask = weight[mask_id].to(acc)                       # [H]
+        h = (p.unsqueeze(-1) * rows).sum(dim=1) + p_mask.unsqueeze(-1) * e_mask
+        target = (p * rows.norm(dim=-1)).sum(dim=-1) + p_mask * e_mask.norm()
+        h = h * (target / (h.norm(dim=-1) + 1e-6)).unsqueeze(-1)
+        out[soft] = h.to(out.dtype)
+    if hard.any():
+        out[hard] = weight[ids[hard]]
+    return out
+
+
+# ---- rng_uniform: the shared counter-based RNG (bit-exact mirror of csrc/common/rng.h) --------
+# All arithmetic is on int64 tensors holding uint32 values; 32-bit products are split into 16-bit
+# halves of the constant so that no intermediate exceeds 2^49 (no int64 overflow).
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rng_uniform(seeds, a, b) -> torch.Tensor:
+    """u = rng_uniform(seed, a, b) in (0, 1), float64, broadcast over seeds, a and b.
+
+    h = mix32(lo32(seed) ^ 0x9E3779B9); h = mix32(h ^ hi32(seed)); h = mix32(h ^ a);
+    h = mix32(h ^ b); u = ((h >> 8) + 0.5) / 2^24. seeds: int64 (any value); a, b: 0 <= a, b < 2^32.
+    """
+    seeds, a, b = (torch.as_tensor(t, dtype=torch.int64) for t in (seeds, a, b))
+    h = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    h = _mix32(h ^ ((seeds >> 32) & _MASK32))
+    h = _mix32(h ^ (a & _MASK32))
+    h = _mix32(h ^ (b & _MASK32))
+    return ((h >> 8).double() + 0.5) / 2.0**24
+
+
+def gumbel_noise(seeds: torch.Tensor, L: int, V: int) -> torch.Tensor:
+    """g = -log(-log(u)), u = rng_uniform(seeds[b], l, v), float64 [B, L, V]."""
+    u = rng_uniform(seeds.view(-1, 1, 1), torch.arange(L).view(1, -1, 1),
+                    torch.arange(V).view(1, 1, -1))
+    return -torch.log(-torch.log(u))
+
+
+# ---- logits_stats: per-position softmax statistics (SPEC section 3, step 2) --------------------
+
+
+def check_logits_rows(x: torch.Tensor) -> None:
+    """A NaN or +inf logit, or a row of only -inf, makes p undefined: an error."""
+    bad = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | (x == float("-inf")).all(-1)
+    if bad.any():
+        b, l = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"logits[{b}, {l}] has a NaN or +inf logit or is all -inf")
+
+
+def logits_stats_reference(logits: torch.Tensor, k: int = 1, temperature: float = 0.0,
+                           seeds: torch.Tensor | None = None):
+    """(pred int64 [B, L], conf f32 [B, L], topk_ids int64 [B, L, k], topk_probs f32 [B, L, k]).
+
+    p = softmax(logits) in float32 (the temperature does not change p).
+    topk: the k largest p, descending; ranked by the logit itself (p is monotone in it, and the
+    logit is what every implementation sees exactly), lowest id first among equal logits.
+    pred: temperature == 0: argmax (= topk_ids[..., 0]); else Gumbel-max in float64:
+    argmax_v(double(logit_v) / T + g_v), g = -log(-log(rng_uniform(seeds[b], l, v))), lowest id
+    on ties. conf = p[pred]. -inf logits have p = 0 (never sampled).
+    """
+    B, L, V = logits.shape
+    x = logits.float()
+    check_logits_rows(x)
+    p = torch.softmax(x, dim=-1)
+    topk_ids = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+    topk_probs = p.gather(-1, topk_ids)
+    if temperature == 0:
+        pred = topk_ids[..., 0].clone()
+    else:
+        # One sample at a time keeps the float64 scores at L x V.
+        pred = torch.stack([
+            (x[b].double() / temperature + gumbel_noise(seeds[b:b + 1], L, V)[0]).argmax(-1)
+            for b in range(B)])
+    conf = p.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+    return pred, conf, topk_ids, topk_probs
+
+
+# ---- onpolicy_noise: the on-policy rollout's replacement of masked positions (SPEC 4, step 3) --
+
+
+def onpolicy_noise_reference(noisy_ids: torch.Tensor, sample_flags: torch.Tensor,
+                             topk_ids: torch.Tensor, topk_probs: torch.Tensor,
+                             temperature: float = 0.0, seeds: torch.Tensor | None = None, *,
+                             mask_id: int) -> torch.Tensor:
+    """new_ids int64 [B, L]: a new tensor; noisy_ids is untouched.
+
+    In samples with sample_flags[b], every position with noisy_ids == mask_id takes
+    topk_ids[b, l, 0] when k == 1 or temperature == 0, else a draw over the k candidates with
+    q_i = (p_i / max_j p_j)^(1/T) (float64; proportional to p_i^(1/T), scaled so the largest is 1
+    and small T cannot underflow them all): the first i with cumsum(q)_i > u * cumsum(q)_{k-1},
+    u = rng_uniform(seeds[b], l, 0). A row with max_j p_j == 0 takes candidate 0.
+    Other positions keep noisy_ids.
+    """
+    B, L, k = topk_ids.shape
+    chosen = topk_ids[..., 0]
+    if k > 1 and temperature > 0:
+        p = topk_probs.double()
+        p_max = p.amax(-1, keepdim=True)
+        q = torch.where(p_max > 0, p / p_max, 0.0) ** (1.0 / temperature)
+        c = torch.cumsum(q, dim=-1)
+        u = rng_uniform(seeds.view(-1, 1), torch.arange(L).view(1, -1), 0)
+        first = (c > (u * c[..., -1]).unsqueeze(-1)).int().argmax(-1)    # 0 when none passes
+        chosen = topk_ids.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    replace = sample_flags.view(-1, 1) & (noisy_ids == mask_id)
+    return torch.where(replace, chosen, noisy_ids)

@@ -1,0 +1,39 @@
+"""A tiny checkpoint with a tokenizer and a chat template, for the generate CLI and tps.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from checkpoints import write_tiny_checkpoint
+
+from dmax_ext.model import PRESETS
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+# Word ids of the tokenizer below: "user : hello world assistant :" -> these.
+HELLO_PROMPT_IDS = [1, 3, 4, 5, 2, 3]
+
+
+def tiny_tokenizer(vocab_size: int, eos_id: int, mask_id: int):
+    """Word level: the words of CHAT_TEMPLATE and "hello world", every other id "w<id>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    named = {0: "[UNK]", 1: "user", 2: "assistant", 3: ":", 4: "hello", 5: "world",
+             eos_id: "<|endoftext|>", mask_id: "<|mask|>"}
+    for i, word in named.items():
+        del vocab[f"w{i}"]
+        vocab[word] = i
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                        eos_token="<|endoftext|>", mask_token="<|mask|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_chat_checkpoint(path: Path) -> Path:
+    """The tiny preset with peaked random predictions (blocks converge) and tiny_tokenizer."""
+    c = PRESETS["tiny"]
+    return write_tiny_checkpoint(path, lm_head_gain=200.0,
+                                 tokenizer=tiny_tokenizer(c.vocab_size, c.eos_token_id,
+                                                          c.mask_token_id))

@@ -1,0 +1,31 @@
+"""benchmarks/tps.py --quick runs both paths on CPU and writes its JSON report."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import tps  # noqa: E402
+
+
+def test_tps_quick_synthetic(tmp_path, capsys):
+    out = tmp_path / "tps.json"
+    assert tps.main(["--synthetic", "tiny", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["graphs_verified"] is None
+    assert 0 <= report["identical_to_reference"] <= report["prompts"] == 2
+    assert [r["ops"] for r in report["results"]] == ["native", "reference"]
+    for r in report["results"]:
+        assert r["forwards_per_s"] > 0 and r["tokens_per_s"] > 0 and r["tpf"] > 0
+        assert 0 < r["outside_forward_share"] < 1
+    table = capsys.readouterr().out
+    assert "device: cpu" in table
+    assert "fast (native, eager)" in table and "reference (eager)" in table
+
+
+def test_tps_quick_checkpoint_with_prompt_file(tmp_path, capsys):
+    from decoding_fixtures import write_chat_checkpoint
+    path = write_chat_checkpoint(tmp_path / "tiny")
+    assert tps.main(["--model", str(path), "--quick", "--mode", "threshold", "--batch", "2",
+                     "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert f"model: {path}" in table and "mode: threshold  batch: 2  prompts: 2" in table

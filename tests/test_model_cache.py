@@ -1,0 +1,103 @@
+"""forward_cached: block steps on the static KV cache equal a full block-causal recompute."""
+import pytest
+import torch
+
+from checkpoints import write_tiny_checkpoint
+from dmax_ext.model import load_model
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt"),
+                      dtype=torch.float32)
+
+
+def _recompute(model, slot_ids, valid_from, end, fed_embeds=None):
+    """Logits of each sequence over slots [valid_from[b], end): the sequence alone, no cache,
+    positions from 0, block-causal; the last fed_embeds.shape[1] inputs replaced by fed_embeds."""
+    out = []
+    for b in range(slot_ids.shape[0]):
+        embeds = model.embed(slot_ids[b, int(valid_from[b]):end])
+        if fed_embeds is not None:
+            embeds[-fed_embeds.shape[1]:] = fed_embeds[b]
+        out.append(model(inputs_embeds=embeds[None], block_length=BLOCK)[0])
+    return out
+
+
+def _check(got, want_per_seq, n_last):
+    for b, want in enumerate(want_per_seq):
+        torch.testing.assert_close(got[b, -n_last:], want[-n_last:], atol=2e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_block_decoding_matches_full_recompute(tiny):
+    """Two prompts (5 and 13 tokens) right-aligned on blocks in slot space: prefill the full
+    prompt blocks, then per block: a combined previous+current forward (commits the previous
+    block), a soft-embedding step and an ids step; then compaction to one sequence."""
+    vocab, mask_id = tiny.config.vocab_size, tiny.config.mask_token_id
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 500, (n,), generator=gen) for n in (5, 13)]
+    n_blocks = [-(-len(p) // BLOCK) for p in prompts]
+    first_gen_block = max(n_blocks) - 1                       # holds the longest prompt's tail
+    valid_from = torch.tensor([(max(n_blocks) - n) * BLOCK for n in n_blocks])
+    n_slots = (first_gen_block + 3) * BLOCK
+    slot_ids = torch.full((2, n_slots), mask_id)
+    for b, p in enumerate(prompts):
+        slot_ids[b, :valid_from[b]] = tiny.config.eos_token_id   # other sequences' padding
+        slot_ids[b, valid_from[b]:valid_from[b] + len(p)] = p
+    positions = (torch.arange(n_slots) - valid_from[:, None]).clamp(min=0)
+    cache = tiny.new_cache(2, n_slots)
+
+    prefill = first_gen_block * BLOCK
+    logits = tiny.forward_cached(cache, input_ids=slot_ids[:, :prefill], write_slot=0,
+                                 position_ids=positions[:, :prefill], valid_from=valid_from,
+                                 block_length=BLOCK)
+    want = _recompute(tiny, slot_ids, valid_from, prefill)
+    for b in range(2):
+        torch.testing.assert_close(logits[b, valid_from[b]:], want[b], atol=2e-4, rtol=1e-4)
+
+    for block in range(first_gen_block, first_gen_block + 3):
+        start, end = block * BLOCK, (block + 1) * BLOCK
+        # Step 1: ids; from the second generated block on, the previous block rides along.
+        fed_from = start - BLOCK if block > first_gen_block else start
+        logits = tiny.forward_cached(cache, input_ids=slot_ids[:, fed_from:end], write_slot=fed_from,
+                                     position_ids=positions[:, fed_from:end], valid_from=valid_from,
+                                     block_length=BLOCK)
+        _check(logits, _recompute(tiny, slot_ids, valid_from, end), end - fed_from)
+        # Step 2: soft embeddings for the block (the SPD path).
+        soft = tiny.embed(slot_ids[:, start:end]) + 0.1 * torch.randn(2, BLOCK, 64, generator=gen)
+        logits = tiny.forward_cached(cache, inputs_embeds=soft, write_slot=start,
+                                     position_ids=positions[:, start:end], valid_from=valid_from,
+                                     block_length=BLOCK)
+        _check(logits, _recompute(tiny, slot_ids, valid_from, end, soft), BLOCK)
+        # The block is decided: its final ids get committed by the next block's first step.
+        masked = slot_ids[:, start:end] == mask_id
+        slot_ids[:, start:end][masked] = torch.randint(0, vocab - 2, (int(masked.sum()),), generator=gen)
+
+    # Compaction: sequence 0 finished; sequence 1 goes on alone in the selected cache.
+    alone = cache.select(torch.tensor([1]))
+    assert alone.batch_size == 1 and alone.max_slots == n_slots
+    assert torch.equal(cache.select(torch.tensor([False, True])).keys[2], alone.keys[2])
+    start = (first_gen_block + 2) * BLOCK
+    logits = tiny.forward_cached(alone, input_ids=slot_ids[1:, start - BLOCK:],
+                                 position_ids=positions[1:, start - BLOCK:], write_slot=start - BLOCK,
+                                 valid_from=valid_from[1:], block_length=BLOCK)
+    _check(logits, _recompute(tiny, slot_ids[1:], valid_from[1:], n_slots), 2 * BLOCK)
+
+
+def test_forward_cached_argument_errors(tiny):
+    cache = tiny.new_cache(1, 16)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    kwargs = dict(position_ids=torch.arange(4)[None], valid_from=torch.zeros(1, dtype=torch.long),
+                  block_length=4)
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        tiny.forward_cached(cache, input_ids=ids, write_slot=2, **kwargs)
+    with pytest.raises(ValueError, match="slots"):
+        tiny.forward_cached(cache, input_ids=ids, write_slot=16, **kwargs)
+    with pytest.raises(ValueError, match="position_ids"):
+        tiny.forward_cached(cache, input_ids=ids, write_slot=0,
+                            **{**kwargs, "position_ids": torch.arange(3)[None]})
+    with pytest.raises(ValueError, match="batch_index"):
+        cache.select(torch.tensor([True, False]))

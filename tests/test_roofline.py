@@ -1,0 +1,85 @@
+"""benchmarks/roofline.py, step_ops.py and gpu_projection.py: the counts follow the config, the
+routing recorder sees every MoE layer, the docs section is replaced in place."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import gpu_projection  # noqa: E402
+import roofline  # noqa: E402
+import step_ops  # noqa: E402
+from dmax_ext.model.presets import preset_config  # noqa: E402
+
+TINY = preset_config("tiny")
+
+
+def test_cost_follows_config_fields():
+    c = TINY
+    n_moe = roofline.moe_layer_count(c)
+    distinct = list(range(1, n_moe + 1))
+    cost = roofline.block_forward_cost(c, 8, 24, distinct, weight_bytes=4, expert_bytes=1)
+    assert cost.bytes["lm_head"] == c.vocab_size * c.hidden_size * 4
+    assert cost.bytes["experts"] == sum(distinct) * 3 * c.hidden_size * c.moe_intermediate_size
+    kv_row = 2 * c.num_key_value_heads * c.head_dim * 4
+    assert cost.bytes["kv_read"] == c.num_hidden_layers * (24 + 8) * kv_row
+    assert cost.bytes["embedding"] == 8 * c.hidden_size * 4
+    assert cost.flops["experts"] == n_moe * 2 * 8 * c.num_experts_per_tok * 3 * c.hidden_size \
+        * c.moe_intermediate_size
+    halved = roofline.block_forward_cost(c, 8, 24, distinct, weight_bytes=4, expert_bytes=1, tp=2)
+    assert halved.bytes["attention"] == cost.bytes["attention"] / 2
+    assert halved.bytes["router"] == cost.bytes["router"]  # replicated
+
+
+def test_cost_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="one count per MoE layer"):
+        roofline.block_forward_cost(TINY, 8, 0, [1])
+    with pytest.raises(ValueError, match="tp"):
+        roofline.block_forward_cost(TINY, 8, 0, tp=3)
+
+
+def test_expected_distinct_experts_limits():
+    k, e = TINY.num_experts_per_tok, TINY.num_experts
+    assert roofline.expected_distinct_experts(TINY, 1) == pytest.approx(k)
+    assert roofline.expected_distinct_experts(TINY, 10_000) == pytest.approx(e)
+    assert roofline.expected_distinct_experts(TINY, 4, e // 2) < \
+        roofline.expected_distinct_experts(TINY, 4)
+
+
+def test_floor_is_the_larger_time():
+    assert roofline.floor_ms(2e9, 1e9, 1e9, 1e12) == pytest.approx(2000.0)
+    assert roofline.floor_ms(1.0, 5e12, 1e9, 1e12) == pytest.approx(5000.0)
+
+
+def test_routing_recorder_one_count_per_moe_layer():
+    distinct = roofline.recorded_routing("tiny", 16, 16, torch.float32)
+    assert len(distinct) == roofline.moe_layer_count(TINY)
+    assert all(TINY.num_experts_per_tok <= d <= TINY.num_experts for d in distinct)
+
+
+def test_matmul_measurement_runs():
+    assert roofline.measure_matmul_gflops(8, 16, 16, torch.float32, repeats=1,
+                                          min_sample_s=0.001) > 0
+
+
+def test_step_ops_sees_the_four_step_ops_and_bincount():
+    counts = step_ops.count_step_ops()
+    step = counts.ops_by_section["apply_step"]
+    assert all(step[f"dmax.{name}.default"] == 1 for name in step_ops.STEP_OPS)
+    per_unit = step_ops.per_unit_counts(counts)
+    scaled = step_ops.scaled_counts(counts, preset_config("llada2-mini"))
+    assert scaled["moe"] == round(per_unit["moe"] * 19)
+    assert counts.syncs["moe"] == roofline.moe_layer_count(TINY)  # one bincount per MoE layer
+
+
+def test_write_section_replaces_between_markers(tmp_path):
+    doc = tmp_path / "PERFORMANCE.md"
+    gpu_projection.write_section("SECTION-ONE\n", doc)
+    text = doc.read_text()
+    assert text.startswith("# Performance log") and "SECTION-ONE\n" in text
+    doc.write_text(text.replace(gpu_projection.BEGIN, "## Log\nentry\n\n" + gpu_projection.BEGIN))
+    gpu_projection.write_section("SECTION-TWO\n", doc)
+    text = doc.read_text()
+    assert "entry" in text and "SECTION-TWO\n" in text and "SECTION-ONE" not in text
+    assert text.count(gpu_projection.BEGIN) == 1 and text.count(gpu_projection.END) == 1
