@@ -107,11 +107,14 @@ def write_jsonl(path: Path, records) -> None:
 
 def build_tokenizer(out_dir: Path) -> None:
     """Writes tokenizer.json + tokenizer_config.json (char level, with a chat template)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
     assert vocab[EOS_TOKEN] == EOS_ID and vocab[MASK_TOKEN] == MASK_ID and len(vocab) <= VOCAB_SIZE
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS_TOKEN))
+    # Text outside the task's alphabet (spaces, words, "?") is dropped rather than mapped to eos,
+    # so a prompt like "What is 7+5-3+9-4?" reads as "7+5-3+9-4".
+    tok.normalizer = normalizers.Replace(Regex(r"[^0-9+\-=;#]"), "")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)

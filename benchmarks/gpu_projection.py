@@ -284,8 +284,7 @@ def step_section(config, later_step, first_step) -> list[str]:
     per_unit = step_ops.per_unit_counts(later_step)
     units = step_ops.section_units(c)
     n_moe = roofline.moe_layer_count(c)
-    syncs_bincount = later_step.ops_by_section["moe"]["bincount.default"] // \
-        step_ops.section_units(later_step.config)["moe"]
+    moe_syncs = later_step.syncs.get("moe", 0) // step_ops.section_units(later_step.config)["moe"]
     eager_syncs = first_step.syncs.get("apply_step", 0)
     lines = [f"### What one step of our decoder launches ({PRESET}; traced, not timed)", "",
              "From `python/dmax_ext/decoding/` (engine.py, step.py, cuda_graph.py, backends.py) "
@@ -310,7 +309,8 @@ def step_section(config, later_step, first_step) -> list[str]:
         "residual": "the two residual adds of each layer",
         "moe": "router GEMM in fp32 (the weight is cast to fp32 at every call), sigmoid, bias, "
                "group top-2 sums, top-4 groups, masked_fill, top-8, gather, normalize, scale; "
-               "stable argsort of the routed ids, bincount, row gather, cumsum offsets, two "
+               "stable argsort of the routed ids, rows per expert counted on the device "
+               "(scatter_add_), row gather, cumsum offsets, two "
                "`torch._grouped_mm` (gate and up fused, then down) around SwiGLU, inverse permutation, "
                "weighted sum in fp32; shared expert: 3 GEMMs + SwiGLU, added",
         "dense_mlp": "gate, up, down GEMMs + SwiGLU (layer 0)",
@@ -339,13 +339,12 @@ def step_section(config, later_step, first_step) -> list[str]:
               f"- Eager steps only: the ops wrappers' value checks ({eager_syncs} reads of a "
               "tensor value per step in the trace: id range and NaN checks); a captured step "
               "calls `torch.ops.dmax.*` directly.",
-              f"- MoE: `torch.bincount` ({syncs_bincount} per MoE layer, {n_moe} per forward) "
-              "reads its input's min and max to the host in PyTorch's CUDA implementation "
-              "(aten/src/ATen/native/cuda/SummaryOps.cu). Eagerly that is "
-              f"{2 * n_moe} syncs per forward; during CUDA-graph capture a host read is an "
-              "error, so capturing `forward_block` with the `grouped` MoE path should fail as "
-              "the code stands (not run here: no GPU). Counting with a device-side "
-              "`scatter_add_` / `index_add_` into a zeroed [E] tensor would avoid both.", ""]
+              f"- MoE: {moe_syncs} per MoE layer in the trace. The rows per expert are "
+              "counted with `scatter_add_` into a zeroed [E] tensor on the device "
+              "(`moe.expert_counts`; `torch.bincount` read its input's min and max to the host "
+              "in PyTorch's CUDA implementation, twice per layer, and would fail under "
+              "CUDA-graph capture). tests/test_model_moe.py traces the grouped path for host "
+              "syncs on the CPU; the capture itself is tested on a GPU only.", ""]
     return lines
 
 

@@ -15,6 +15,10 @@ can change a threshold decision and from there SPD's trajectory. The outside-for
 from timed sections (timing=True: synced, no graphs) and is ops / (forward + ops).
 TPF is per sequence (tokens / the forwards it took part in, SPEC section 5), summed over the
 prompts; forwards/s counts the batched forwards actually run.
+Roofline (CPU, --roofline, default on): in the same run and at the same thread count, the copy
+bandwidth and matmul throughput are measured (roofline.measure_machine) and one block forward of
+this configuration (later steps captured from decoding the first batch; block_forward.py) is
+timed next to its floor, counted with the experts its routing actually selected.
 """
 from __future__ import annotations
 
@@ -34,9 +38,17 @@ from dmax_ext.model.tensor_parallel import load_sharded_model, shard_model, tens
 from dmax_ext.training.data import encode_prompt, read_jsonl
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.jsonl"
-# Synthetic prompts: random ids, lengths cycling through these (tokens).
-SYNTHETIC_PROMPT_LENGTHS = (48, 61, 75, 90, 104, 117)
-SYNTHETIC_LM_HEAD_GAIN = 200.0  # peaked random predictions: blocks converge in a few steps
+# Synthetic prompts: random ids, lengths cycling through these (tokens; 8 different: a batch of 8).
+SYNTHETIC_PROMPT_LENGTHS = (48, 61, 75, 90, 104, 117, 37, 129)
+# random_model's confidence settings per preset (the one place they are chosen). llada2-small:
+# lm_head = gain x the input embedding (random_model's lm_head_from_embedding: an unmasked
+# position predicts its own token, a masked one what its context points at, as in a trained
+# model), the gain chosen for a realistic TPF at threshold 0.5 on the synthetic prompts
+# (docs/PERFORMANCE.md, 2026-11-25); with it, native and reference ops decode the same tokens.
+# Other presets: independent random lm_head rows at gain 200 (peaked; blocks converge in a few
+# steps).
+SYNTHETIC_WEIGHTS = {"llada2-small": {"lm_head_gain": 25.0, "lm_head_from_embedding": True}}
+DEFAULT_SYNTHETIC_WEIGHTS = {"lm_head_gain": 200.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="CI-sized: 2 prompts, 16 new tokens, block 8")
     p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="skip the machine measurement and the block-forward floor (CPU)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads first (CPU)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--tp", type=int, default=None, metavar="N",
                    help="tensor parallel over N ranks: spawns them (or run under torchrun "
@@ -84,8 +99,7 @@ def load(args):
                    for r in records[:n_prompts]]
         name = str(args.model)
     else:
-        model = dmax_ext.random_model(args.synthetic, device=device, dtype=dtype,
-                                      lm_head_gain=SYNTHETIC_LM_HEAD_GAIN)
+        model = synthetic_model(args.synthetic, device, dtype)
         if group is not None:
             shard_model(model, group)
         prompts = synthetic_prompts(model.config, n_prompts)
@@ -93,12 +107,22 @@ def load(args):
     return model, prompts, name
 
 
+def synthetic_weights(preset: str) -> dict:
+    return SYNTHETIC_WEIGHTS.get(preset, DEFAULT_SYNTHETIC_WEIGHTS)
+
+
+def synthetic_model(preset: str, device, dtype):
+    """random_model(preset) with the preset's benchmark confidence settings (SYNTHETIC_WEIGHTS)."""
+    return dmax_ext.random_model(preset, device=device, dtype=dtype, **synthetic_weights(preset))
+
+
 def synthetic_prompts(config, n: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(0)
     special = {config.mask_token_id, config.eos_token_id}
     prompts = []
     for i in range(n):
-        ids = torch.randint(config.vocab_size, (SYNTHETIC_PROMPT_LENGTHS[i % 6],),
+        length = SYNTHETIC_PROMPT_LENGTHS[i % len(SYNTHETIC_PROMPT_LENGTHS)]
+        ids = torch.randint(config.vocab_size, (length,),
                             generator=generator).tolist()
         prompts.append([t if t not in special else 0 for t in ids])
     return prompts
@@ -161,8 +185,31 @@ def verify_graphs(model, prompts, args) -> bool:
     return graphed["outputs"] == eager["outputs"]
 
 
+def block_forward_roofline(model, prompts, args):
+    """(machine, report) for one block forward of this configuration, or None where it does not
+    apply (CUDA: the machine figures are the CPU's; tensor parallel; dtypes not measured)."""
+    import block_forward
+    import roofline
+    if model.device.type != "cpu" or getattr(model, "tp_group", None) is not None \
+            or model.dtype not in roofline.MATMUL_DTYPES:
+        return None
+    steps = block_forward.capture_block_steps(
+        model, prompts[:args.batch], gen_length=args.gen_length, block_length=args.block_length,
+        threshold=args.threshold, mode=args.mode)
+    if not steps:
+        return None
+    machine = roofline.measure_machine(
+        model.config, copy_bytes=roofline.COPY_BYTES >> (3 if args.quick else 1),
+        repeats=3, block_length=args.block_length)
+    report = block_forward.block_forward_report(model, block_forward.spread(steps, 3), machine,
+                                                repeats=3 if args.quick else 5)
+    return machine, report
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if tensor_parallel_size(args) > 1 and launched_world_size() == 1:  # each rank runs main
         return spawn_local(main, args.tp, sys.argv[1:] if argv is None else argv)
     model, prompts, name = load(args)
@@ -173,6 +220,7 @@ def main(argv=None) -> int:
     results = [measure(model, prompts, args, fast_label, "native", graphs),
                measure(model, prompts, args, "reference (eager)", "reference", False)]
     identical = sum(a == b for a, b in zip(results[0]["outputs"], results[1]["outputs"]))
+    rooflined = block_forward_roofline(model, prompts, args) if args.roofline else None
     if tensor_parallel_rank(model) != 0:  # every rank measured the same run: rank 0 reports
         return 1 if verified is False else 0
     print(f"model: {name}  device: {device_label(device)}  dtype: {model.dtype}  "
@@ -189,6 +237,13 @@ def main(argv=None) -> int:
           "prompts (their float rounding may differ by an ulp, which can steer SPD differently)")
     if verified is not None:
         print(f"verify (CUDA graphs == eager): {'ok' if verified else 'MISMATCH'}")
+    if rooflined is not None:
+        machine, forward = rooflined
+        print(f"roofline (this run, {machine.threads} threads): copy {machine.copy_gbps:.1f} GB/s; "
+              f"matmul small-{args.block_length} "
+              + ", ".join(f"{d} {v[f'small-{args.block_length}']:.0f}"
+                          for d, v in machine.matmul_gflops.items()) + " GFLOP/s")
+        print(f"{forward.line()} (batch {args.batch}, {model.dtype})")
     if args.out is not None:
         report = {"model": name, "device": device_label(device), "dtype": str(model.dtype),
                   "mode": args.mode, "batch": args.batch, "prompts": len(prompts),
@@ -196,6 +251,13 @@ def main(argv=None) -> int:
                   "threshold": args.threshold, "tp": tensor_parallel_size(args),
                   "graphs_verified": verified,
                   "identical_to_reference": identical,
+                  "block_forward": None if rooflined is None else {
+                      "copy_gbps": rooflined[0].copy_gbps,
+                      "matmul_gflops": rooflined[0].matmul_gflops,
+                      "measured_ms": rooflined[1].measured_ms, "floor_ms": rooflined[1].floor_ms,
+                      "ratio": rooflined[1].ratio, "bytes_mb": rooflined[1].bytes_mb,
+                      "gflop": rooflined[1].gflop,
+                      "distinct_experts": rooflined[1].distinct_experts},
                   "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

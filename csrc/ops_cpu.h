@@ -20,5 +20,8 @@ at::Tensor onpolicy_noise(const at::Tensor& noisy_ids, const at::Tensor& sample_
                           const at::Tensor& topk_ids, const at::Tensor& topk_probs,
                           double temperature, const std::optional<at::Tensor>& seeds,
                           int64_t mask_id);
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
+                       const at::Tensor& expert_weights, const at::Tensor& gate_up,
+                       const at::Tensor& down);
 
 }  // namespace dmax::cpu

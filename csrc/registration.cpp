@@ -5,7 +5,10 @@
 #include "ops_cpu.h"
 #include "schemas.h"
 
-TORCH_LIBRARY(dmax, m) { dmax::define_dmax_schemas(m); }
+TORCH_LIBRARY(dmax, m) {
+  dmax::define_dmax_schemas(m);
+  m.def(dmax::kMoeExpertsSchema);
+}
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("logits_stats", &dmax::cpu::logits_stats);
@@ -13,4 +16,5 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("spd_update", &dmax::cpu::spd_update);
   m.impl("hybrid_embed", &dmax::cpu::hybrid_embed);
   m.impl("onpolicy_noise", &dmax::cpu::onpolicy_noise);
+  m.impl("moe_experts", &dmax::cpu::moe_experts);
 }

@@ -20,6 +20,12 @@ constexpr const char* kOnpolicyNoiseSchema =
     "onpolicy_noise(Tensor noisy_ids, Tensor sample_flags, Tensor topk_ids, Tensor topk_probs, "
     "float temperature, Tensor? seeds, int mask_id) -> Tensor";
 
+// CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
+// torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.
+constexpr const char* kMoeExpertsSchema =
+    "moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_up, "
+    "Tensor down) -> Tensor";
+
 // Applies `def` to every schema, so the two namespaces can never drift apart.
 template <typename Library>
 void define_dmax_schemas(Library& m) {

@@ -78,7 +78,7 @@ class StubModel:
         return self.caches[-1]
 
     def forward_cached(self, cache, *, input_ids=None, inputs_embeds=None, position_ids,
-                       write_slot, valid_from, block_length):
+                       write_slot, valid_from, block_length, n_logits=None):
         assert (input_ids is None) != (inputs_embeds is None)
         assert block_length == self.block_length and write_slot % block_length == 0
         fed = input_ids if input_ids is not None else inputs_embeds
@@ -98,7 +98,9 @@ class StubModel:
             entries = self.script(block, step)
             if entries is not None:
                 logits[b, -L:] = scripted_logits(entries, self.config.vocab_size)
-        return logits
+        if n_logits is None:
+            return logits
+        return logits[:, n_fed - n_logits:] if n_logits else None
 
 
 def hybrid_row(weight: torch.Tensor, token: int, conf: float, mask_id: int = MASK) -> torch.Tensor:

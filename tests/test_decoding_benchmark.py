@@ -17,9 +17,13 @@ def test_tps_quick_synthetic(tmp_path, capsys):
     for r in report["results"]:
         assert r["forwards_per_s"] > 0 and r["tokens_per_s"] > 0 and r["tpf"] > 0
         assert 0 < r["outside_forward_share"] < 1
+    forward = report["block_forward"]  # the roofline of this configuration, measured this run
+    assert forward["copy_gbps"] > 0 and forward["floor_ms"] > 0 and forward["measured_ms"] > 0
+    assert 1 <= forward["distinct_experts"] <= 16
     table = capsys.readouterr().out
     assert "device: cpu" in table
     assert "fast (native, eager)" in table and "reference (eager)" in table
+    assert "roofline (this run" in table and "block forward: measured" in table
 
 
 def test_tps_quick_checkpoint_with_prompt_file(tmp_path, capsys):

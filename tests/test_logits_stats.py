@@ -4,7 +4,11 @@ dmax_ext.reference.logits_stats_reference: ids exactly, probabilities within tes
 Also: the counter-based RNG's PyTorch mirror, edge cases (ties, -inf, misaligned rows, NaN),
 Gumbel sampling statistics, opcheck, torch.compile, argument errors."""
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +37,9 @@ def run(b, logits, k, temperature=0.0, seeds=None):
 
 
 def check_against_reference(b, logits, k, temperature=0.0, seeds=None):
+    """logits may already be on the backend's device (a view run() must not copy)."""
     got = run(b, logits, k, temperature, seeds)
+    logits = logits.cpu()
     want = logits_stats_reference(logits, k, temperature, seeds)
     what = f"{b} {tuple(logits.shape)} {logits.dtype} k={k} T={temperature}"
     assert torch.equal(got[2], want[2]), f"{what}: topk_ids\ngot={got[2]}\nwant={want[2]}"
@@ -123,6 +129,36 @@ def test_full_vocabulary(backend_name, dtype):
         check_against_reference(b, logits, k, temperature, seeds_for(gen, 1))
 
 
+_CAPABILITY_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from sampling_cases import random_logits
+from dmax_ext.reference import logits_stats_reference
+print(torch.backends.cpu.get_cpu_capability())
+gen = torch.Generator().manual_seed(0)
+for V, k, T, dtype, kind in [(5000, 8, 0.0, torch.bfloat16, "normal"), (37, 3, 0.0, torch.float16,
+                             "ties"), (3001, 1, 0.9, torch.float32, "peaked"),
+                             (300, 8, 1.5, torch.float32, "neg_inf")]:
+    x = random_logits(gen, 2, 3, V, dtype, kind)
+    seeds = torch.tensor([4, 5])
+    got = torch.ops.dmax.logits_stats(x, k, T, seeds)
+    want = logits_stats_reference(x, k, T, seeds)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), (V, k, T)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-7)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_other_cpu_capabilities(capability):
+    """The CPU kernel is compiled per capability; ATEN_CPU_CAPABILITY selects the copy."""
+    script = "import dmax_ext\n" + _CAPABILITY_SCRIPT.format(tests=str(Path(__file__).parent))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == capability.upper()
+
+
 # -- edge cases ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -131,7 +167,7 @@ def test_misaligned_rows(backend_name, dtype):
     b = backend(backend_name)
     gen = torch.Generator().manual_seed(5)
     for V in (5, 37, 1000, 4099):
-        base = random_logits(gen, 1, 1, 3 * V + 1, dtype).flatten()
+        base = b.to(random_logits(gen, 1, 1, 3 * V + 1, dtype).flatten())
         logits = base[1:].view(1, 3, V)
         assert logits.is_contiguous() and logits.data_ptr() % 16 != 0
         check_against_reference(b, logits, min(8, V), 0.0)

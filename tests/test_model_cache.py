@@ -101,3 +101,34 @@ def test_forward_cached_argument_errors(tiny):
                             **{**kwargs, "position_ids": torch.arange(3)[None]})
     with pytest.raises(ValueError, match="batch_index"):
         cache.select(torch.tensor([True, False]))
+
+
+@torch.no_grad()
+def test_n_logits_returns_the_last_rows_and_zero_only_fills_the_cache(tiny):
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 500, (2, 3 * BLOCK), generator=gen)
+    positions = torch.arange(3 * BLOCK).expand(2, -1)
+    kwargs = dict(input_ids=ids, position_ids=positions, write_slot=0,
+                  valid_from=torch.zeros(2, dtype=torch.int64), block_length=BLOCK)
+    full_cache, cache = tiny.new_cache(2, 3 * BLOCK), tiny.new_cache(2, 3 * BLOCK)
+    full = tiny.forward_cached(full_cache, **kwargs)
+    last = tiny.forward_cached(cache, **kwargs, n_logits=BLOCK)
+    assert last.shape == (2, BLOCK, tiny.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -BLOCK:], atol=1e-5, rtol=1e-5)
+    fresh = tiny.new_cache(2, 3 * BLOCK)
+    assert tiny.forward_cached(fresh, **kwargs, n_logits=0) is None
+    for got, want in zip(fresh.keys + fresh.values, full_cache.keys + full_cache.values):
+        assert torch.equal(got, want)
+    for bad in (-1, 3 * BLOCK + 1, 2.0, True):
+        with pytest.raises(ValueError, match="n_logits"):
+            tiny.forward_cached(fresh, **kwargs, n_logits=bad)
+
+
+def test_lm_head_cpu_variant_equals_the_linear(tiny):
+    h = torch.randn(2, 16, tiny.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    want = torch.nn.functional.linear(h, tiny.lm_head.weight)
+    with torch.no_grad():  # 32 rows: W @ h^T
+        torch.testing.assert_close(tiny.lm_head(h), want, atol=1e-5, rtol=1e-5)
+    got = tiny.lm_head(h.requires_grad_())  # gradients wanted: the plain linear
+    assert got.grad_fn is not None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -174,6 +174,17 @@ def test_random_model_is_seeded_and_lm_head_gain_scales():
         random_model("huge")
 
 
+def test_random_model_lm_head_from_embedding():
+    a = random_model("tiny", dtype=torch.float32, seed=3)
+    b = random_model("tiny", dtype=torch.float32, seed=3, lm_head_gain=5.0,
+                     lm_head_from_embedding=True)
+    mask = b.config.mask_token_id
+    assert torch.equal(a.embedding_weight, b.embedding_weight)
+    assert not b.lm_head.weight[mask].any()
+    keep = torch.arange(b.config.vocab_size) != mask
+    torch.testing.assert_close(b.lm_head.weight[keep], 5.0 * b.embedding_weight[keep])
+
+
 def test_tokenizer_is_loaded_with_its_chat_template(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

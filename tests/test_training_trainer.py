@@ -108,6 +108,12 @@ def test_missing_file_and_other_data_are_refused(saved):
         Trainer(tiny_model(), data, config(max_steps=2), ckpt.parent, resume=ckpt)
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints(saved):
+    data, ckpt = saved
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(tiny_model(), data, config(max_steps=2), ckpt.parent)
+
+
 def test_unfinished_save_is_never_resumed_from(saved):
     data, ckpt = saved
     (ckpt.parent / ".checkpoint-00000009.tmp-abcd" / "checkpoint").mkdir(parents=True)

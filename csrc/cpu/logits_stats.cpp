@@ -3,30 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <string>
-
 #include "common/sampling_checks.h"
+#include "cpu/vec/capability.h"
 #include "cpu/vec/logits_stats_kernel.h"
 #include "ops_cpu.h"
 
 namespace dmax::cpu {
-namespace {
-
-using RowsFn = void (*)(const LogitsStatsArgs&, int64_t, int64_t);
-
-// The capability torch itself runs with (honours ATEN_CPU_CAPABILITY), among those we compiled.
-RowsFn pick_rows_kernel() {
-  const std::string cap = at::get_cpu_capability();
-#ifdef DMAX_CPU_CAPABILITY_AVX512
-  if (cap == "AVX512") return &AVX512::logits_stats_rows;
-#endif
-#ifdef DMAX_CPU_CAPABILITY_AVX2
-  if (cap == "AVX512" || cap == "AVX2") return &AVX2::logits_stats_rows;
-#endif
-  return &DEFAULT::logits_stats_rows;
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
     const at::Tensor& logits, int64_t k, double temperature,
@@ -58,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
   args.topk_ids = topk_ids.data_ptr<int64_t>();
   args.topk_probs = topk_probs.data_ptr<float>();
 
-  static const RowsFn rows_kernel = pick_rows_kernel();
+  static const auto rows_kernel = DMAX_CPU_KERNEL(logits_stats_rows);
   // A row is ~V exps: small V gets several rows per task so tasks stay above ~32k logits.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, B * L, grain,

@@ -3,35 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
-
 #include "common/rng.h"
 #include "common/sampling_checks.h"
 #include "ops_cpu.h"
 
 namespace dmax::cpu {
-
-// Index of the candidate drawn from q_i = (p_i / max p)^(1/T): the first i with
-// cumsum(q)_i > u * cumsum(q)_{k-1}; 0 when no candidate has probability (or one is NaN).
-inline int draw_candidate(const float* p, int k, double inv_t, double u) {
-  double p_max = 0.0;
-  for (int i = 0; i < k; ++i) {
-    if (std::isnan(p[i])) return 0;
-    p_max = std::fmax(p_max, static_cast<double>(p[i]));
-  }
-  if (!(p_max > 0.0)) return 0;
-  double c[8];
-  double total = 0.0;
-  for (int i = 0; i < k; ++i) {
-    total += std::pow(static_cast<double>(p[i]) / p_max, inv_t);
-    c[i] = total;
-  }
-  const double target = u * total;
-  for (int i = 0; i < k; ++i) {
-    if (c[i] > target) return i;
-  }
-  return 0;
-}
 
 at::Tensor onpolicy_noise(const at::Tensor& noisy_ids, const at::Tensor& sample_flags,
                           const at::Tensor& topk_ids, const at::Tensor& topk_probs,
@@ -63,7 +39,7 @@ at::Tensor onpolicy_noise(const at::Tensor& noisy_ids, const at::Tensor& sample_
       int i = 0;
       if (sample) {
         const double u = rng_uniform(seed[b], static_cast<uint32_t>(r % L), 0u);
-        i = draw_candidate(tprobs + r * k, static_cast<int>(k), inv_t, u);
+        i = draw_tempered_candidate(tprobs + r * k, static_cast<int>(k), inv_t, u);
       }
       dst[r] = tids[r * k + i];
     }

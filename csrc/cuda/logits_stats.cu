@@ -16,8 +16,9 @@ void launch_typed(const void* logits, int64_t batch, int64_t length, int64_t voc
   auto* logits_stats_kernel = &kernels::logits_stats_kernel<T, K>;
   DMAX_LAUNCH(logits_stats_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
       static_cast<const T*>(logits), static_cast<int>(length), static_cast<int>(vocab), k,
-      kernels::RowSampling{temperature, kernels::gumbel_noise_max()}, seeds, pred, conf, topk_ids,
-      topk_probs);
+      kernels::RowSampling{temperature, kernels::gumbel_noise_max(),
+                           temperature > 0.0 ? static_cast<float>(1.0 / temperature) : 0.f},
+      seeds, pred, conf, topk_ids, topk_probs);
   DMAX_CHECK_LAUNCH("logits_stats");
 }
 

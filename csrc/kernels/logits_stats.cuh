@@ -5,7 +5,8 @@
 //    before a scalar tail; so a thread sees its logits in increasing id order;
 //  - per thread: online max m and sum s of exp(x - m) (rescaled once per vector), a sorted
 //    top-K list in registers (K = 1, or 8 for k = 2..8), and for temperature > 0 the best
-//    Gumbel score, computed in double only for logits that can still beat it; after every
+//    Gumbel score, computed in double (as the reference) only for logits that pass two float
+//    checks (a logit threshold, then one expf: may_reach) of still beating it; after every
 //    round of loads the warp shares its pruning bounds (K-th best, best score) by shuffles;
 //  - then a warp reduction with xor shuffles (top-K lists merged by a bitonic network, ties to
 //    the lowest id), one __syncthreads through shared memory, and the same reduction in warp 0.
@@ -153,10 +154,6 @@ struct GumbelState {
   }
 };
 
-__device__ __forceinline__ double gumbel_noise(uint32_t row_state, int id) {
-  return -log(-log(rng_uniform_from_row(row_state, static_cast<uint32_t>(id))));
-}
-
 // The largest Gumbel noise -log(-log(u)) that rng_uniform can produce (u <= kRngUniformMax).
 __host__ __device__ inline double gumbel_noise_max() { return -log(-log(kRngUniformMax)); }
 
@@ -164,7 +161,19 @@ __host__ __device__ inline double gumbel_noise_max() { return -log(-log(kRngUnif
 struct RowSampling {
   double temperature;  // > 0: Gumbel-max sampling
   double gumbel_max;   // gumbel_noise_max()
+  float inv_temperature;  // float(1 / temperature), for the float pre-check
 };
+
+// Whether logit x with noise bits q (u = (q + .5) / 2^24) may score >= best, checked in float.
+// score >= best iff -log(-log(u)) >= best - x / T iff v = 1 - u <= 1 - exp(-t) with
+// t = exp(x / T - best), and 1 - exp(-t) <= t: lanes with v > t (with a slack covering float(1/T),
+// the float arithmetic and expf's 2 ulp) cannot win. One expf instead of two double logs.
+__device__ __forceinline__ bool may_reach(float x, uint32_t q, double best, float inv_t) {
+  const float v = static_cast<float>((1u << 25) - 2 * q - 1) * (1.0f / 33554432.0f);
+  const float best_f = static_cast<float>(best), xt = x * inv_t;
+  const float slack = 1.0f + 1e-5f + (fabsf(xt) + fabsf(best_f)) * 1e-6f;
+  return v <= expf(xt - best_f) * slack;
+}
 
 // Everything one thread accumulates over its logits.
 template <int K>
@@ -206,15 +215,16 @@ struct RowAccumulator {
       bool improved = false;
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        if (x[i] >= gs.thr && x[i] > -INFINITY) {
-          const double score =
-              static_cast<double>(x[i]) / temperature + gumbel_noise(row_state, first + i);
-          if (gs.beats(score, first + i)) {
-            gs.best = score;
-            gs.id = first + i;
-            gs.logit = x[i];
-            improved = true;
-          }
+        if (!(x[i] >= gs.thr && x[i] > -INFINITY)) continue;
+        const uint32_t q = rng_bits_from_row(row_state, static_cast<uint32_t>(first + i));
+        if (!may_reach(x[i], q, gs.best, rs.inv_temperature)) continue;
+        const double score =
+            static_cast<double>(x[i]) / temperature - log(-log(rng_uniform_from_bits(q)));
+        if (gs.beats(score, first + i)) {
+          gs.best = score;
+          gs.id = first + i;
+          gs.logit = x[i];
+          improved = true;
         }
       }
       if (improved) gs.raise_threshold(gs.best, temperature, rs.gumbel_max);

@@ -28,27 +28,8 @@ __global__ void __launch_bounds__(kOnpolicyNoiseThreads)
   }
   int chosen = 0;
   if (inv_temperature > 0.0 && k > 1) {
-    const float* p = topk_probs + r * k;
-    double p_max = 0.0;
-    bool has_nan = false;
-    for (int i = 0; i < k; ++i) {
-      has_nan = has_nan || p[i] != p[i];
-      p_max = fmax(p_max, static_cast<double>(p[i]));
-    }
-    if (!has_nan && p_max > 0.0) {
-      double c[8];
-      double total = 0.0;
-      for (int i = 0; i < 8; ++i) {
-        if (i < k) total += pow(static_cast<double>(p[i]) / p_max, inv_temperature);
-        c[i] = total;
-      }
-      const double target = rng_uniform(seeds[b], static_cast<uint32_t>(r % length), 0u) * total;
-      chosen = -1;
-      for (int i = 0; i < 8; ++i) {
-        if (chosen < 0 && i < k && c[i] > target) chosen = i;
-      }
-      chosen = chosen < 0 ? 0 : chosen;
-    }
+    const double u = rng_uniform(seeds[b], static_cast<uint32_t>(r % length), 0u);
+    chosen = draw_tempered_candidate(topk_probs + r * k, k, inv_temperature, u);
   }
   new_ids[r] = topk_ids[r * k + chosen];
 }

@@ -56,6 +56,17 @@ def _check_block(name: str, t, dtype: torch.dtype, shape) -> None:
     check_shape(name, t, shape)
 
 
+def _check_topk_pair(topk_ids, topk_probs, B: int, L: int) -> int:
+    """topk_ids int64 / topk_probs float32 [B, L, k] (logits_stats' outputs), 1 <= k <= 8: k."""
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64,), ndim=3)
+    k = topk_ids.shape[2]
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"k (the last dimension of topk_ids) must be in 1..{MAX_TOPK}, got {k}")
+    check_shape("topk_ids", topk_ids, (B, L, k))
+    _check_block("topk_probs", topk_probs, torch.float32, (B, L, k))
+    return k
+
+
 def _check_vocab_ids(name: str, t: torch.Tensor, vocab_size: int) -> None:
     # A value check reads the data (a device sync on CUDA): it is skipped under torch.compile and
     # while capturing a CUDA graph, where the native op's own guards are what remains.
@@ -132,12 +143,7 @@ def hybrid_embed(embeds: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
     _check_block("ids", ids, torch.int64, (B, L))
     _check_block("active", active, torch.bool, (B, L))
     _check_block("changed", changed, torch.bool, (B, L))
-    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64,), ndim=3)
-    k = topk_ids.shape[2]
-    if not 1 <= k <= MAX_TOPK:
-        raise ValueError(f"k (the last dimension of topk_ids) must be in 1..{MAX_TOPK}, got {k}")
-    check_shape("topk_ids", topk_ids, (B, L, k))
-    _check_block("topk_probs", topk_probs, torch.float32, (B, L, k))
+    _check_topk_pair(topk_ids, topk_probs, B, L)
     _check_same_device(embeds.device, weight=weight, ids=ids, active=active, changed=changed,
                        topk_ids=topk_ids, topk_probs=topk_probs)
     V = weight.shape[0]
@@ -257,12 +263,7 @@ def onpolicy_noise(noisy_ids: torch.Tensor, sample_flags: torch.Tensor, topk_ids
     B, L = noisy_ids.shape
     device = noisy_ids.device
     _check_block("sample_flags", sample_flags, torch.bool, (B,))
-    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64,), ndim=3)
-    k = topk_ids.shape[2]
-    if not 1 <= k <= MAX_TOPK:
-        raise ValueError(f"k (the last dimension of topk_ids) must be in 1..{MAX_TOPK}, got {k}")
-    check_shape("topk_ids", topk_ids, (B, L, k))
-    _check_block("topk_probs", topk_probs, torch.float32, (B, L, k))
+    k = _check_topk_pair(topk_ids, topk_probs, B, L)
     _check_same_device(device, sample_flags=sample_flags, topk_ids=topk_ids, topk_probs=topk_probs)
     _check_temperature(temperature)
     sample = temperature > 0 and k > 1
@@ -301,3 +302,46 @@ def _onpolicy_noise_fake(noisy_ids, sample_flags, topk_ids, topk_probs, temperat
 SAMPLING_FAKES = {"logits_stats": _logits_stats_fake, "onpolicy_noise": _onpolicy_noise_fake}
 for _name, _fake in SAMPLING_FAKES.items():
     torch.library.register_fake(f"dmax::{_name}")(_fake)
+
+
+# ---- moe_experts: a MoE layer's routed experts for a decoding block (CPU only) -----------------
+
+
+def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """sum_j expert_weights[n, j] * FFN_{expert_ids[n, j]}(x[n]) for every token n: [N, H].
+
+    x [N, H] float32 / bfloat16 / float16; expert_ids int64 [N, k] in [0, E); expert_weights
+    float32 [N, k]; gate_up [E, H, 2I] (x @ gate_up[e] = [gate | up]) and down [E, I, H] in x's
+    dtype; FFN = SwiGLU. The routed rows of each busy expert run as one GEMM pair that reads the
+    expert's weights once, intermediates rounded to the model dtype as the torch formulation
+    does (dmax_ext.model.moe, impl "reference"), float32 accumulation and weighted sum, cast
+    once. CPU only, no autograd: the decoder's hot path (model/moe.py picks it)."""
+    check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
+    check_tensor("expert_ids", expert_ids, dtypes=(torch.int64,), ndim=2)
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_ids must have shape ({x.shape[0]}, k) (N of x), got "
+                         f"{tuple(expert_ids.shape)}")
+    _check_block("expert_weights", expert_weights, torch.float32, expert_ids.shape)
+    check_tensor("gate_up", gate_up, dtypes=(x.dtype,), ndim=3)
+    check_tensor("down", down, dtypes=(x.dtype,), ndim=3)
+    n_experts, hidden, two_i = gate_up.shape
+    if hidden != x.shape[1] or two_i % 2:
+        raise ValueError(f"gate_up must have shape (E, {x.shape[1]}, 2I), got {tuple(gate_up.shape)}")
+    check_shape("down", down, (n_experts, two_i // 2, hidden))
+    _check_same_device(x.device, expert_ids=expert_ids, expert_weights=expert_weights,
+                       gate_up=gate_up, down=down)
+    return torch.ops.dmax.moe_experts(x, expert_ids, expert_weights, gate_up, down)
+
+
+def _moe_experts_fake(x, expert_ids, expert_weights, gate_up, down):
+    return x.new_empty(x.shape)
+
+
+def has_moe_experts() -> bool:
+    """Whether the loaded native library has moe_experts (a library built before it lacks it)."""
+    return hasattr(torch.ops.dmax, "moe_experts")
+
+
+if has_moe_experts():
+    torch.library.register_fake("dmax::moe_experts")(_moe_experts_fake)

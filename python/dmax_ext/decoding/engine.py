@@ -164,11 +164,12 @@ class _Decoder:
         return keep
 
     def _prefill(self, layout: BatchLayout, prompts, cache, valid_from) -> None:
-        """One forward of the prompts' full blocks into the cache (logits unused)."""
+        """One forward of the prompts' full blocks into the cache (no logits computed)."""
         ids, positions = prefill_inputs(layout, prompts, self.config.eos_id, self.device)
         with self.timer("forward"):
             self.model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=0,
-                                      valid_from=valid_from, block_length=self.config.block_length)
+                                      valid_from=valid_from, block_length=self.config.block_length,
+                                      n_logits=0)
         self.nfe += 1
         for b in range(layout.batch_size):
             self.seq_nfe[b] += layout.first_blocks[b] > 0

@@ -79,9 +79,10 @@ def forward_first(model, cache, state: BlockState, prev_ids: torch.Tensor | None
         ids = torch.cat([prev_ids, ids], dim=1)
         positions = torch.cat([positions - block_length, positions], dim=1)
         slot -= block_length
-    logits = model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=slot,
-                                  valid_from=state.valid_from, block_length=block_length)
-    return logits[:, -block_length:].contiguous() if prev_ids is not None else logits
+    # Logits of the current block only: the previous block's would be discarded.
+    return model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=slot,
+                                valid_from=state.valid_from, block_length=block_length,
+                                n_logits=block_length)
 
 
 def forward_block(model, cache, state: BlockState, write_slot: int, config: DecodeConfig):

@@ -187,10 +187,18 @@ def _move_into_place(tmp: Path, path: Path) -> None:
 
 # -- random ----------------------------------------------------------------------------------------
 def random_model(preset: str | LLaDA2Config, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, lm_head_gain: float = 1.0) -> LLaDA2MoeModel:
+                 seed: int = 0, lm_head_gain: float = 1.0,
+                 lm_head_from_embedding: bool = False) -> LLaDA2MoeModel:
     """A model with random weights: N(0, initializer_range) matrices, unit norms, zero expert
     bias; lm_head's std is multiplied by `lm_head_gain` (a large gain gives peaked, confident
-    predictions, as a trained model has). Same seed -> same weights on every device."""
+    predictions, as a trained model has). Same seed -> same weights on every device.
+
+    lm_head_from_embedding: lm_head = lm_head_gain x the input embedding (a copy, not tied),
+    with the mask token's row zero. Then an unmasked position predicts its own token back, as a
+    trained masked-diffusion model does, and a masked one what its context points at; SPD's soft
+    positions settle instead of drifting (with independent random lm_head rows, SPD's feedback
+    through the soft embeddings amplifies float rounding: two op implementations that differ by
+    an ulp soon decode different tokens)."""
     config = preset_config(preset) if isinstance(preset, str) else preset
     model = _empty_model(config, device, dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -204,4 +212,7 @@ def random_model(preset: str | LLaDA2Config, device="cpu", dtype: torch.dtype = 
             else:
                 gain = lm_head_gain if name == "lm_head.weight" else 1.0
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * (std * gain))
+        if lm_head_from_embedding:
+            model.lm_head.weight.copy_(model.embedding_weight * lm_head_gain)
+            model.lm_head.weight[config.mask_token_id].zero_()  # never predicts the mask
     return model

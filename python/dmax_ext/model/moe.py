@@ -6,6 +6,8 @@ names (`experts.E.gate_proj.weight` ...) through hooks, so state_dict keys == ch
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,7 +107,8 @@ def _grouped_mm_supports(xs, gate_up, down) -> bool:
 
 
 def _experts_cpu(xs, counts, gate_up, down):
-    """CPU "auto", from measurements on llada2-small shapes (AVX512 + AMX, 32/64 tokens): fp32
+    """CPU "auto" without the native kernel (gradients, large calls, no native library), from
+    measurements on llada2-small shapes (AVX512 + AMX, 32/64 tokens): fp32
     grouped_mm is the fastest at any routing skew; in bf16, grouped_mm pays ~0.1 ms per busy
     expert, so the padded bmm wins once at least half the experts are busy."""
     busy = int((counts > 0).sum())
@@ -114,6 +117,32 @@ def _experts_cpu(xs, counts, gate_up, down):
     if xs.element_size() < 4 and 2 * busy >= counts.numel():
         return _experts_padded(xs, counts, gate_up, down)
     return _experts_grouped(xs, counts, gate_up, down)
+
+
+# CPU "auto" runs the native fused kernel (dmax_ext.ops.moe_experts) up to this many tokens per
+# call: a decoding block's few rows per expert make each expert a weight-streaming GEMM pair,
+# where oneDNN pays ~0.1 ms of set-up per bf16 call and the torch formulations add ~15 gather /
+# scatter / reduce ops per layer. Larger calls (prefill, training) have many rows per expert
+# and are better served by the library GEMMs (AMX in bf16).
+NATIVE_EXPERTS_MAX_TOKENS = 64
+
+
+@functools.cache
+def _native_ops():
+    """dmax_ext.ops when its library has moe_experts, else None (imported lazily: the model does
+    not need the native library)."""
+    try:
+        from .. import ops
+    except ImportError:
+        return None
+    return ops if ops.has_moe_experts() else None
+
+
+def _native_experts_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # No autograd through the native op: only when no gradient is wanted.
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (x.device.type == "cpu" and not wants_grad and x.shape[0] <= NATIVE_EXPERTS_MAX_TOKENS
+            and _native_ops() is not None)
 
 
 _EXPERT_IMPLS = {"reference": _experts_reference, "padded": _experts_padded,
@@ -153,6 +182,8 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
+        if impl == "cpu" and _native_experts_apply(x, self.gate_up_proj):
+            return _native_ops().moe_experts(x, ids, weights, self.gate_up_proj, self.down_proj)
         n, k = ids.shape
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)

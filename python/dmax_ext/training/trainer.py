@@ -126,6 +126,10 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _resume_path(self, resume) -> Path | None:
         if resume is None:
+            existing = ckpt.latest_checkpoint(self.out_dir)
+            if existing is not None:  # they would mix with this run's checkpoints
+                raise ValueError(f"{self.out_dir} already holds checkpoints ({existing.name}); "
+                                 "resume from them or train into another folder")
             return None
         if str(resume) == "auto":
             return ckpt.latest_checkpoint(self.out_dir)

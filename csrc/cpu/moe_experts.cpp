@@ -1,0 +1,126 @@
+// dmax.moe_experts on the CPU: the routed experts of a MoE layer for a few tokens (a decoding
+// block), fused: the N * k routed slots are counting-sorted by expert; every busy expert runs its
+// SwiGLU FFN on its rows once, reading its weights once (csrc/cpu/vec/moe_experts_kernel.cpp), in
+// parallel over experts, into a float32 [N, k, H] buffer; then each token's k outputs are
+// weighted and summed in slot order and cast once. Semantics: dmax_ext.model.moe (the torch
+// formulations, impl "reference"); no CUDA version (on CUDA the model runs torch._grouped_mm).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/vec/capability.h"
+#include "cpu/vec/moe_experts_kernel.h"
+#include "ops_cpu.h"
+
+namespace dmax::cpu {
+namespace {
+
+void check_moe_experts_args(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                            const at::Tensor& gate_up, const at::Tensor& down) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "moe_experts: x must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2, "moe_experts: x must be [N, H], got ", x.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong,
+              "moe_experts: expert_ids must be int64 [N, k] with N = ", x.size(0), ", got ",
+              ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat,
+              "moe_experts: expert_weights must be float32 ", ids.sizes(), ", got ",
+              weights.scalar_type(), " ", weights.sizes());
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) == x.size(1) && gate_up.size(2) % 2 == 0,
+              "moe_experts: gate_up must be [E, H, 2I] with H = ", x.size(1), ", got ",
+              gate_up.sizes());
+  TORCH_CHECK(down.dim() == 3 && down.size(0) == gate_up.size(0) &&
+                  down.size(1) == gate_up.size(2) / 2 && down.size(2) == x.size(1),
+              "moe_experts: down must be [E, I, H] = [", gate_up.size(0), ", ",
+              gate_up.size(2) / 2, ", ", x.size(1), "], got ", down.sizes());
+  TORCH_CHECK(gate_up.scalar_type() == dtype && down.scalar_type() == dtype,
+              "moe_experts: gate_up and down must have x's dtype ", dtype, ", got ",
+              gate_up.scalar_type(), " and ", down.scalar_type());
+  for (const auto* t : {&x, &ids, &weights, &gate_up, &down}) {
+    TORCH_CHECK(t->device().is_cpu(), "moe_experts: the CPU kernel got a ", t->device(),
+                " tensor");
+  }
+}
+
+template <class T>
+at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
+                             const at::Tensor& weights_in, const at::Tensor& gate_up_in,
+                             const at::Tensor& down_in) {
+  static const auto expert_ffn = DMAX_CPU_KERNEL(moe_expert_ffn<T>);
+  static const auto combine_rows = DMAX_CPU_KERNEL(moe_combine_rows<T>);
+  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), k = ids.size(1);
+  const int64_t E = gate_up.size(0), I = gate_up.size(2) / 2;
+  at::Tensor out = at::empty({N, H}, x.options());
+  if (N == 0 || H == 0) return out;
+  if (k == 0 || I == 0) return out.zero_();
+
+  // Counting sort of the slots s = n * k + j by expert (stable: slot order within an expert).
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t s = 0; s < N * k; ++s) {
+    TORCH_CHECK(id[s] >= 0 && id[s] < E, "moe_experts: expert_ids[", s / k, ", ", s % k,
+                "] = ", id[s], " is outside [0, ", E, ")");
+    ++start[id[s] + 1];
+  }
+  std::vector<int64_t> busy;
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1]) busy.push_back(e);
+    start[e + 1] += start[e];
+  }
+  std::vector<int64_t> slots(N * k), fill(start.begin(), start.end() - 1);
+  for (int64_t s = 0; s < N * k; ++s) slots[fill[id[s]]++] = s;
+
+  at::Tensor y = at::empty({N, k, H}, x.options().dtype(at::kFloat));
+  float* y_p = y.mutable_data_ptr<float>();
+  const T* x_p = x.const_data_ptr<T>();
+  const T* gate_up_p = gate_up.const_data_ptr<T>();
+  const T* down_p = down.const_data_ptr<T>();
+  // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
+  at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows;
+    std::vector<float*> out_rows;
+    std::vector<float> scratch;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t e = busy[b], m = start[e + 1] - start[e];
+      rows.resize(m);
+      out_rows.resize(m);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t s = slots[start[e] + i];
+        rows[i] = s / k;
+        out_rows[i] = y_p + s * H;
+      }
+      scratch.resize(m * (2 * H + 3 * I));
+      expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
+                               gate_up_p + e * H * 2 * I, down_p + e * I * H, scratch.data()});
+    }
+  });
+  const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,
+                               out.mutable_data_ptr<T>()};
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(k * H, 1));
+  at::parallel_for(0, N, grain,
+                   [&](int64_t begin, int64_t end) { combine_rows(combine, begin, end); });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
+                       const at::Tensor& expert_weights, const at::Tensor& gate_up,
+                       const at::Tensor& down) {
+  check_moe_experts_args(x, expert_ids, expert_weights, gate_up, down);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return moe_experts_typed<float>(x, expert_ids, expert_weights, gate_up, down);
+    case at::kBFloat16:
+      return moe_experts_typed<c10::BFloat16>(x, expert_ids, expert_weights, gate_up, down);
+    default:
+      return moe_experts_typed<c10::Half>(x, expert_ids, expert_weights, gate_up, down);
+  }
+}
+
+}  // namespace dmax::cpu

@@ -1,0 +1,57 @@
+// The per-expert kernel of dmax.moe_experts on the CPU. moe_experts_kernel.cpp is compiled once per
+// CPU capability (cmake/cpu_capability.cmake); csrc/cpu/moe_experts.cpp picks one at run time
+// (capability.h).
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace dmax::cpu {
+
+// One expert's SwiGLU FFN on the m rows routed to it, i < m:
+//   [g | u] = r(x[rows[i]] @ gate_up),  h = r(r(silu(g)) * u),  y = r(h @ down)
+// with r() rounding to T, as the torch formulation rounds (GEMM outputs, silu and the product in
+// T); float32 accumulation. y goes to out_rows[i] as float32 (its values already in T).
+template <class T>
+struct ExpertTask {
+  const T* x;               // [N, H], row stride H
+  const int64_t* rows;      // [m]: the token row of each routed slot
+  float* const* out_rows;   // [m]: where y[i] goes ([H] float32 each)
+  int64_t m, H, I;
+  const T* gate_up;         // [H, 2I] of this expert, row-major
+  const T* down;            // [I, H] of this expert, row-major
+  float* scratch;           // m * (2 H + 3 I) floats of work space
+};
+
+// out[n] = T(sum_j weights[n, j] * y[n, j]) for n in [begin, end): each product rounded to float32,
+// summed in slot order j = 0..k-1 (the torch formulation's float32 weighted sum, cast once).
+template <class T>
+struct CombineTask {
+  const float* y;           // [N, k, H] float32
+  const float* weights;     // [N, k]
+  int64_t k, H;
+  T* out;                   // [N, H]
+};
+
+#define DMAX_DECLARE_MOE_EXPERT_FFN(cap)                                               \
+  namespace cap {                                                                      \
+  template <class T>                                                                   \
+  void moe_expert_ffn(const ExpertTask<T>& task);                                      \
+  extern template void moe_expert_ffn<float>(const ExpertTask<float>&);                \
+  extern template void moe_expert_ffn<c10::Half>(const ExpertTask<c10::Half>&);        \
+  extern template void moe_expert_ffn<c10::BFloat16>(const ExpertTask<c10::BFloat16>&); \
+  template <class T>                                                                   \
+  void moe_combine_rows(const CombineTask<T>& task, int64_t begin, int64_t end);       \
+  extern template void moe_combine_rows<float>(const CombineTask<float>&, int64_t, int64_t); \
+  extern template void moe_combine_rows<c10::Half>(const CombineTask<c10::Half>&, int64_t, \
+                                                   int64_t);                           \
+  extern template void moe_combine_rows<c10::BFloat16>(const CombineTask<c10::BFloat16>&, \
+                                                       int64_t, int64_t);              \
+  }
+DMAX_DECLARE_MOE_EXPERT_FFN(DEFAULT)
+DMAX_DECLARE_MOE_EXPERT_FFN(AVX2)
+DMAX_DECLARE_MOE_EXPERT_FFN(AVX512)
+#undef DMAX_DECLARE_MOE_EXPERT_FFN
+
+}  // namespace dmax::cpu

@@ -1,0 +1,45 @@
+"""Targeted cases from the mutation campaign (docs/TESTING.md, "Mutation campaign"): inputs and
+schedule seeds that kill kernel mutants the general random tests let survive. Emulated kernels
+only (torch.ops.dmax_simt); every case is checked against dmax_ext.reference.
+
+block_first_true (csrc/kernels/block_reduce.cuh) ends with a __syncthreads so that promote's
+second call may reuse `scratch`: without it, a warp that has already finished the first call's
+min over the warps writes its second-call vote (first *low* masked position) while a thread of
+another warp has not read the first-call votes (first *masked* position) yet. The row below
+makes that visible: warp 0's first masked position (0) is confident, warp 1's first masked
+position (32) is the first low one. Correct result: only position 0 is promoted; a thread of
+warp 1 that reads warp 0's second-call vote (64 = none) takes 32 as the first masked position
+and promotes position 32 too. Whether the race happens depends on the schedule, hence many seeds.
+"""
+import pytest
+import torch
+from spd_step_cases import MASK, _load_simt
+
+from dmax_ext.reference import promote_reference
+
+pytestmark = pytest.mark.simt
+
+SCHEDULE_SEEDS = [0, 1, *range(2, 66)]
+
+
+def _prefix_row(L: int = 64, rows: int = 4):
+    ids = torch.full((rows, L), 7, dtype=torch.int64)
+    conf = torch.full((rows, L), 0.9)
+    pred = torch.full((rows, L), 3, dtype=torch.int64)
+    ids[:, 0] = MASK                     # warp 0: first masked, confident
+    ids[:, 32] = MASK                    # warp 1: first masked, and the first low one
+    conf[:, 32] = 0.1
+    ids[:, 40:] = MASK                   # more masked positions in warp 1, confident
+    return ids, conf, pred
+
+
+@pytest.mark.parametrize("L", [64, 96])
+def test_promote_prefix_scratch_reuse_simt(L):
+    _load_simt()
+    ids, conf, pred = _prefix_row(L)
+    want = promote_reference(ids, conf, pred, 0.5, MASK, True)
+    assert want[:, 0].all() and not want[:, 1:].any()
+    for seed in SCHEDULE_SEEDS:
+        torch.ops.dmax_simt.set_schedule_seed(seed)
+        got = torch.ops.dmax_simt.promote(ids, conf, pred, 0.5, MASK, True)
+        assert torch.equal(got, want), f"schedule seed {seed}, L={L}: got {got.nonzero().tolist()}"

@@ -1,0 +1,121 @@
+"""dmax.moe_experts (CPU): against a float64 computation of the same formula within 2x the error of
+the torch formulation (model/moe.py, impl "reference"); at any routing skew and width (vector
+tails); what the model's MoE picks; opcheck; argument errors."""
+import pytest
+import torch
+
+from dmax_ext import ops
+from dmax_ext.model import PRESETS
+from dmax_ext.model.moe import MoeBlock, StackedExperts
+from tolerances import assert_within_naive_error
+
+pytestmark = pytest.mark.skipif(not ops.has_moe_experts(),
+                                reason="the native library predates moe_experts: rebuild")
+
+
+def _case(n_tokens, n_experts, hidden, inter, k, dtype, busy=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    busy = busy or n_experts
+    pool = torch.randperm(n_experts, generator=gen)[:busy]
+    ids = torch.stack([pool[torch.randperm(busy, generator=gen)[:k]] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, k, generator=gen)
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    gate_up = (torch.randn(n_experts, hidden, 2 * inter, generator=gen) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(n_experts, inter, hidden, generator=gen) / inter ** 0.5).to(dtype)
+    return x, ids.reshape(n_tokens, k), weights, gate_up, down
+
+
+def _torch_formulation(x, ids, weights, gate_up, down):
+    experts = StackedExperts(PRESETS["tiny"].replace(
+        num_experts=gate_up.shape[0], hidden_size=x.shape[1],
+        moe_intermediate_size=down.shape[1], n_group=1, topk_group=1,
+        num_experts_per_tok=ids.shape[1]))
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(gate_up.float())
+        experts.down_proj.copy_(down.float())
+        experts.to(x.dtype)
+        return experts(x, ids, weights, "reference")
+
+
+def _exact(x, ids, weights, gate_up, down):
+    """The formula in float64, no intermediate rounding."""
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    out = torch.zeros_like(x)
+    inter = down.shape[1]
+    for n in range(x.shape[0]):
+        for e, w in zip(ids[n].tolist(), weights[n].double()):
+            gu = x[n] @ gate_up[e]
+            out[n] += w * ((torch.nn.functional.silu(gu[:inter]) * gu[inter:]) @ down[e])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_tokens,busy", [(1, None), (7, 5), (37, None), (64, 4)])
+def test_matches_the_formula_within_naive_error(dtype, n_tokens, busy):
+    case = _case(n_tokens, 16, 64, 32, 4, dtype, busy=busy, seed=n_tokens)
+    got = ops.moe_experts(*case)
+    assert got.dtype == dtype and got.shape == case[0].shape
+    assert_within_naive_error(got, _exact(*case), _torch_formulation(*case),
+                              f"{dtype} N={n_tokens}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widths_that_are_not_vector_multiples(dtype):
+    case = _case(9, 5, 40, 12, 3, dtype, seed=3)  # H = 40, I = 12: every loop has a tail
+    assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
+                              f"{dtype} tails")
+
+
+def test_float32_equals_the_torch_formulation_closely():
+    # Same roundings (none in float32); only the GEMMs' summation order differs.
+    case = _case(32, 64, 512, 128, 8, torch.float32, busy=20, seed=5)
+    torch.testing.assert_close(ops.moe_experts(*case), _torch_formulation(*case),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_model_moe_uses_it_without_grad_and_torch_with_grad():
+    torch.manual_seed(0)
+    block = MoeBlock(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 11, 64)
+    calls = []
+    real = ops.moe_experts
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    ops.moe_experts = spy
+    try:
+        with torch.no_grad():
+            fast = block(x)
+            block.impl = "reference"
+            want = block(x)
+            block.impl = "auto"
+        assert calls == [(22, 64)]
+        torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+        graded = block(x)  # gradients wanted: the torch formulation
+        assert calls == [(22, 64)] and graded.grad_fn is not None
+    finally:
+        ops.moe_experts = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    case = _case(6, 8, 32, 16, 2, dtype, seed=1)
+    torch.library.opcheck(torch.ops.dmax.moe_experts.default, case)
+
+
+def test_argument_errors():
+    x, ids, weights, gate_up, down = _case(4, 8, 32, 16, 2, torch.float32)
+    with pytest.raises(TypeError, match="gate_up must have dtype"):
+        ops.moe_experts(x, ids, weights, gate_up.bfloat16(), down)
+    with pytest.raises(ValueError, match="expert_ids must have shape"):
+        ops.moe_experts(x, ids[:3], weights, gate_up, down)
+    with pytest.raises(ValueError, match="down must have shape"):
+        ops.moe_experts(x, ids, weights, gate_up, down[:, :8])
+    bad = ids.clone()
+    bad[2, 1] = 8
+    with pytest.raises(RuntimeError, match=r"expert_ids\[2, 1\] = 8 is outside \[0, 8\)"):
+        ops.moe_experts(x, bad, weights, gate_up, down)
