@@ -198,7 +198,7 @@ def profile(models, prompts, args) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
     for d, model in models.items():
         steps = block_forward.spread(block_forward.capture_block_steps(
-            model, [prompts[0]], **decode_args(args)), args.steps)
+            model, prompts[:args.profile_batch], **decode_args(args)), args.steps)
         caches = [model.new_cache(s.batch, s.write_slot + s.block_length) for s in steps]
         seconds: dict = {}
         with torch.inference_mode():
@@ -216,8 +216,9 @@ def profile(models, prompts, args) -> None:
                 for s, c in zip(steps, caches):
                     block_forward.replay(model, s, c)
         n = args.repeats * len(steps)
-        print(f"\n{dtype_name(d)}: one block forward {1e3 * total / n:.1f} ms (mean of {n}, "
-              f"hooks on; write slots {[s.write_slot for s in steps]})")
+        print(f"\n{dtype_name(d)}: one block forward of batch {steps[0].batch}: "
+              f"{1e3 * total / n:.1f} ms (mean of {n}, hooks on; write slots "
+              f"{[s.write_slot for s in steps]})")
         for name, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<20}{1e3 * sec / n:8.2f} ms {100 * sec / total:5.1f}%")
         rest = total - sum(seconds.values())
@@ -245,6 +246,7 @@ def parse_args(argv=None):
     p.add_argument("--targets", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     p.add_argument("--profile", action="store_true", help="only the block-forward profile")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--profile-batch", type=int, default=1, help="prompts decoded together")
     p.add_argument("--quick", action="store_true", help="2 prompts, 64 tokens, 3 repeats")
     args = p.parse_args(argv)
     if args.quick:

@@ -29,10 +29,10 @@ def weights(model):
 
 def test_loss_falls_on_a_tiny_model(tmp_path):
     data = synthetic_data(32, 24)
-    Trainer(tiny_model(), data, config("mdm", max_steps=30, global_batch=16, micro_batch=16),
+    Trainer(tiny_model(), data, config("mdm", max_steps=20, global_batch=8, micro_batch=8),
             tmp_path).train()
     curve = losses(tmp_path)
-    assert len(curve) == 30
+    assert len(curve) == 20
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
 
 

@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 
 #include "cpu/vec/moe_experts_kernel.h"
@@ -19,10 +22,14 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kRows = 6, kVecs = 4;  // 24 accumulators + 4 weight vectors of 32 zmm registers
+constexpr int kVecs = 4;  // kRows x 4 accumulators + 4 weight vectors of 32 zmm registers
 #else
-constexpr int kRows = 4, kVecs = 2;  // 8 accumulators + 2 weight vectors of 16 ymm registers
+constexpr int kVecs = 2;  // kRows x 2 accumulators + 2 weight vectors of 16 ymm registers
 #endif
+// Rows per register tile. 16-bit weights: one tile row fewer on AVX512, else GCC spills the
+// accumulators (the conversions need registers of their own).
+template <class T>
+constexpr int kRows = std::is_same_v<T, float> ? (kVecs == 4 ? 6 : 4) : (kVecs == 4 ? 5 : 4);
 
 template <class T>
 inline Vec load_float(const T* p, int64_t n) {
@@ -52,15 +59,35 @@ inline Vec round_to(const Vec& v) {
   }
 }
 
-// Loads kW elements of T as float32 (no tail: the full-width path of the GEMM tiles).
+// Loads kW elements of T as float32 (no tail: the full-width path of the GEMM tiles). Returned by
+// value from intrinsics: at::vec::load_to_float's out-parameter made GCC spill the tiles'
+// accumulators to the stack (bf16 ran 2x slower than float32).
 template <class T>
 inline Vec load_full(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
-  } else {
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+#else
     Vec v;
     at::vec::load_to_float(p, v);
     return v;
+#endif
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    Vec v;
+    at::vec::load_to_float(p, v);
+    return v;
+#endif
   }
 }
 
@@ -83,6 +110,29 @@ struct Prefetcher {
 template <class T, int MB, int NV>
 inline void gemm_tile(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t K, float* c,
                       int64_t ldc, bool accumulate, Prefetcher& prefetch) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, float>) {
+    // Raw __m512 accumulators: with Vectorized<float> ones GCC spilled them to the stack for
+    // 16-bit weights (not for float32), halving the tile's speed.
+    __m512 acc[MB][NV];
+    for (int i = 0; i < MB; ++i)
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + v * kW) : _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < K; ++kk) {
+      prefetch.step();
+      const T* row = b + kk * ldb;
+      __m512 w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = load_full(row + v * kW);
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xa = _mm512_set1_ps(a[i * lda + kk]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xa, w[v], acc[i][v]);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+    return;
+  }
+#endif
   Vec acc[MB][NV];
   for (int i = 0; i < MB; ++i)
     for (int v = 0; v < NV; ++v)
@@ -105,8 +155,8 @@ template <class T, int NV>
 void gemm_rows(const float* a, int64_t lda, int64_t m, const T* b, int64_t ldb, int64_t K,
                float* c, int64_t ldc, bool accumulate, Prefetcher& pf) {
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows)
-    gemm_tile<T, kRows, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
+  for (; i + kRows<T> <= m; i += kRows<T>)
+    gemm_tile<T, kRows<T>, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
   const float* ai = a + i * lda;
   float* ci = c + i * ldc;
   switch (m - i) {  // the remaining rows, as one smaller tile
@@ -117,7 +167,7 @@ void gemm_rows(const float* a, int64_t lda, int64_t m, const T* b, int64_t ldb, 
     case 4: gemm_tile<T, 4, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
     case 5: gemm_tile<T, 5, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
 #endif
-    default: break;  // 0 (kRows - 1 at most)
+    default: break;  // 0 (m - i < kRows<T>)
   }
 }
 
@@ -142,7 +192,8 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c)
   const int64_t panel = std::max<int64_t>(1, kPanelBytes / (n * static_cast<int64_t>(sizeof(T))));
   const int64_t full = n / kW * kW;
   const int64_t tiles = full / (kVecs * kW) + full % (kVecs * kW) / kW;
-  const int64_t steps_per_panel = std::max<int64_t>(1, tiles * ((m + kRows - 1) / kRows) * panel);
+  const int64_t steps_per_panel =
+      std::max<int64_t>(1, tiles * ((m + kRows<T> - 1) / kRows<T>) * panel);
   for (int64_t k0 = 0; k0 < K; k0 += panel) {
     const int64_t kn = std::min(panel, K - k0);
     const bool accumulate = k0 > 0;

@@ -115,6 +115,10 @@ def _load_tokenizer(path: Path):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    # transformers does not know model_type llada2_moe and logs a compatibility warning while it
+    # reads config.json for the tokenizer class; the tokenizer itself is a plain fast tokenizer.
+    hf_logging.set_verbosity_error()
     with warnings.catch_warnings():
         # transformers parses our config.json on the way and warns about its legacy rope keys.
         warnings.simplefilter("ignore", FutureWarning)
