@@ -113,7 +113,8 @@ def _rank_main(ckpt: Path, out_dir: Path) -> None:
 
     group, _ = init_tensor_parallel("cpu")
     out = {}
-    spy = tp.safe_open = _SliceReadSpy(tp.safe_open)
+    from dmax_ext.model import loading  # the shard reader both loaders use
+    spy = loading.safe_open = _SliceReadSpy(loading.safe_open)
     model = tp.load_sharded_model(ckpt, group, dtype=torch.float32)
     out["read_elements"], out["whole_reads"] = spy.elements, spy.whole
     out["held_elements"] = sum(t.numel() for t in model.state_dict().values())

@@ -85,7 +85,18 @@ def _checkpoint_files(path: Path) -> dict[Path, set[str] | None]:
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _copy_shard(file: Path, listed: set[str] | None, targets: dict[str, torch.Tensor]) -> set[str]:
+def _read_full(name: str, tensor_slice) -> torch.Tensor:
+    return tensor_slice[:]
+
+
+def _copy_shard(file: Path, listed: set[str] | None, targets: dict[str, torch.Tensor],
+                expected_shapes: dict[str, tuple] | None = None, read=_read_full) -> set[str]:
+    """Checks one shard against the model and copies its tensors into `targets`.
+
+    `expected_shapes` are the checkpoint's full shapes (default: the targets' own shapes);
+    `read(name, slice)` returns what is copied (default the whole tensor; tensor parallelism
+    passes a reader of the rank's slice, so no rank materialises a full tensor).
+    """
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
@@ -99,15 +110,16 @@ def _copy_shard(file: Path, listed: set[str] | None, targets: dict[str, torch.Te
             if name not in targets or (listed is not None and name not in listed):
                 why = "not in the index" if name in targets else "not a tensor of this model"
                 raise ValueError(f"{file}: unexpected tensor {name!r} ({why})")
-            shape = tuple(shard.get_slice(name).get_shape())
-            if shape != tuple(targets[name].shape):
+            tensor_slice = shard.get_slice(name)
+            shape = tuple(tensor_slice.get_shape())
+            expected = tuple(expected_shapes[name] if expected_shapes else targets[name].shape)
+            if shape != expected:
                 raise ValueError(f"{file}: tensor {name!r} has shape {list(shape)}, expected "
-                                 f"{list(targets[name].shape)} from config.json")
+                                 f"{list(expected)} from config.json")
             try:
-                tensor = shard.get_tensor(name)
+                targets[name].copy_(read(name, tensor_slice))
             except SafetensorError as e:
                 raise ValueError(f"{file}: tensor {name!r} cannot be read ({e})") from None
-            targets[name].copy_(tensor)
     return names
 
 

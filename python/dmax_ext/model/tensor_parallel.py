@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import LLaDA2Config
-from .loading import _checkpoint_files, _empty_model, _load_tokenizer
+from .loading import _checkpoint_files, _copy_shard, _empty_model, _load_tokenizer
 from .modules import GatedMLP
 from .moe import MoeBlock
 
@@ -246,41 +245,13 @@ def load_sharded_model(path: str | Path, group, device="cpu", dtype: torch.dtype
     targets = model.state_dict()
     filled: set[str] = set()
     for file, listed in files.items():
-        filled |= _read_shard_slices(file, listed, targets, full_shapes, plan)
+        filled |= _copy_shard(file, listed, targets, full_shapes, plan.read)
     missing = sorted(set(targets) - filled)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r} "
                          f"({len(missing)} missing in all) required by {path / 'config.json'}")
     model.tokenizer = _load_tokenizer(path)
     return model
-
-
-@torch.no_grad()
-def _read_shard_slices(file: Path, listed: set[str] | None, targets: dict[str, torch.Tensor],
-                       full_shapes: dict[str, tuple], plan: TensorParallelPlan) -> set[str]:
-    try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    with handle as shard:
-        names = set(shard.keys())
-        if listed is not None and listed - names:
-            raise ValueError(f"{file}: lacks tensor {sorted(listed - names)[0]!r}, which the "
-                             "index places in it")
-        for name in sorted(names):
-            if name not in targets or (listed is not None and name not in listed):
-                why = "not in the index" if name in targets else "not a tensor of this model"
-                raise ValueError(f"{file}: unexpected tensor {name!r} ({why})")
-            tensor_slice = shard.get_slice(name)
-            shape = tuple(tensor_slice.get_shape())
-            if shape != full_shapes[name]:
-                raise ValueError(f"{file}: tensor {name!r} has shape {list(shape)}, expected "
-                                 f"{list(full_shapes[name])} from config.json")
-            try:
-                targets[name].copy_(plan.read(name, tensor_slice))
-            except SafetensorError as e:
-                raise ValueError(f"{file}: tensor {name!r} cannot be read ({e})") from None
-    return names
 
 
 def tensor_parallel_rank(model) -> int:
