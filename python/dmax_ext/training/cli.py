@@ -80,16 +80,15 @@ def add_distill_command(subparsers) -> None:
 # -- train -----------------------------------------------------------------------------------------
 def _init_distributed():
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU. -> (device, group)."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..distributed import init_tensor_parallel
+        group, device = init_tensor_parallel()  # the one process-group set-up of the package
+        return device, group
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return device, (dist.group.WORLD if world > 1 else None)
+    return device, None
 
 
 def build_model(args, device):
