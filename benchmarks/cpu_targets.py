@@ -66,8 +66,10 @@ def decode_args(args) -> dict:
 def block_forward_target(models, prompts, args) -> list[dict]:
     """Later steps captured from decoding prompt 0 alone; per dtype the median over steps of
     each step's median time (repeats interleaved over dtypes and steps) against its floor."""
-    machines = [roofline.measure_machine(models[DTYPES[0]].config, repeats=3,
-                                         copy_bytes=roofline.COPY_BYTES >> 1)]
+    copy_bytes = roofline.COPY_BYTES >> (3 if args.quick else 1)
+    config = next(iter(models.values())).config
+    machines = [roofline.measure_machine(config, repeats=3, copy_bytes=copy_bytes,
+                                         block_length=args.block_length)]
     steps = {d: block_forward.spread(block_forward.capture_block_steps(
         m, [prompts[0]], **decode_args(args)), args.steps) for d, m in models.items()}
     costs = {d: [block_forward.block_step_cost(models[d], s) for s in steps[d]] for d in models}
@@ -84,8 +86,8 @@ def block_forward_target(models, prompts, args) -> list[dict]:
                     start = time.perf_counter()
                     block_forward.replay(models[d], s, c)
                     samples[d][i].append(1e3 * (time.perf_counter() - start))
-    machines.append(roofline.measure_machine(models[DTYPES[0]].config, repeats=3,
-                                             copy_bytes=roofline.COPY_BYTES >> 1))
+    machines.append(roofline.measure_machine(config, repeats=3, copy_bytes=copy_bytes,
+                                             block_length=args.block_length))
     results = []
     for d in models:
         measured = [statistics.median(x) for x in samples[d]]
@@ -165,7 +167,10 @@ def batch_target(model, prompts, args) -> dict:
     b8, b1 = statistics.median(batched), statistics.median(alone)
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
-            "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf}
+            "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf,
+            # rows of a batched forward whose block has not converged yet (engine.py: a row
+            # that converged waits for the batch's slowest row of the block)
+            "live_rows": sum(out.seq_nfe) / out.nfe}
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -233,6 +238,8 @@ def profile(models, prompts, args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=PRESET, help="the targets are set for llada2-small; "
+                                                      "tiny: a smoke run")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompts", type=int, default=6, help="batch-1 prompts for targets 2 and 3")
     p.add_argument("--gen-length", type=int, default=256)
@@ -250,7 +257,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="2 prompts, 64 tokens, 3 repeats")
     args = p.parse_args(argv)
     if args.quick:
-        args.prompts, args.gen_length, args.repeats, args.rounds = 2, 64, 3, 1
+        args.prompts, args.gen_length, args.repeats, args.rounds, args.steps = 2, 64, 3, 1, 2
     return args
 
 
@@ -258,13 +265,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    models = {d: tps.synthetic_model(PRESET, "cpu", d) for d in dtypes}
+    models = {d: tps.synthetic_model(args.preset, "cpu", d) for d in dtypes}
     config = models[dtypes[0]].config
     prompts = tps.synthetic_prompts(config, max(args.prompts, BATCH))
-    print(f"cpu_targets: {PRESET}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"{torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.1f}; "
-          f"gen_length {args.gen_length}, block {args.block_length}, threshold {args.threshold}; "
-          f"synthetic weights {tps.synthetic_weights(PRESET)}")
+    print(f"cpu_targets: {args.preset}, threads {torch.get_num_threads()}, torch "
+          f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, load "
+          f"{os.getloadavg()[0]:.1f}; gen_length {args.gen_length}, block {args.block_length}, "
+          f"threshold {args.threshold}; synthetic weights {tps.synthetic_weights(args.preset)}")
     if args.profile:
         profile(models, prompts, args)
         return 0
@@ -308,7 +315,8 @@ def main(argv=None) -> int:
             print(f"  {verdict(ok)} {r['dtype']:<9} batch {r['batch']} {r['batch_tokens_per_s']:.1f}"
                   f" vs alone {r['alone_tokens_per_s']:.1f} tokens/s = {r['speedup']:.2f}x "
                   f"(prompt lengths {r['prompt_lengths']}; batched nfe {r['nfe']}, "
-                  f"tokens per batched forward {r['tpf']:.2f})")
+                  f"tokens per batched forward {r['tpf']:.2f}, live rows per batched forward "
+                  f"{r['live_rows']:.2f})")
     return 1 if failed else 0
 
 

@@ -301,8 +301,9 @@ def step_section(config, later_step, first_step) -> list[str]:
              "| section | ops per unit | units per forward | ops per later step | what |",
              "|---|---|---|---|---|"]
     what = {
-        "attention": "qkv GEMM; q/k RMSNorm per head in fp32 (cast, pow, mean, rsqrt, mul, "
-                     "cast, mul); partial rotary (slices, neg, cat, mul, add); K/V copied into "
+        "attention": "qkv GEMM; q and k heads as one tensor: RMSNorm per head in fp32 (cast, "
+                     "pow, mean, rsqrt, mul, cast, mul by the q|k weights), partial rotary "
+                     "(slices, neg, cat, mul, add); K/V copied into "
                      "the static cache; SDPA over slots [0, write_slot + L) with a bool mask "
                      "and GQA (a bool mask rules out the FlashAttention backend); output "
                      "transpose copy; dense GEMM",

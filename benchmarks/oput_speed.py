@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent / "python"))
 
 import dmax_ext  # noqa: E402
 from dmax_ext.training import oput  # noqa: E402
+from dmax_ext.training import trainer as trainer_module  # noqa: E402
 from dmax_ext.training.data import TokenizedData  # noqa: E402
 from dmax_ext.training.oput import DiffusionConfig  # noqa: E402
 from dmax_ext.training.trainer import TrainConfig, Trainer  # noqa: E402
@@ -48,27 +49,41 @@ def synthetic_data(config, n: int, seq_len: int, seed: int = 0) -> TokenizedData
     return TokenizedData(ids, prompt_len, end, 0, f"oput-speed-{n}-{seq_len}-{seed}")
 
 
-class RolloutTimer:
-    """Wraps oput.rollout (what loss_sum calls) to time it."""
+class SectionTimer:
+    """Times, by wrapping them, oput.rollout (called by loss_sum), trainer.loss_sum (rollout +
+    training forward + cross-entropy) and the optimizer step; the rest of a step is the
+    backward, gradient clipping and bookkeeping."""
 
-    def __init__(self):
-        self.seconds, self.calls = 0.0, 0
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.seconds = {"rollout": 0.0, "loss_sum": 0.0, "optimizer": 0.0}
+        self.rollouts = 0
 
-    def __enter__(self):
-        self._real = oput.rollout
+    def _wrap(self, owner, name, section, count=None):
+        real = getattr(owner, name)
 
-        def timed(model, batch, *args, **kwargs):
+        def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return self._real(model, batch, *args, **kwargs)
+                return real(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-                self.calls += int(batch.flags.any())  # a rollout forward ran
-        oput.rollout = timed
+                self.seconds[section] += time.perf_counter() - start
+                if count is not None:
+                    self.rollouts += count(*args)
+        setattr(owner, name, timed)
+        self._restore.append((owner, name, real))
+
+    def __enter__(self):
+        self._restore = []
+        # a rollout forward runs when the micro batch has a flagged sample
+        self._wrap(oput, "rollout", "rollout", lambda model, batch, *a: int(batch.flags.any()))
+        self._wrap(trainer_module, "loss_sum", "loss_sum")
+        self._wrap(self.optimizer, "step", "optimizer")
         return self
 
     def __exit__(self, *exc):
-        oput.rollout = self._real
+        for owner, name, real in reversed(self._restore):
+            setattr(owner, name, real)
 
 
 def main(argv=None) -> int:
@@ -93,18 +108,19 @@ def main(argv=None) -> int:
         trainer = Trainer(model, data, cfg, out)
         trainer._train_step()  # warm-up (allocations, library set-up)
         trainer.step += 1
-        steps, rollouts = [], []
+        steps, timers = [], []
         for _ in range(args.steps):
-            with RolloutTimer() as timer:
+            with SectionTimer(trainer.optimizer) as timer:
                 start = time.perf_counter()
                 trainer._train_step()
                 steps.append(time.perf_counter() - start)
-            rollouts.append((timer.seconds, timer.calls))
+            timers.append(timer)
             trainer.step += 1
     samples = args.global_batch
     step_s = statistics.median(steps)
-    rollout_share = sum(r for r, _ in rollouts) / sum(steps)
-    flagged = [n for _, n in rollouts]
+    total = sum(steps)
+    share = {k: sum(t.seconds[k] for t in timers) / total for k in timers[0].seconds}
+    flagged = [t.rollouts for t in timers]
     print(f"oput_speed: {args.preset}, seq_len {args.seq_len} ({2 * args.seq_len} tokens with the "
           f"clean half), global batch {samples}, micro batch {args.micro_batch}, precision "
           f"{args.precision}, threads {torch.get_num_threads()}, torch {torch.__version__}")
@@ -112,8 +128,13 @@ def main(argv=None) -> int:
           f"({', '.join(f'{s:.2f}' for s in steps)} s)")
     print(f"sequence tokens/s: {samples * args.seq_len / step_s:.1f}; model tokens/s (training "
           f"forward, 2 x seq_len): {samples * 2 * args.seq_len / step_s:.1f}")
-    print(f"rollout: {100 * rollout_share:.1f}% of step time (rollout forwards per step "
+    print(f"rollout: {100 * share['rollout']:.1f}% of step time (rollout forwards per step "
           f"{flagged}: a micro batch with a flagged sample rolls it out)")
+    forward = share["loss_sum"] - share["rollout"]
+    rest = 1 - share["loss_sum"] - share["optimizer"]
+    print(f"split: rollout {100 * share['rollout']:.1f}%, training forward + loss "
+          f"{100 * forward:.1f}%, backward + clipping + rest {100 * rest:.1f}%, optimizer "
+          f"{100 * share['optimizer']:.1f}%")
     return 0
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
-from .modules import RMSNorm, apply_rotary
+from .modules import RMSNorm, apply_rotary, rms_normalize
 
 
 def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
@@ -52,9 +52,11 @@ class Attention(nn.Module):
         slots [write_slot, write_slot + T) and the queries attend to slots [0, write_slot + T)."""
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
-        q = apply_rotary(self.query_layernorm(q), cos, sin)
-        k = apply_rotary(self.key_layernorm(k), cos, sin)
+        n_qk = self.n_heads + self.n_kv_heads
+        # q and k heads normalized and rotated as one tensor (the same values as query_layernorm
+        # and key_layernorm applied apart, in half the ops: per-op overhead is a block's cost).
+        qk = apply_rotary(self._qk_norm(qkv[:, :n_qk]), cos, sin)
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:]
         if cache_kv is not None:
             keys, values = cache_kv
             end = write_slot + length
@@ -66,3 +68,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """RMSNorm.forward of query_layernorm on the first n_heads heads of qk [B, heads, T, hd]
+        and of key_layernorm on the others: one normalization, one per-head weight."""
+        q_norm, k_norm = self.query_layernorm, self.key_layernorm
+        if q_norm.eps != k_norm.eps:
+            return torch.cat((q_norm(qk[:, :self.n_heads]), k_norm(qk[:, self.n_heads:])), dim=1)
+        weight = torch.cat((q_norm.weight.expand(self.n_heads, -1),
+                            k_norm.weight.expand(qk.shape[1] - self.n_heads, -1)))[:, None]
+        return rms_normalize(qk, q_norm.eps, weight)

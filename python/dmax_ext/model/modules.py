@@ -13,11 +13,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32, cast back, *then* scale: the checkpoint was trained with this
-        # order, and scaling before the cast would round differently in bf16.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_normalize(x, self.eps, self.weight)
+
+
+def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dim. Normalize in float32, cast back, *then* scale by weight
+    (broadcast): the checkpoint was trained with this order, and scaling before the cast would
+    round differently in bf16."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float, device=None) -> torch.Tensor:
