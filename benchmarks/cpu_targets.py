@@ -63,51 +63,67 @@ def decode_args(args) -> dict:
 
 # ---- target 1: block forward vs floor -----------------------------------------------------------
 
+def quick_machine(config, block_length: int, copy_bytes: int) -> roofline.MachineRoofline:
+    """One copy and one matmul sample per dtype at the block's shape: a round's machine."""
+    rows, inner, cols = roofline.matmul_shapes(config, block_length)[f"small-{block_length}"]
+    gflops = {dtype_name(d): {f"small-{block_length}": roofline.measure_matmul_gflops(
+        rows, inner, cols, d, repeats=1, min_sample_s=0.05)} for d in roofline.MATMUL_DTYPES}
+    return roofline.MachineRoofline(
+        copy_gbps=roofline.measure_copy_gbps(copy_bytes, repeats=1), matmul_gflops=gflops,
+        shapes={f"small-{block_length}": (rows, inner, cols)},
+        threads=torch.get_num_threads(), load_average=os.getloadavg())
+
+
 def block_forward_target(models, prompts, args) -> list[dict]:
-    """Later steps captured from decoding prompt 0 alone; per dtype the median over steps of
-    each step's median time (repeats interleaved over dtypes and steps) against its floor."""
-    copy_bytes = roofline.COPY_BYTES >> (3 if args.quick else 1)
+    """Later steps captured from decoding prompt 0 alone. Each round measures the machine
+    (one copy, one matmul sample per dtype) and then times every step of every dtype once, so a
+    change of the machine's load falls on a round's floor and its forwards alike; a step's ratio
+    is the median over rounds of time / that round's floor."""
+    copy_bytes = roofline.COPY_BYTES >> (3 if args.quick else 2)
     config = next(iter(models.values())).config
-    machines = [roofline.measure_machine(config, repeats=3, copy_bytes=copy_bytes,
-                                         block_length=args.block_length)]
     steps = {d: block_forward.spread(block_forward.capture_block_steps(
         m, [prompts[0]], **decode_args(args)), args.steps) for d, m in models.items()}
     costs = {d: [block_forward.block_step_cost(models[d], s) for s in steps[d]] for d in models}
     caches = {d: [models[d].new_cache(s.batch, s.write_slot + s.block_length) for s in steps[d]]
               for d in models}
-    samples = {d: [[] for _ in steps[d]] for d in models}
+    times = {d: [[] for _ in steps[d]] for d in models}
+    floors = {d: [[] for _ in steps[d]] for d in models}
+    machines = []
     with torch.inference_mode():
         for d in models:  # warm-up
             for s, c in zip(steps[d], caches[d]):
                 block_forward.replay(models[d], s, c)
         for _ in range(args.repeats):
+            machine = quick_machine(config, args.block_length, copy_bytes)
+            machines.append(machine)
             for d in models:
                 for i, (s, c) in enumerate(zip(steps[d], caches[d])):
                     start = time.perf_counter()
                     block_forward.replay(models[d], s, c)
-                    samples[d][i].append(1e3 * (time.perf_counter() - start))
-    machines.append(roofline.measure_machine(config, repeats=3, copy_bytes=copy_bytes,
-                                             block_length=args.block_length))
+                    times[d][i].append(1e3 * (time.perf_counter() - start))
+                    floors[d][i].append(block_forward.floor_ms(costs[d][i], machine, d,
+                                                               s.block_length))
     results = []
     for d in models:
-        measured = [statistics.median(x) for x in samples[d]]
-        # The lower floor of the two machine measurements (before, after): the stricter test.
-        floors = [min(block_forward.floor_ms(c, m, d, s.block_length) for m in machines)
-                  for c, s in zip(costs[d], steps[d])]
-        ratios = [t / f for t, f in zip(measured, floors)]
+        ratios = [statistics.median(t / f for t, f in zip(ts, fs))
+                  for ts, fs in zip(times[d], floors[d])]
         results.append({
             "dtype": dtype_name(d), "steps": len(steps[d]),
             "write_slots": [s.write_slot for s in steps[d]],
-            "measured_ms": statistics.median(measured), "floor_ms": statistics.median(floors),
+            "measured_ms": statistics.median(statistics.median(t) for t in times[d]),
+            "floor_ms": statistics.median(statistics.median(f) for f in floors[d]),
             "ratio": statistics.median(ratios),
             "bytes_mb": statistics.median(c.total_bytes for c in costs[d]) / 1e6,
             "gflop": statistics.median(c.total_flops for c in costs[d]) / 1e9,
             "experts_mb": statistics.median(c.bytes["experts"] for c in costs[d]) / 1e6})
-    for m in machines:
-        print(f"  machine: copy {m.copy_gbps:.1f} GB/s; small-{args.block_length} matmul "
-              + ", ".join(f"{k} {v[f'small-{args.block_length}']:.0f}"
-                          for k, v in m.matmul_gflops.items())
-              + f" GFLOP/s; load {' '.join(f'{x:.1f}' for x in m.load_average)}")
+    label = f"small-{args.block_length}"
+    print(f"  machine over {len(machines)} rounds (min / median / max): copy "
+          + "/".join(f"{f(m.copy_gbps for m in machines):.1f}"
+                     for f in (min, statistics.median, max)) + " GB/s; matmul " + "; ".join(
+              f"{k} " + "/".join(f"{f(m.matmul_gflops[k][label] for m in machines):.0f}"
+                                 for f in (min, statistics.median, max))
+              for k in machines[0].matmul_gflops) + f" GFLOP/s ({label}); load "
+          + " ".join(f"{x:.1f}" for x in machines[0].load_average))
     return results
 
 
@@ -283,7 +299,8 @@ def main(argv=None) -> int:
             ok = r["ratio"] <= BLOCK_FORWARD_MAX_RATIO
             failed |= not ok
             print(f"  {verdict(ok)} {r['dtype']:<9} measured {r['measured_ms']:7.1f} ms  floor "
-                  f"{r['floor_ms']:6.1f} ms  ratio {r['ratio']:.2f}  ({r['bytes_mb']:.0f} MB of "
+                  f"{r['floor_ms']:6.1f} ms  ratio {r['ratio']:.2f} (median over rounds of each "
+                  f"round's time / floor)  ({r['bytes_mb']:.0f} MB of "
                   f"which experts {r['experts_mb']:.0f} MB, {r['gflop']:.2f} GFLOP; median of "
                   f"{r['steps']} later steps at write slots {r['write_slots']})")
     if 2 in args.targets or 3 in args.targets:

@@ -13,7 +13,7 @@ def test_cpu_targets_quick_prints_every_verdict(capsys):
     verdicts = [line for line in out.splitlines() if "PASS" in line or "FAIL" in line]
     assert len(verdicts) == 4, out  # targets 1, 2, 3 and 4 for float32
     assert code == (1 if any("FAIL" in v for v in verdicts) else 0)
-    assert "machine: copy" in out and "identical tokens" in out and "live rows" in out
+    assert "machine over" in out and "identical tokens" in out and "live rows" in out
 
 
 def test_profile_names_the_parts_of_a_forward(capsys):
