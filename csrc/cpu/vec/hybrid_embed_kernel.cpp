@@ -11,6 +11,7 @@
 
 #include "common/spd_checks.h"
 #include "cpu/vec/hybrid_embed_kernel.h"
+#include "cpu/vec/load_float.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {
 namespace {
@@ -18,22 +19,6 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
-// n (<= kW) elements of p as float32, zero-filled past n.
-template <class T>
-inline Vec load_float(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return n == kW ? Vec::loadu(p) : Vec::loadu(p, n);
-  } else {
-    if (n == kW) {
-      Vec v;
-      at::vec::load_to_float(p, v);
-      return v;
-    }
-    float tail[kW] = {};
-    for (int64_t i = 0; i < n; ++i) tail[i] = static_cast<float>(p[i]);
-    return Vec::loadu(tail);
-  }
-}
 
 template <class T>
 inline void store_from_float(const Vec& v, T* p, int64_t n) {

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cpu/vec/moe_experts_kernel.h"
+#include "cpu/vec/load_float.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {
 namespace {
@@ -31,21 +32,6 @@ constexpr int kVecs = 2;  // kRows x 2 accumulators + 2 weight vectors of 16 ymm
 template <class T>
 constexpr int kRows = std::is_same_v<T, float> ? (kVecs == 4 ? 6 : 4) : (kVecs == 4 ? 5 : 4);
 
-template <class T>
-inline Vec load_float(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return n == kW ? Vec::loadu(p) : Vec::loadu(p, n);
-  } else {
-    if (n == kW) {
-      Vec v;
-      at::vec::load_to_float(p, v);
-      return v;
-    }
-    float tail[kW] = {};
-    for (int64_t i = 0; i < n; ++i) tail[i] = static_cast<float>(p[i]);
-    return Vec::loadu(tail);
-  }
-}
 
 // v rounded to T and back (round to nearest even, like Tensor.to()); float: v itself.
 template <class T>
