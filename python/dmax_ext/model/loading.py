@@ -50,16 +50,22 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.bfloat
     config = LLaDA2Config.from_json(path)
     files = _checkpoint_files(path)
     model = _empty_model(config, device, dtype)
+    _fill_from_checkpoint(model, path, files)
+    return model
+
+
+def _fill_from_checkpoint(model, path: Path, files, expected_shapes=None, read=None) -> None:
+    """Copies every shard into the model's tensors (see _copy_shard for expected_shapes and
+    read), refuses a checkpoint that leaves one unfilled, and attaches the folder's tokenizer."""
     targets = model.state_dict()
     filled: set[str] = set()
     for file, listed in files.items():
-        filled |= _copy_shard(file, listed, targets)
+        filled |= _copy_shard(file, listed, targets, expected_shapes, read or _read_full)
     missing = sorted(set(targets) - filled)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r} "
                          f"({len(missing)} missing in all) required by {path / CONFIG_FILE}")
     model.tokenizer = _load_tokenizer(path)
-    return model
 
 
 def _checkpoint_files(path: Path) -> dict[Path, set[str] | None]:

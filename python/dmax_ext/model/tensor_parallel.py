@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
-from .loading import _checkpoint_files, _copy_shard, _empty_model, _load_tokenizer
+from .loading import _checkpoint_files, _empty_model, _fill_from_checkpoint
 from .modules import GatedMLP
 from .moe import MoeBlock
 
@@ -242,15 +242,7 @@ def load_sharded_model(path: str | Path, group, device="cpu", dtype: torch.dtype
     full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _restructure(model, plan, group)
     model.to_empty(device=device)
-    targets = model.state_dict()
-    filled: set[str] = set()
-    for file, listed in files.items():
-        filled |= _copy_shard(file, listed, targets, full_shapes, plan.read)
-    missing = sorted(set(targets) - filled)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r} "
-                         f"({len(missing)} missing in all) required by {path / 'config.json'}")
-    model.tokenizer = _load_tokenizer(path)
+    _fill_from_checkpoint(model, path, files, full_shapes, plan.read)
     return model
 
 
