@@ -46,7 +46,8 @@ class BlockStep:
 
 def capture_block_steps(model, prompts, **decode_kwargs) -> list[BlockStep]:
     """Decodes `prompts` (one batch) and returns the inputs of every forward of one block (the
-    later steps; not the prefill nor the first steps that also commit the previous block)."""
+    later steps; not the prefill nor the first steps that also commit the previous block). A
+    batch's later steps feed only the rows still decoding their block (engine.py)."""
     from dmax_ext.decoding import decode
     steps = []
     forward = model.forward_cached

@@ -184,8 +184,9 @@ def batch_target(model, prompts, args) -> dict:
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
             "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf,
-            # rows of a batched forward whose block has not converged yet (engine.py: a row
-            # that converged waits for the batch's slowest row of the block)
+            # rows a batched forward decodes, on average (engine.py: a row whose block has
+            # converged leaves the forwards until the next block; the slowest row of a block
+            # sets how many forwards it takes)
             "live_rows": sum(out.seq_nfe) / out.nfe}
 
 
@@ -237,7 +238,7 @@ def profile(models, prompts, args) -> None:
                 for s, c in zip(steps, caches):
                     block_forward.replay(model, s, c)
         n = args.repeats * len(steps)
-        print(f"\n{dtype_name(d)}: one block forward of batch {steps[0].batch}: "
+        print(f"\n{dtype_name(d)}: one block forward (batches {[s.batch for s in steps]}): "
               f"{1e3 * total / n:.1f} ms (mean of {n}, hooks on; write slots "
               f"{[s.write_slot for s in steps]})")
         for name, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):

@@ -254,6 +254,8 @@ def overheads_section(config, later_step, first_step) -> list[str]:
     kernels = sum(step_ops.scaled_counts(later_step, c).values())
     eager = sum(step_ops.scaled_counts(first_step, c).values())
     comm = 2 * c.num_hidden_layers
+    slots = CACHE_SLOTS[0]
+    span_cost = {n: costs(c, 1, WEIGHT_BYTES, n)["later"].total_bytes for n in (slots, 2 * slots)}
     return ["### Beyond the bandwidth floor (not in the figures above)", "",
             f"- Compute: a later step is {flops / 1e9:.1f} GFLOP per GPU at TP 2; at "
             f"{h200.bf16_dense_flops / 1e12:.0f} dense BF16 TFLOP/s that is "
@@ -264,10 +266,15 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
             "per step, the same order as the bandwidth floor: fusing the norms, rotary and "
             "routing ops matters as much as the GEMMs.",
-            f"- Eager steps: a block's first step and its second (run eagerly before the capture) "
-            f"dispatch ~{eager:,} ops from Python; at an assumed {ASSUMED_US_PER_EAGER_OP} us each "
-            f"that is ~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step, "
-            "plus one graph capture and instantiation per block.",
+            f"- Eager steps: a block's first step (and the later step run just before each "
+            f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
+            f"{ASSUMED_US_PER_EAGER_OP} us each that is "
+            f"~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step. Graph "
+            "captures: one per batch size and key-span bucket (next section), not one per block: "
+            f"at most log2(S / {BLOCK}) + 1 per batch size for a cache of S slots.",
+            f"- Key-span buckets: a replayed step reads up to twice the keys it needs; reading "
+            f"{2 * slots} slots instead of {slots} adds "
+            f"{span_cost[2 * slots] / span_cost[slots] - 1:.1%} to a later step's bytes.",
             f"- TP 2 communication: {comm} all-reduces per forward (after attention's dense and "
             f"after each MLP) of [{BLOCK}, {c.hidden_size}] bf16 "
             f"({BLOCK * c.hidden_size * 2 // 1024} KiB); at an assumed {ASSUMED_US_PER_ALLREDUCE}"
@@ -290,10 +297,14 @@ def step_section(config, later_step, first_step) -> list[str]:
              "From `python/dmax_ext/decoding/` (engine.py, step.py, cuda_graph.py, backends.py) "
              "and `model/`, as of this generation. Per block: step 0 runs eagerly "
              f"(`forward_first`: the previous and current block, {2 * BLOCK} tokens from ids, "
-             "which also commits the previous block's K/V); step 1 runs eagerly on a side "
-             "stream and is then captured into a CUDA graph for this block's write slot (the "
-             "previous block's graph is dropped); steps 2.. are `graph.replay()`. A block that "
-             "converges in two steps never replays.", "",
+             "which also commits the previous block's K/V). The later steps replay CUDA graphs "
+             "captured once per batch size and key span: the attention reads slots [0, span), "
+             f"span the smallest power-of-two multiple of the block length ({BLOCK}) covering "
+             "the block, capped at the cache, the keys past the block masked; the write slot is "
+             "a device tensor the runner fills (`fill_`) before each replay, so one graph serves "
+             "every block of its span. The first later step at a new span runs eagerly on a side "
+             "stream and is captured; every other later step is `graph.replay()`. A compaction "
+             "(a sequence finished) drops the graphs: new buffers.", "",
              "Ops counted by `benchmarks/step_ops.py` (a TorchDispatchMode trace of the real "
              "step on the `tiny` preset, bf16, the CUDA MoE path `grouped`, scaled to "
              f"{PRESET}'s layers; each op is at least one kernel on CUDA; views and no-op casts "
@@ -303,10 +314,10 @@ def step_section(config, later_step, first_step) -> list[str]:
     what = {
         "attention": "qkv GEMM; q and k heads as one tensor: RMSNorm per head in fp32 (cast, "
                      "pow, mean, rsqrt, mul, cast, mul by the q|k weights), partial rotary "
-                     "(slices, neg, cat, mul, add); K/V copied into "
-                     "the static cache; SDPA over slots [0, write_slot + L) with a bool mask "
-                     "and GQA (a bool mask rules out the FlashAttention backend); output "
-                     "transpose copy; dense GEMM",
+                     "(slices, neg, cat, mul, add); K/V written into the static cache at "
+                     "the device write slot (`index_put_`); SDPA over the key span [0, span) "
+                     "with a bool mask and GQA (a bool mask rules out the FlashAttention "
+                     "backend); output transpose copy; dense GEMM",
         "residual": "the two residual adds of each layer",
         "moe": "router GEMM in fp32 (the weight is cast to fp32 at every call), sigmoid, bias, "
                "group top-2 sums, top-4 groups, masked_fill, top-8, gather, normalize, scale; "
@@ -316,7 +327,8 @@ def step_section(config, later_step, first_step) -> list[str]:
                "weighted sum in fp32; shared expert: 3 GEMMs + SwiGLU, added",
         "dense_mlp": "gate, up, down GEMMs + SwiGLU (layer 0)",
         "norms": "RMSNorm in fp32: cast, pow, mean, add eps, rsqrt, mul, cast, mul by weight",
-        "other": "rotary cos/sin of the positions and the cached attention mask, per forward",
+        "other": "rotary cos/sin of the positions and the cached attention mask (from the "
+                 "write-slot tensor, on the device), per forward",
         "lm_head": "one GEMM over all fed tokens",
         "embedding": "embedding gather (first step only: later steps feed embeddings)",
         "apply_step": "logits_stats (one CUDA block per position, <= 512 threads, one pass over "
@@ -333,7 +345,8 @@ def step_section(config, later_step, first_step) -> list[str]:
                  "the ops wrappers' checks) |")
     lines += ["", "Host synchronizations:", "",
               "- Every step: one, the engine reading the convergence flags "
-              "(`(~state.done).tolist()` in `_run_block`) to decide whether the block goes on.",
+              "(`running.done.tolist()` in `_run_block`) to decide whether the block goes on "
+              "and for which rows.",
               "- Every block: the block's ids to the host (`state.ids.tolist()`, eos and "
               "collection), the block starts copied to the device (`start_block`), and a "
               "cache compaction (`KVCache.select`) when a sequence finishes.",

@@ -118,12 +118,13 @@ def raw_ops():
 
 def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
                    moe_impl: str = "grouped", first_step: bool = False, ops=None) -> OpCounts:
-    """Traces one step of a block: a later step (forward_block + apply_step, as captured) or,
-    with first_step, the block's first step (forward_first on the previous and current block +
-    apply_step, run eagerly). ops: the step ops (default raw_ops(); pass "native" for the
-    wrappers an eager step calls)."""
+    """Traces one step of a block: a later step (forward_block + apply_step, as captured: the
+    write slot a device tensor, the key span bucketed) or, with first_step, the block's first
+    step (forward_first on the previous and current block + apply_step, run eagerly). ops: the
+    step ops (default raw_ops(); pass "native" for the wrappers an eager step calls)."""
     import dmax_ext
     from dmax_ext.decoding.backends import resolve_ops
+    from dmax_ext.decoding.cuda_graph import key_span
     from dmax_ext.decoding.params import make_config
     from dmax_ext.decoding.step import BlockState, apply_step, forward_block, forward_first
 
@@ -143,11 +144,14 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
         state.start_block(model, torch.full((1, length), c.mask_token_id),
                           torch.tensor([write_slot]), config)
         prev = torch.zeros(1, length, dtype=torch.int64)
+        slot = torch.tensor(write_slot)  # filled before each replay (cuda_graph.CudaGraphStep)
         handles = _hook_sections(model, tracer)
         try:
             with tracer:
                 logits = (forward_first(model, cache, state, prev, write_slot, length)
-                          if first_step else forward_block(model, cache, state, write_slot, config))
+                          if first_step else
+                          forward_block(model, cache, state, slot, config,
+                                        key_span(write_slot, length, cache.max_slots)))
                 tracer.section.append("apply_step")
                 apply_step(step_ops, model, state, logits, config)
         finally:

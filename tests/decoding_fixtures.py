@@ -1,4 +1,5 @@
-"""A tiny checkpoint with a tokenizer and a chat template, for the generate CLI and tps.py."""
+"""A tiny checkpoint with a tokenizer and a chat template, for the generate CLI and tps.py;
+an eos id that stops a batch's sequences at different blocks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,3 +38,15 @@ def write_chat_checkpoint(path: Path) -> Path:
     return write_tiny_checkpoint(path, lm_head_gain=200.0,
                                  tokenizer=tiny_tokenizer(c.vocab_size, c.eos_token_id,
                                                           c.mask_token_id))
+
+
+def eos_in_different_blocks(tokens: list[list[int]], prompts, block_length: int) -> int:
+    """A generated id first produced in different blocks by two sequences and never by a third:
+    as the eos id it stops sequences at different blocks while another one goes on (decoding is
+    the same up to it: the eos id only stops)."""
+    for t in sorted({t for row in tokens for t in row}):
+        blocks = {(len(p) + row.index(t)) // block_length
+                  for p, row in zip(prompts, tokens) if t in row}
+        if len(blocks) > 1 and any(t not in row for row in tokens):
+            return t
+    raise AssertionError("no such id: the test's premise does not hold")

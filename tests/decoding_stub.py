@@ -78,12 +78,14 @@ class StubModel:
         return self.caches[-1]
 
     def forward_cached(self, cache, *, input_ids=None, inputs_embeds=None, position_ids,
-                       write_slot, valid_from, block_length, n_logits=None):
+                       write_slot, valid_from, block_length, n_logits=None, span=None):
         assert (input_ids is None) != (inputs_embeds is None)
+        write_slot = int(write_slot)  # a device write slot (a graph runner's) read back here
         assert block_length == self.block_length and write_slot % block_length == 0
         fed = input_ids if input_ids is not None else inputs_embeds
         batch, n_fed = fed.shape[:2]
         assert batch == cache.batch_size and write_slot + n_fed <= cache.max_slots
+        assert span is None or write_slot + n_fed <= span <= cache.max_slots
         self.calls.append(Call(n_fed, write_slot, position_ids.clone(), valid_from.clone(),
                                None if input_ids is None else input_ids.clone(),
                                None if inputs_embeds is None else inputs_embeds.clone()))

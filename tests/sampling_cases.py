@@ -1,25 +1,7 @@
-"""Shared by test_logits_stats.py and test_onpolicy_noise.py: the backends of spd_step_cases with
-the fake kernels of these two ops registered on dmax_simt too, and random logits."""
+"""Shared by test_logits_stats.py and test_onpolicy_noise.py: random logits of several kinds."""
 from __future__ import annotations
 
 import torch
-from spd_step_cases import Backend
-
-from dmax_ext import ops
-
-_simt_fakes_registered = False
-
-
-def backend(name: str) -> Backend:
-    """spd_step_cases.Backend, with logits_stats / onpolicy_noise fakes on dmax_simt (opcheck)."""
-    global _simt_fakes_registered
-    b = Backend(name)
-    if b.schedule_seed is not None and not _simt_fakes_registered:
-        for op_name, fake in ops.SAMPLING_FAKES.items():
-            torch.library.register_fake(f"dmax_simt::{op_name}")(fake)
-        _simt_fakes_registered = True
-    return b
-
 
 LOGIT_KINDS = ["normal", "peaked", "ties", "neg_inf", "constant", "few_finite"]
 

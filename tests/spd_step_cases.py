@@ -40,8 +40,7 @@ def _load_simt() -> None:
     global _simt_fakes_registered
     load_simt()
     if not _simt_fakes_registered:
-        for name, fake in ops.SPD_STEP_FAKES.items():
-            torch.library.register_fake(f"dmax_simt::{name}")(fake)
+        ops.register_fake_kernels("dmax_simt")
         _simt_fakes_registered = True
 
 

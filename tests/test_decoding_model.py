@@ -1,11 +1,14 @@
 """Decoding a real (tiny, random, float32) LLaDA2-MoE model: the cached engine equals an uncached
 decoder written straight from SPEC sections 2-3 (no cache, none of the decoder's code, the whole
-sequence recomputed each step); a batch equals its sequences one by one;
-temperature 0 and seeded sampling are deterministic; eos stops a sequence."""
+sequence recomputed each step); a batch equals its sequences one by one, with rows leaving a
+block's forwards when they converge or waiting in them; temperature 0 and seeded sampling are
+deterministic; eos stops a sequence."""
 import pytest
 import torch
+from decoding_fixtures import eos_in_different_blocks
 
 from dmax_ext.decoding import DEFAULT_ACCEPT_THRESHOLD, DEFAULT_THRESHOLD, decode
+from dmax_ext.decoding.cuda_graph import EagerStep
 from dmax_ext.model import random_model
 
 L = 4
@@ -121,6 +124,49 @@ def test_batch_equals_one_by_one(model, mode, sampling):
     assert out.block_steps == [s.block_steps[0] for s in solo]
     assert out.nfe <= sum(out.seq_nfe)
     assert out.tpf == pytest.approx(sum(map(len, out.tokens)) / out.nfe)
+
+
+def fed_rows(model, monkeypatch) -> list[int]:
+    """Records the rows of every decoding forward (the prefill, which computes no logits, not)."""
+    rows, forward = [], model.forward_cached
+
+    def recording(cache, **kwargs):
+        if kwargs.get("n_logits") != 0:
+            rows.append(kwargs["position_ids"].shape[0])
+        return forward(cache, **kwargs)
+    monkeypatch.setattr(model, "forward_cached", recording)
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["spd", "threshold"])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}],
+                         ids=["greedy", "seeded"])
+def test_converged_rows_leave_the_block_and_batch_equals_one_by_one(mode, sampling, monkeypatch):
+    # Gain 60: blocks converge after 1 to L steps (some hit the cap), differently per row.
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(gen_length=12, block_length=L, mode=mode, **sampling)
+    kwargs["eos_id"] = eos_in_different_blocks(decode(model, PROMPTS, **kwargs).tokens, PROMPTS,
+                                             L)
+    solo = [decode(model, [p], **kwargs) for p in PROMPTS]
+    fed = fed_rows(model, monkeypatch)
+    out = decode(model, PROMPTS, **kwargs)
+    assert out.tokens == [s.tokens[0] for s in solo]
+    assert out.seq_nfe == [s.nfe for s in solo]
+    assert out.block_steps == [s.block_steps[0] for s in solo]
+    assert out.capped_blocks == [s.capped_blocks[0] for s in solo]
+    assert any(len({steps[j] for steps in out.block_steps if j < len(steps)}) > 1
+               for j in range(max(map(len, out.block_steps))))  # the premise
+    # Every forward fed exactly the rows whose block was still decoding.
+    assert sum(fed) == sum(map(sum, out.block_steps)) and len(fed) == out.nfe - 1
+    # With a runner on static buffers (CUDA graphs) converged rows wait in the batch instead:
+    # the same decode and counts, more rows fed.
+    fed.clear()
+    monkeypatch.setattr(EagerStep, "static_shapes", True)
+    waiting = decode(model, PROMPTS, **kwargs)
+    assert (waiting.tokens, waiting.nfe, waiting.seq_nfe, waiting.block_steps,
+            waiting.capped_blocks) == (out.tokens, out.nfe, out.seq_nfe, out.block_steps,
+                                       out.capped_blocks)
+    assert sum(fed) > sum(map(sum, out.block_steps))
 
 
 def test_native_ops_equal_reference_ops(model):

@@ -1,11 +1,13 @@
 """SPEC sections 2-3 step by step, on a scripted stub model (decoding_stub.py): promotion,
-revision, convergence, the step cap, eos, the block layout and cache calls, batch waiting and
-compaction. Every case is worked out by hand in its comments."""
+revision, convergence, the step cap, eos, the block layout and cache calls, rows leaving a
+block's forwards (or waiting in them) and compaction. Every case is worked out by hand in its
+comments."""
 import pytest
 import torch
 from decoding_stub import EOS, MASK, StubModel, hybrid_row
 
 from dmax_ext.decoding import decode
+from dmax_ext.decoding.cuda_graph import EagerStep
 
 M = MASK
 
@@ -121,15 +123,19 @@ def test_threshold_near_best_ties_and_the_loop_guard(ops):
     assert (out.nfe, out.block_steps, out.capped_blocks) == (5, [[4]], [1])
 
 
-def test_batch_waits_compacts_and_equals_one_by_one(ops):
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["leaves", "waits"])
+def test_converged_row_leaves_the_block_compacts_and_equals_one_by_one(ops, static_shapes,
+                                                                        monkeypatch):
     # A = 9 prompt ids (blocks 0, 1 prefilled; generates blocks 2, 3), B = [1, 2] (generates
     # blocks 0, 1). L = 4, 6 new tokens. Slot space: both first generated blocks at slot block 2;
-    # B is right-aligned (valid_from 8). A's block 2 converges at step 1 and waits while B's
-    # block 0 needs a third step; B then ends on eos and is compacted out.
+    # B is right-aligned (valid_from 8). A's block 2 converges at step 1, B's block 0 needs a
+    # third step: A leaves the block's forwards, or, with a runner on static buffers (CUDA
+    # graphs), waits in them unchanged and uncounted. B then ends on eos and is compacted out.
+    monkeypatch.setattr(EagerStep, "static_shapes", static_shapes)
     script = {
         (2, 0): [None, (5, .99), (6, .99), (7, .5)],
         (2, 1): [None, (5, .99), (6, .99), (7, .99)],
-        (2, 2): [None, (9, .6), (9, .6), (9, .6)],    # only reached in the batch: must not apply
+        (2, 2): [None, (9, .6), (9, .6), (9, .6)],    # only reached when waiting: must not apply
         (3, 0): [(8, .99), (8, .99), (EOS, .99), (8, .99)],
         (0, 0): [None, None, (3, .7), (4, .2)],
         (0, 1): [None, None, (3, .7), (4, .6)],
@@ -145,10 +151,18 @@ def test_batch_waits_compacts_and_equals_one_by_one(ops):
     assert out.seq_nfe == [s.nfe for s in solo] == [1 + 2 + 1, 3]
     assert out.block_steps == [[2, 1], [3]]
     assert out.nfe == 1 + 3 + 1  # prefill, three batched steps, A alone
-    assert model.caches[0].selects == [[0]]
-    prefill, first = model.calls[:2]
+    prefill, first, second, third, last = model.calls
     assert prefill.input_ids.tolist() == [prompt_a[:8], [EOS] * 8]  # B's slots are padding
     assert first.valid_from.tolist() == [0, 8] and first.write_slot == 8
     assert first.positions.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]]
-    last = model.calls[-1]  # A alone: blocks 2 and 3 fed together
-    assert last.input_ids.shape == (1, 8) and last.valid_from.tolist() == [0]
+    assert second.inputs_embeds.shape[0] == 2
+    if static_shapes:
+        assert model.caches[0].selects == [[0]]
+        assert third.inputs_embeds.shape[0] == 2
+    else:  # B alone (running row 1), then A alone (sequence 0) at the next block
+        assert model.caches[0].selects == [[1], [0]]
+        assert third.valid_from.tolist() == [8] and third.positions.tolist() == [[0, 1, 2, 3]]
+        assert (third.write_slot, third.inputs_embeds.shape[0]) == (8, 1)
+    # A alone: blocks 2 and 3 fed together, block 2 with the ids it converged to.
+    assert last.input_ids.tolist() == [[9, 5, 6, 7, M, M, M, M]]
+    assert last.valid_from.tolist() == [0]

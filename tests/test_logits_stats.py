@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sampling_cases import LOGIT_KINDS, backend, random_logits
-from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, SANITIZER_RUN, example_count
+from sampling_cases import LOGIT_KINDS, random_logits
+from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, SANITIZER_RUN, Backend, example_count
 from tolerances import assert_probs_close
 
 from dmax_ext import ops
@@ -94,7 +94,7 @@ def test_rng_uniform_is_uniform_and_decorrelated():
 # -- random inputs against the reference -----------------------------------------------------------
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_random_logits_match_reference(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     simt = backend_name.startswith("simt")
 
     @settings(max_examples=example_count(40, 12, backend_name), deadline=None,
@@ -121,7 +121,7 @@ def test_random_logits_match_reference(backend_name):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_full_vocabulary(backend_name, dtype):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     gen = torch.Generator().manual_seed(11)
     rows = 1 if SANITIZER_RUN and backend_name.startswith("simt") else 2
     logits = random_logits(gen, 1, rows, FULL_V, dtype, "peaked")
@@ -164,7 +164,7 @@ def test_other_cpu_capabilities(capability):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_misaligned_rows(backend_name, dtype):
     """A storage offset of one element: rows start off the 16-byte boundary (scalar head)."""
-    b = backend(backend_name)
+    b = Backend(backend_name)
     gen = torch.Generator().manual_seed(5)
     for V in (5, 37, 1000, 4099):
         base = b.to(random_logits(gen, 1, 1, 3 * V + 1, dtype).flatten())
@@ -177,7 +177,7 @@ def test_misaligned_rows(backend_name, dtype):
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 @pytest.mark.parametrize("V", [1, 3, 64, 1000])
 def test_all_equal_rows(backend_name, V):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     k = min(8, V)
     pred, conf, topk_ids, topk_probs = run(b, torch.full((2, 3, V), 0.25), k)
     assert (pred == 0).all() and torch.equal(topk_ids, torch.arange(k).expand(2, 3, k))
@@ -187,7 +187,7 @@ def test_all_equal_rows(backend_name, V):
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_ties_go_to_the_lowest_id(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     V = 3000
     logits = torch.zeros(1, 2, V)
     logits[0, 0, [2999, 1500, 700, 3]] = 5.0     # four-way tie for the top
@@ -199,7 +199,7 @@ def test_ties_go_to_the_lowest_id(backend_name):
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_neg_inf_logits(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     V = 700
     logits = torch.full((1, 2, V), float("-inf"))
     logits[0, 0, 650] = 2.0
@@ -220,7 +220,7 @@ def test_neg_inf_logits(backend_name):
 @pytest.mark.parametrize("poison", ["nan", "inf", "all_neg_inf"])
 def test_undefined_rows_give_nan_conf(backend_name, poison):
     """The kernels' error contract: NaN conf / topk_probs on that row only, ids in [0, V)."""
-    b = backend(backend_name)
+    b = Backend(backend_name)
     V = 1000
     logits = torch.randn(2, 3, V)
     if poison == "all_neg_inf":
@@ -264,7 +264,7 @@ def test_empty_batch():
 # -- sampling --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_same_seed_same_sample(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     logits = torch.randn(3, 8, 500)
     logits[2] = logits[0]
     seeds = torch.tensor([1, 2, 1])
@@ -280,7 +280,7 @@ def test_same_seed_same_sample(backend_name):
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_sample_frequencies_follow_the_tempered_softmax(backend_name, temperature):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     V, draws = 6, 600 if backend_name.startswith("simt") else 4000
     row = torch.tensor([2.0, 1.5, 0.0, -1.0, float("-inf"), 1.9])
     logits = row.expand(draws, 1, V).contiguous()
@@ -295,7 +295,7 @@ def test_sample_frequencies_follow_the_tempered_softmax(backend_name, temperatur
 # -- opcheck, torch.compile ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_opcheck(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     op = b.namespace.logits_stats.default
     if b.schedule_seed is not None:
         torch.ops.dmax_simt.set_schedule_seed(b.schedule_seed)
@@ -351,7 +351,7 @@ def test_wrapper_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_native_op_checks_its_arguments(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     op = b.op("logits_stats")
     x = b.to(torch.randn(2, 3, 10))
     seeds = b.to(torch.tensor([1, 2]))

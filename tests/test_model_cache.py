@@ -137,3 +137,49 @@ def test_lm_head_cpu_variant_equals_the_linear(tiny):
     got = tiny.lm_head(h.requires_grad_())  # gradients wanted: the plain linear
     assert got.grad_fn is not None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_device_write_slot_and_longer_span(tiny):
+    """A write slot given as a device tensor (what a CUDA graph replays) with a longer key span:
+    the same logits as the int write slot at that span, bitwise, whatever the stale values past
+    the fed tokens (masked out, also within the last fed block: 6 tokens from slot 8 end mid
+    block); the exact span's logits to float rounding."""
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 500, (2, 14), generator=gen)
+    positions = torch.arange(14).expand(2, -1)
+    valid_from = torch.tensor([0, 4])
+    caches = []
+    for _ in range(2):
+        cache = tiny.new_cache(2, 24)
+        for t in cache.keys + cache.values:
+            t.normal_(generator=gen)  # stale values, different per cache
+        tiny.forward_cached(cache, input_ids=ids[:, :8], position_ids=positions[:, :8],
+                            write_slot=0, valid_from=valid_from, block_length=BLOCK, n_logits=0)
+        caches.append(cache)
+    kwargs = dict(input_ids=ids[:, 8:], position_ids=positions[:, 8:], valid_from=valid_from,
+                  block_length=BLOCK)
+    exact = tiny.forward_cached(caches[0], write_slot=8, **kwargs)
+    by_int = tiny.forward_cached(caches[0], write_slot=8, span=20, **kwargs)
+    by_tensor = tiny.forward_cached(caches[1], write_slot=torch.tensor([8]), span=20, **kwargs)
+    assert torch.equal(by_tensor, by_int)
+    torch.testing.assert_close(by_int, exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        assert torch.equal(a[:, :, :14], b[:, :, :14])
+
+
+def test_write_slot_and_span_errors(tiny):
+    cache = tiny.new_cache(1, 16)
+    kwargs = dict(input_ids=torch.zeros(1, 4, dtype=torch.long),
+                  position_ids=torch.arange(4)[None], valid_from=torch.zeros(1, dtype=torch.long),
+                  block_length=4)
+    slot = torch.tensor(4)
+    for bad in (dict(write_slot=slot), dict(write_slot=slot.float(), span=8),
+                dict(write_slot=torch.tensor([4, 8]), span=8), dict(write_slot=True)):
+        with pytest.raises(ValueError, match="write_slot"):
+            tiny.forward_cached(cache, **bad, **kwargs)
+    for span in (7, 8.0, True):
+        with pytest.raises(ValueError, match="span"):
+            tiny.forward_cached(cache, write_slot=4, span=span, **kwargs)
+    with pytest.raises(ValueError, match="slots"):
+        tiny.forward_cached(cache, write_slot=slot, span=17, **kwargs)

@@ -199,24 +199,38 @@ def test_grouped_path_source_has_no_value_reads():
 
 @pytest.mark.gpu
 def test_grouped_forward_captures_in_a_cuda_graph():
+    """Captured once with the write slot as a device tensor, the forward replays at any slot the
+    tensor holds: each replay equals the eager forward at that slot and key span."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from dmax_ext.model import random_model
     model = random_model("tiny", device="cuda", dtype=torch.bfloat16)
     model.set_moe_impl("grouped")
-    cache = model.new_cache(1, 64)
-    embeds = torch.randn(1, 32, 64, device="cuda", dtype=torch.bfloat16)
-    kwargs = dict(inputs_embeds=embeds, position_ids=torch.arange(32, 64, device="cuda")[None],
-                  write_slot=32, valid_from=torch.zeros(1, dtype=torch.int64, device="cuda"),
-                  block_length=32)
+    caches = [model.new_cache(1, 128) for _ in range(2)]
+    slot = torch.zeros((), dtype=torch.int64, device="cuda")
+    positions = torch.zeros(1, 32, dtype=torch.int64, device="cuda")
+    kwargs = dict(inputs_embeds=torch.randn(1, 32, 64, device="cuda", dtype=torch.bfloat16),
+                  position_ids=positions, valid_from=torch.zeros(1, dtype=torch.int64,
+                                                                 device="cuda"),
+                  block_length=32, span=128)
+
+    def move_to(write_slot: int) -> None:
+        slot.fill_(write_slot)
+        positions.copy_(torch.arange(write_slot, write_slot + 32, device="cuda")[None])
     with torch.inference_mode():
+        move_to(32)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            want = model.forward_cached(cache, **kwargs)
+            model.forward_cached(caches[0], write_slot=slot, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            got = model.forward_cached(cache, **kwargs)
-        graph.replay()
-        torch.testing.assert_close(got, want)
+            got = model.forward_cached(caches[0], write_slot=slot, **kwargs)
+        for write_slot in (32, 64, 96):
+            move_to(write_slot)
+            graph.replay()
+            want = model.forward_cached(caches[1], write_slot=write_slot, **kwargs)
+            torch.testing.assert_close(got, want)
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+            torch.testing.assert_close(a, b)

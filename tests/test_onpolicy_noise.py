@@ -7,8 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sampling_cases import backend
-from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, MASK, example_count
+from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, MASK, Backend, example_count
 
 from dmax_ext import ops
 from dmax_ext.reference import onpolicy_noise_reference
@@ -48,7 +47,7 @@ def check_against_reference(b, noisy, flags, topk_ids, topk_probs, temperature, 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_random_cases_match_reference(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
 
     @settings(max_examples=example_count(150, 30, backend_name), deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -68,7 +67,7 @@ def test_random_cases_match_reference(backend_name):
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_only_masked_positions_of_flagged_samples_change(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     noisy = torch.tensor([[MASK, 5, MASK, 7], [MASK, MASK, 3, MASK]])
     flags = torch.tensor([True, False])
     topk_ids = torch.arange(100, 132).view(2, 4, 4)
@@ -84,7 +83,7 @@ def test_only_masked_positions_of_flagged_samples_change(backend_name):
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_k1_and_zero_probabilities_take_the_first_candidate(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     noisy = torch.full((2, 3), MASK)
     flags = torch.tensor([True, True])
     topk_ids = torch.arange(2 * 3 * 4).view(2, 3, 4)
@@ -99,7 +98,7 @@ def test_k1_and_zero_probabilities_take_the_first_candidate(backend_name):
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_draw_frequencies_follow_tempered_probabilities(backend_name, temperature):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     B, L, k = 40, 256, 5
     p = torch.tensor([0.35, 0.3, 0.2, 0.1, 0.05])
     topk_ids = torch.tensor([11, 22, 33, 44, 55]).expand(B, L, k).contiguous()
@@ -115,7 +114,7 @@ def test_draw_frequencies_follow_tempered_probabilities(backend_name, temperatur
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_same_seed_same_draws(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     gen = torch.Generator().manual_seed(4)
     noisy, _, topk_ids, probs = random_case(gen, 3, 64, 8, p_masked=1.0)
     flags = torch.ones(3, dtype=torch.bool)
@@ -129,7 +128,7 @@ def test_same_seed_same_draws(backend_name):
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_opcheck(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     if b.schedule_seed is not None:
         torch.ops.dmax_simt.set_schedule_seed(b.schedule_seed)
     gen = torch.Generator().manual_seed(1)
@@ -174,7 +173,7 @@ def test_wrapper_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
 def test_native_op_checks_its_arguments(backend_name):
-    b = backend(backend_name)
+    b = Backend(backend_name)
     op = b.op("onpolicy_noise")
     gen = torch.Generator().manual_seed(3)
     noisy, flags, topk_ids, probs = b.to(*random_case(gen, 2, 5, 3))

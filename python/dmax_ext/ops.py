@@ -33,6 +33,9 @@ def check_shape(name: str, t: torch.Tensor, shape) -> None:
 
 
 # ---- ops (one section per op) -----------------------------------------------------------------
+# Each section adds its ops' fake kernels (shapes and dtypes only: torch.compile, CUDA graphs,
+# opcheck) here; they are registered at the end of the module.
+FAKE_KERNELS: dict = {}
 
 
 # ---- promote / spd_update / hybrid_embed: one SPD step (SPEC section 3, steps 3-6) -------------
@@ -169,10 +172,8 @@ def _hybrid_embed_fake(embeds, weight, ids, active, changed, topk_ids, topk_prob
     return None
 
 
-SPD_STEP_FAKES = {"promote": _promote_fake, "spd_update": _spd_update_fake,
-                  "hybrid_embed": _hybrid_embed_fake}
-for _name, _fake in SPD_STEP_FAKES.items():
-    torch.library.register_fake(f"dmax::{_name}")(_fake)
+FAKE_KERNELS.update(promote=_promote_fake, spd_update=_spd_update_fake,
+                    hybrid_embed=_hybrid_embed_fake)
 
 
 # ---- logits_stats / onpolicy_noise: softmax statistics of the logits, on-policy rollout --------
@@ -299,9 +300,7 @@ def _onpolicy_noise_fake(noisy_ids, sample_flags, topk_ids, topk_probs, temperat
     return torch.empty_like(noisy_ids, memory_format=torch.contiguous_format)
 
 
-SAMPLING_FAKES = {"logits_stats": _logits_stats_fake, "onpolicy_noise": _onpolicy_noise_fake}
-for _name, _fake in SAMPLING_FAKES.items():
-    torch.library.register_fake(f"dmax::{_name}")(_fake)
+FAKE_KERNELS.update(logits_stats=_logits_stats_fake, onpolicy_noise=_onpolicy_noise_fake)
 
 
 # ---- moe_experts: a MoE layer's routed experts for a decoding block (CPU only) -----------------
@@ -343,5 +342,16 @@ def has_moe_experts() -> bool:
     return hasattr(torch.ops.dmax, "moe_experts")
 
 
-if has_moe_experts():
-    torch.library.register_fake("dmax::moe_experts")(_moe_experts_fake)
+FAKE_KERNELS["moe_experts"] = _moe_experts_fake
+
+
+def register_fake_kernels(namespace: str) -> None:
+    """Registers FAKE_KERNELS for the ops that `namespace` has ("dmax" here; the tests do it for
+    "dmax_simt", whose ops share the schemas)."""
+    library = getattr(torch.ops, namespace)
+    for name, fake in FAKE_KERNELS.items():
+        if hasattr(library, name):
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+
+
+register_fake_kernels("dmax")

@@ -1,12 +1,34 @@
-"""How a later step of a block is run: eagerly, or captured once as a CUDA graph and replayed.
+"""How a later step of a block is run: eagerly, or as a CUDA graph captured once and replayed.
 
 Both run the same static-shape function, step.forward_block + step.apply_step, on the same
-preallocated BlockState buffers and KV cache. The graph depends on write_slot (the attention spans
-slots [0, write_slot + L)), so one graph is captured per block: the block's second step runs
-eagerly on a side stream (warming up lazy initializations), is then captured, and every later step
-of that block is a replay. Blocks that converge in two steps never replay; a model whose
-forward_cached took the write slot as a device tensor would need one graph per batch size only.
-Compaction (a smaller batch, new buffers) drops the graphs.
+preallocated BlockState buffers and KV cache. What a graph bakes in is what the host passes to
+the kernels: buffer addresses (the state, the cache: one batch of rows) and shapes. The key span
+is a shape (the attention reads slots [0, span)); the write slot is not: the graph reads it from
+a one-element device tensor that the runner fills before each replay, so the K/V writes, the
+attention mask and the rotary positions (state.positions, already on the device) follow it.
+
+So a graph is captured once per (running batch, key-span bucket) and replayed across blocks:
+`key_span` rounds the slots a block needs (write_slot + L) up to a power-of-two multiple of L,
+capped at the cache's slots, and the keys past the block are masked out. A decode of slots up to
+S therefore captures at most log2(S / L) + 1 graphs per batch (7 for 2048 slots at L = 32), where
+capturing per block captured one per block, each costing about as much as several forwards while
+DMax converges a block in ~3-6 steps. The price: a step reads up to twice the keys it needs,
+a small share of a later step's bytes next to the routed experts (the "GPU projections" of
+docs/PERFORMANCE.md give the figure).
+
+The first later step at a new span runs eagerly on a side stream (its real work; it also warms
+up lazy initializations), is then captured (capture records without running), and every later
+step at that span, in this block or a later one, is a replay. Compaction (a smaller batch, new buffers)
+drops the graphs, so it happens at block boundaries only: `static_shapes` tells the engine that
+rows whose block converged must stay in the batch for the rest of the block (the eager step lets
+them leave it).
+
+A longer key span changes the attention's reduction length, so its logits may differ from the
+exact span's by float rounding. On CUDA the eager runner therefore reads the same bucketed spans
+(`decode` passes bucket_spans): an eager step runs the graph's kernels on the same inputs, and
+at batch 1 an eager decode equals a graphed one bitwise (in a batch the eager runner lets
+converged rows leave, and other batch shapes may round a row differently). On the CPU, never
+graphed, the eager runner reads exactly the slots it needs.
 """
 from __future__ import annotations
 
@@ -16,6 +38,15 @@ from contextlib import contextmanager
 import torch
 
 from .step import BlockState, apply_step, forward_block
+
+
+def key_span(write_slot: int, block_length: int, max_slots: int) -> int:
+    """The slots a later step at write_slot reads when spans are bucketed: the smallest
+    power-of-two multiple of block_length covering the block, capped at the cache's slots."""
+    span = block_length
+    while span < write_slot + block_length:
+        span *= 2
+    return min(span, max_slots)
 
 
 class StepTimer:
@@ -42,12 +73,17 @@ class StepTimer:
 
 
 class EagerStep:
-    def __init__(self, timer: StepTimer):
+    static_shapes = False  # any batch at any step: converged rows leave the block
+
+    def __init__(self, timer: StepTimer, bucket_spans: bool = False):
         self.timer = timer
+        self.bucket_spans = bucket_spans  # read key_span's slots, as a graph would
 
     def __call__(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
+        span = (key_span(write_slot, config.block_length, cache.max_slots)
+                if self.bucket_spans else None)
         with self.timer("forward"):
-            logits = forward_block(model, cache, state, write_slot, config)
+            logits = forward_block(model, cache, state, write_slot, config, span)
         with self.timer("ops"):
             apply_step(ops, model, state, logits, config)
 
@@ -56,30 +92,50 @@ class EagerStep:
 
 
 class CudaGraphStep:
+    """Replays the later steps; `captures` counts the graphs captured. The capture itself is
+    `_record` (tests replace it with a CPU stand-in that re-runs the step on the same buffers)."""
+
+    static_shapes = True  # replays on the buffers it captured: converged rows wait in the batch
+
     def __init__(self):
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._replays: dict[int, object] = {}  # key span -> replay() of its graph
+        self._write_slot: torch.Tensor | None = None  # what every graph reads the slot from
+        self._pool = None
+        self.captures = 0
 
     def __call__(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
-        graph = self._graphs.get(write_slot)
-        if graph is not None:
-            graph.replay()
+        span = key_span(write_slot, config.block_length, cache.max_slots)
+        if self._write_slot is None:
+            self._write_slot = torch.zeros((), dtype=torch.int64, device=state.ids.device)
+        self._write_slot.fill_(write_slot)  # on the stream, before the replay or the capture
+        replay = self._replays.get(span)
+        if replay is not None:
+            replay()
             return
+        slot = self._write_slot
 
-        def step():
-            apply_step(ops, model, state, forward_block(model, cache, state, write_slot, config),
-                       config)
+        def step():  # everything it reads that varies between replays is on the device
+            logits = forward_block(model, cache, state, slot, config, span)
+            apply_step(ops, model, state, logits, config)
+        self._replays[span] = self._record(step)
+        self.captures += 1
 
+    def _record(self, step):
+        """Runs `step` once (this call's work) and returns a function that replays it."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()  # this step's real work (capture below records without running)
+            step()  # the real work (a capture records without running)
         torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # One pool for every span: a graph's memory holds only its step's temporaries (all
+        # state lives in BlockState and the cache), so the graphs, replayed one at a time,
+        # can share it.
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             step()
-        # Only the current block's graph can be replayed again: drop the earlier ones.
-        self._graphs = {write_slot: graph}
+        return graph.replay
 
     def reset(self) -> None:
-        self._graphs.clear()
+        self._replays.clear()

@@ -1,16 +1,25 @@
 """decode(): block-diffusion decoding of a batch with the static KV cache (SPEC sections 2, 3, 5).
 
 The loop, per slot block (layout.py): start the block (prompt tail + masks, or all masks), run
-its first step from ids (committing the previous block's K/V, step.forward_first), then later
-steps (cuda_graph.py: eager or replayed) until every row has converged or the step cap is hit.
+its first step from ids for every running row (committing the previous block's K/V,
+step.forward_first), then later steps (cuda_graph.py: eager or replayed) until every row has
+converged or the step cap is hit. A row whose block has converged leaves the later steps of that
+block: they run on the rows still decoding (BlockState.select, KVCache.select), and it rejoins at
+the next block's first step. Block step counts are heavy-tailed (1 to 32 within a batch), so a
+row waiting in the forwards would cost most of a batched forward's compute for nothing
+(docs/PERFORMANCE.md, issue 9). Rows do not start their next block early: the batch shares one
+write slot (layout.py), and the slowest row sets the number of forwards either way. With CUDA
+graphs (static buffers) a converged row stays in the batch instead, unchanged and uncounted.
 Then the block's ids go to the host once: a row whose block holds eos, or that finished its last
-block, is done and compacted out of the running batch (KVCache.select).
+block, is done and compacted out of the running batch.
 
 Counting (SPEC section 5), per sequence and for the batch:
 - `seq_nfe[b]`: the forwards sequence b took part in: the prefill if its prompt has a full
   block, then every step up to and including the one where its block converged. A converged row
-  that waits for the rest of the batch is not counted, so seq_nfe equals decoding b alone.
-- `nfe`: the forwards the batch actually ran (what wall time pays for); = seq_nfe[0] at batch 1.
+  takes no further part in its block (or waits uncounted, with CUDA graphs), so seq_nfe equals
+  decoding b alone.
+- `nfe`: the forwards the batch actually ran, whatever their number of rows (what wall time pays
+  for); = seq_nfe[0] at batch 1.
 - `seq_tpf[b]` = len(tokens[b]) / seq_nfe[b];  `tpf` = total tokens / nfe (tokens per batched
   forward).
 A prompt shorter than one block has no full block: no prefill forward is run or counted.
@@ -94,7 +103,10 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
         raise ValueError(f"cuda_graphs=True needs a CUDA model and timing=False "
                          f"(model on {device}, timing={timing})")
     timer = StepTimer(timing, device)
-    runner = CudaGraphStep() if cuda_graphs else EagerStep(timer)
+    # On CUDA the eager steps read the graphs' key spans, so they run the graphs' kernels on
+    # the same inputs (cuda_graph.py); the CPU reads the exact spans.
+    runner = (CudaGraphStep() if cuda_graphs
+              else EagerStep(timer, bucket_spans=device.type == "cuda"))
     with torch.inference_mode():
         result = _Decoder(model, backend, config, runner, timer).run(prompts)
     if timing:
@@ -137,9 +149,8 @@ class _Decoder:
                 break
             if len(keep) < len(rows):  # compaction: finished sequences stop costing compute
                 index = torch.tensor(keep, device=self.device)
-                cache, prev_ids = cache.select(index), prev_ids[index]
+                cache, prev_ids, state = cache.select(index), prev_ids[index], state.select(index)
                 rows = [rows[i] for i in keep]
-                state = self._new_state(state.valid_from[index])
                 self.runner.reset()
         n_tokens = [len(t) for t in self.tokens]
         return DecodeResult(
@@ -184,9 +195,14 @@ class _Decoder:
 
     def _run_block(self, cache, state: BlockState, prev_ids, write_slot: int,
                    rows: list[int]) -> None:
-        """Steps the block until every row converged or the cap. Reads state.done once per
-        step: the only host sync of a step."""
-        live = [True] * len(rows)
+        """Steps the block until every row converged or the cap; leaves its final ids in
+        state.ids. Reads the done flags once per step: the only host sync of a step.
+
+        The later steps run on `running`, holding the rows `members` of state (indices; all of
+        them at first). When rows converge they leave it (`_leave_block`), unless the runner
+        replays on static buffers: then they stay in `state`, which keeps their ids as they are."""
+        running, running_cache, members = state, cache, list(range(len(rows)))
+        live = members  # rows of state whose block has not converged
         steps = [0] * len(rows)
         for step in range(self.config.max_steps_per_block):
             if step == 0:
@@ -196,15 +212,35 @@ class _Decoder:
                 with self.timer("ops"):
                     apply_step(self.ops, self.model, state, logits, self.config)
             else:
-                self.runner(self.ops, self.model, cache, state, write_slot, self.config)
+                self.runner(self.ops, self.model, running_cache, running, write_slot, self.config)
             self.nfe += 1
-            for i, b in enumerate(rows):
-                if live[i]:
-                    self.seq_nfe[b] += 1
-                    steps[i] += 1
-            live = (~state.done).tolist()
-            if not any(live):
+            for i in live:
+                self.seq_nfe[rows[i]] += 1
+                steps[i] += 1
+            done = running.done.tolist()
+            live = [i for i, d in zip(members, done) if not d]
+            if not live:
                 break
+            if len(live) < len(members) and not self.runner.static_shapes:
+                running, running_cache = self._leave_block(state, running, running_cache,
+                                                           members, done)
+                members = live
+        self._write_back(state, running, members)
         for i, b in enumerate(rows):
             self.block_steps[b].append(steps[i])
-            self.capped[b] += live[i]
+        for i in live:
+            self.capped[rows[i]] += 1
+
+    def _leave_block(self, state: BlockState, running: BlockState, running_cache,
+                     members: list[int], done: list[bool]):
+        """The running batch without its converged rows, whose final ids go to state. The cache
+        rows are copied whole: the block reads their committed slots; its own slots are scratch
+        (rewritten by every step, committed from state.ids by the next block's first step)."""
+        self._write_back(state, running, members)
+        index = torch.tensor([k for k, d in enumerate(done) if not d], device=self.device)
+        return running.select(index), running_cache.select(index)
+
+    def _write_back(self, state: BlockState, running: BlockState, members: list[int]) -> None:
+        # Only the ids: after the block, the engine reads nothing else of state.
+        if running is not state:
+            state.ids.index_copy_(0, torch.tensor(members, device=self.device), running.ids)

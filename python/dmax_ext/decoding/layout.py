@@ -4,11 +4,12 @@ A sequence with prompt length P decodes the blocks of absolute positions
 [j * L, (j + 1) * L) for j = P // L .. ceil((P + G) / L) - 1: the prompt's tail shares the first
 generated block, and the prompt's full blocks 0 .. P // L - 1 are prefilled into the cache.
 
-A batch runs in lockstep over *slot blocks*. Sequence b's absolute block j lives in slot block
-j + shift_b with shift_b = F - P_b // L and F = max_b P_b // L: every sequence's first generated
-block sits in slot block F (prompts right-aligned on block boundaries, ARCHITECTURE.md "The
-model"), and valid_from[b] = shift_b * L is its first slot. Slots before it are padding that no
-query of b attends to.
+A batch moves from block to block together, over *slot blocks* (within a block, engine.py lets
+converged rows leave the steps). Sequence b's absolute block j lives in slot block j + shift_b
+with shift_b = F - P_b // L and F = max_b P_b // L: every sequence's first generated block sits
+in slot block F (prompts right-aligned on block boundaries, ARCHITECTURE.md "The model"), and
+valid_from[b] = shift_b * L is its first slot. Slots before it are padding that no query of b
+attends to.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 `BlockState` holds every tensor a step reads and writes, preallocated per running batch and
 updated in place, so the same step runs eagerly (CPU, and the first step of each block) or is
 captured once and replayed as a CUDA graph (cuda_graph.py). A step never syncs with the host: the
-engine reads `state.done` once per step to decide whether the block goes on.
+engine reads `state.done` once per step to decide whether the block goes on, and for which rows
+(`BlockState.select`: converged rows leave the eager steps).
 
 A step = the block's forward (`forward_block`, later steps; `forward_first`, a block's first step)
 followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD), or
@@ -11,7 +12,7 @@ logits_stats -> promote(prefix=False) -> commit the promoted ids (the threshold 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -28,7 +29,7 @@ class BlockState:
     embeds: torch.Tensor      # [B, L, H] model dtype: next step's input (SPD; unused by threshold)
     positions: torch.Tensor   # [B, L] int64: absolute position ids of the block
     valid_from: torch.Tensor  # [B] int64: first cache slot of each sequence
-    done: torch.Tensor        # [B] bool: the row's block has converged; it waits, unchanged
+    done: torch.Tensor        # [B] bool: the row's block has converged; its ids stay as they are
     seeds: torch.Tensor       # [B] int64: row seed of the block's step 0 (sampling only)
     step: torch.Tensor        # [] int64: step index within the block
 
@@ -42,6 +43,13 @@ class BlockState:
                    positions=ints(batch, block_length), valid_from=ints(batch),
                    done=torch.zeros(batch, dtype=torch.bool, device=device),
                    seeds=ints(batch), step=ints())
+
+    def select(self, index: torch.Tensor) -> "BlockState":
+        """A new state holding the rows `index` (int64 [B'], on the state's device) of this one,
+        mid-block included: the rows go on from where they are."""
+        rows = {f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)
+                if f.name != "step"}
+        return BlockState(**rows, step=self.step.clone())
 
     def start_block(self, model, ids: torch.Tensor, block_starts: torch.Tensor,
                     config: DecodeConfig) -> None:
@@ -85,12 +93,15 @@ def forward_first(model, cache, state: BlockState, prev_ids: torch.Tensor | None
                                 n_logits=block_length)
 
 
-def forward_block(model, cache, state: BlockState, write_slot: int, config: DecodeConfig):
-    """A later step: only the current block, from the hybrid embeddings (SPD) or ids."""
+def forward_block(model, cache, state: BlockState, write_slot: int | torch.Tensor,
+                  config: DecodeConfig, span: int | None = None):
+    """A later step: only the current block, from the hybrid embeddings (SPD) or ids.
+    write_slot: an int, or a one-element int64 tensor on the device with the key span `span`
+    (model.forward_cached): the form a CUDA graph is captured in, replayable at any slot."""
     inputs = ({"inputs_embeds": state.embeds} if config.mode == "spd" else {"input_ids": state.ids})
     return model.forward_cached(cache, **inputs, position_ids=state.positions,
                                 write_slot=write_slot, valid_from=state.valid_from,
-                                block_length=config.block_length)
+                                block_length=config.block_length, span=span)
 
 
 def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: DecodeConfig) -> None:

@@ -1,6 +1,8 @@
 """Attention (fused qkv, per-head q/k RMSNorm, partial rotary, GQA via SDPA) and its masks."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,18 +18,31 @@ def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tens
     return (blocks[None, :] <= blocks[:, None])[None, None]
 
 
-def cached_attention_mask(valid_from: torch.Tensor, write_slot: int, n_fed: int,
+def cached_attention_mask(valid_from: torch.Tensor, fed_slots: torch.Tensor, span: int,
                           block_length: int) -> torch.Tensor:
-    """[B, 1, T, write_slot + T] bool for T tokens fed at slots [write_slot, write_slot + T).
+    """[B, 1, T, span] bool for T tokens fed at the consecutive cache slots fed_slots (int64 [T],
+    from a multiple of block_length; a tensor, so the write slot may be a device value).
 
-    Query i (slot write_slot + i) sees slot s iff s >= valid_from[b] (the sequence's first slot:
-    earlier slots are another sequence's padding) and block(s) <= block(write_slot + i)."""
-    device = valid_from.device
-    key_slots = torch.arange(write_slot + n_fed, device=device)
-    query_blocks = (write_slot + torch.arange(n_fed, device=device)) // block_length
-    causal = (key_slots // block_length)[None, :] <= query_blocks[:, None]            # [T, S]
+    Query i (slot fed_slots[i]) sees slot s iff s >= valid_from[b] (the sequence's first slot:
+    earlier slots are another sequence's padding), block(s) <= block(fed_slots[i]), and s is not
+    past the fed tokens: a span longer than write_slot + T (bucketed for CUDA-graph replay) reads
+    slots of later blocks, whose contents are stale."""
+    key_slots = torch.arange(span, device=fed_slots.device)
+    block_end = (fed_slots // block_length + 1) * block_length
+    visible_end = torch.minimum(block_end, fed_slots[-1:] + 1)                       # [T]
+    causal = key_slots[None, :] < visible_end[:, None]                               # [T, S]
     valid = key_slots[None, :] >= valid_from[:, None]                                # [B, S]
     return (causal[None] & valid[:, None])[:, None]
+
+
+class CacheSlots(NamedTuple):
+    """What a cached forward does in every layer's KV cache: the fed tokens' keys/values are
+    written at `fed`, and the queries read slots [0, span). `fed` is slice(write_slot,
+    write_slot + T) for an int write slot (the eager path: a strided copy), or the int64 slots
+    [T] on the device for a device write slot (an index_put_, as gpt-fast's KV cache does: a
+    captured CUDA graph then writes wherever the slot tensor says at replay)."""
+    fed: slice | torch.Tensor
+    span: int
 
 
 class Attention(nn.Module):
@@ -45,11 +60,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                write_slot: int = 0) -> torch.Tensor:
+                slots: CacheSlots | None = None) -> torch.Tensor:
         """x [B, T, H]; mask bool [B or 1, 1, T, S] or None (full attention).
 
         With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
-        slots [write_slot, write_slot + T) and the queries attend to slots [0, write_slot + T)."""
+        slots.fed and the queries attend to slots [0, slots.span) (S = span)."""
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         n_qk = self.n_heads + self.n_kv_heads
@@ -59,10 +74,9 @@ class Attention(nn.Module):
         q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:]
         if cache_kv is not None:
             keys, values = cache_kv
-            end = write_slot + length
-            keys[:, :, write_slot:end] = k
-            values[:, :, write_slot:end] = v
-            k, v = keys[:, :, :end], values[:, :, :end]
+            keys[:, :, slots.fed] = k
+            values[:, :, slots.fed] = v
+            k, v = keys[:, :, :slots.span], values[:, :, :slots.span]
         # SDPA keeps the softmax in float32 for bf16 inputs; enable_gqa maps query head j to kv
         # head j // (n_heads / n_kv_heads) without materializing repeated keys.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention, block_causal_mask, cached_attention_mask
+from .attention import Attention, CacheSlots, block_causal_mask, cached_attention_mask
 from .cache import KVCache
 from .config import LLaDA2Config
 from .modules import GatedMLP, RMSNorm, rotary_cos_sin, rotary_inv_freq
@@ -56,8 +56,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoeBlock(config) if config.is_moe_layer(layer)
                     else GatedMLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x, cos, sin, mask, cache_kv=None, write_slot=0):
-        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, write_slot)
+    def forward(self, x, cos, sin, mask, cache_kv=None, slots=None):
+        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -142,8 +142,9 @@ class LLaDA2MoeModel(nn.Module):
 
     def forward_cached(self, cache: KVCache, *, input_ids: torch.Tensor | None = None,
                        inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor,
-                       write_slot: int, valid_from: torch.Tensor, block_length: int,
-                       n_logits: int | None = None) -> torch.Tensor | None:
+                       write_slot: int | torch.Tensor, valid_from: torch.Tensor,
+                       block_length: int, n_logits: int | None = None,
+                       span: int | None = None) -> torch.Tensor | None:
         """Feeds T tokens at cache slots [write_slot, write_slot + T) and returns their logits.
 
         Their keys/values are written to those slots; queries see slots [valid_from[b], write_slot)
@@ -151,15 +152,23 @@ class LLaDA2MoeModel(nn.Module):
         of block_length; valid_from[b] (int64 [B]) is sequence b's first slot.
         n_logits: logits of the last n_logits fed tokens only ([B, n_logits, V]; default all T);
         0 returns None (a prefill: only the cache is wanted). The final norm and lm_head are the
-        largest matmul of a block forward, so rows nobody reads are not computed."""
+        largest matmul of a block forward, so rows nobody reads are not computed.
+        span: the attention reads slots [0, span), the ones past write_slot + T masked out
+        (default write_slot + T). A longer span changes the attention's reduction length, so
+        the logits may differ from the default's by float rounding.
+        write_slot may be an int64 tensor of one element on the model's device (span then
+        required): the forward then reads it on the device only, so a CUDA graph captured once
+        replays at any write slot the tensor holds (decoding/cuda_graph.py). Its value is not
+        checked (that would be a host sync): the caller keeps it a multiple of block_length with
+        write_slot + T <= span."""
         x = self._inputs(input_ids, inputs_embeds)
         batch, length, _ = x.shape
         block_length = _positive(block_length)
-        if write_slot < 0 or write_slot % block_length:
-            raise ValueError(f"write_slot ({write_slot}) must be a multiple of block_length ({block_length})")
-        if batch != cache.batch_size or write_slot + length > cache.max_slots:
+        write_slot, span = _write_slot_and_span(write_slot, span, x.device, length, block_length)
+        if batch != cache.batch_size or span > cache.max_slots:
             raise ValueError(f"cache holds batch {cache.batch_size} x {cache.max_slots} slots; "
-                             f"got batch {batch}, slots [{write_slot}, {write_slot + length})")
+                             f"got batch {batch}, {length} tokens at slot {write_slot} "
+                             f"reading {span} slots")
         if tuple(position_ids.shape) != (batch, length):
             raise ValueError(f"position_ids: expected shape ({batch}, {length}), got {tuple(position_ids.shape)}")
         if tuple(valid_from.shape) != (batch,):
@@ -170,8 +179,11 @@ class LLaDA2MoeModel(nn.Module):
                 or not 0 <= n_logits <= length:
             raise ValueError(f"n_logits must be an int in [0, {length}] (the fed tokens), "
                              f"got {n_logits!r}")
-        mask = cached_attention_mask(valid_from.to(x.device), write_slot, length, block_length)
-        return self._run(x, position_ids, mask, cache, write_slot, n_logits)
+        fed_slots = write_slot + torch.arange(length, device=x.device)
+        mask = cached_attention_mask(valid_from.to(x.device), fed_slots, span, block_length)
+        fed = fed_slots if isinstance(write_slot, torch.Tensor) else slice(write_slot,
+                                                                           write_slot + length)
+        return self._run(x, position_ids, mask, cache, CacheSlots(fed, span), n_logits)
 
     # -- internals -----------------------------------------------------------------------------
     def _inputs(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -192,11 +204,11 @@ class LLaDA2MoeModel(nn.Module):
                              f"({self.config.max_position_embeddings}): the prompt plus generation "
                              "is longer than the model supports")
 
-    def _run(self, x, position_ids, mask, cache: KVCache | None = None, write_slot: int = 0,
-             n_logits: int | None = None):
+    def _run(self, x, position_ids, mask, cache: KVCache | None = None,
+             slots: CacheSlots | None = None, n_logits: int | None = None):
         cos, sin = rotary_cos_sin(position_ids.to(x.device), self._inv_freq(x.device), x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, write_slot)
+            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, slots)
         if n_logits is not None and n_logits < x.shape[1]:
             if n_logits == 0:
                 return None
@@ -215,3 +227,26 @@ def _positive(block_length) -> int:
     if not isinstance(block_length, int) or block_length <= 0:
         raise ValueError(f"block_length must be a positive int, got {block_length!r}")
     return block_length
+
+
+def _write_slot_and_span(write_slot, span, device, length: int, block_length: int):
+    """forward_cached's write_slot (an int, or a 0-d view of a one-element int64 tensor on the
+    model's device) and span, checked as far as the host can without reading the device."""
+    if isinstance(write_slot, torch.Tensor):
+        if write_slot.dtype != torch.int64 or write_slot.numel() != 1 \
+                or write_slot.device != device or span is None:
+            raise ValueError(f"write_slot: a tensor write slot must be int64 with one element on "
+                             f"{device}, with span given; got {write_slot.dtype} "
+                             f"{tuple(write_slot.shape)} on {write_slot.device}, span {span!r}")
+        write_slot, end = write_slot.reshape(()), length  # end at least: the value stays put
+    elif isinstance(write_slot, bool) or not isinstance(write_slot, int) \
+            or write_slot < 0 or write_slot % block_length:
+        raise ValueError(f"write_slot ({write_slot!r}) must be a multiple of block_length "
+                         f"({block_length})")
+    else:
+        end = write_slot + length
+    if span is None:
+        span = end
+    if isinstance(span, bool) or not isinstance(span, int) or span < end:
+        raise ValueError(f"span must be an int >= {end} (the end of the fed tokens), got {span!r}")
+    return write_slot, span
