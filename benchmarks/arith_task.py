@@ -1,19 +1,28 @@
 """The reproduction's checkable task: multi-step addition/subtraction with worked steps.
 
 A problem is a start digit followed by 4 operations `+d` / `-d` (d in 1..9) whose running value
-stays in [0, 19]; the answer shows every step, values written with two digits, and ends with
-`#value`:
+stays in [0, 9]; the answer shows every step and ends with `#value`. A step can be written two equivalent ways, operation first or result first, and the
+training answers use either (one style per answer, chosen by the seeded generator: a house style
+in three answers of four, the other in the rest):
 
-    prompt   "7+5-3+9-4"
-    response "07+5=12;12-3=09;09+9=18;18-4=14;#14"
+    prompt    "7-5+3+2-4"
+    response  "7-5=2;2+3=5;5+2=7;7-4=3;#3"     (operation first)
+          or  "2=7-5;5=2+3;7=5+2;3=7-4;#3"     (result first)
 
-A fixed number of steps and fixed-width values put every token at a fixed position, so what is
-hard is the arithmetic, not the layout (a model this small learns fixed-offset copying quickly,
-content-addressed copying much more slowly): each step's value depends on the one before, and
-decoding many tokens at once is genuinely risky. The trade-off between accuracy and tokens per
-forward is what the benchmark measures. Problems come
-from a seeded generator; the train and held-out sets are disjoint by construction.
+Why two styles: real answers are multimodal (the same solution can be phrased several ways), and
+that is what makes hard parallel decoding collapse: positions decoded independently in one
+forward mix the modes (half a step in one style, half in the other), while decoding a few tokens
+per forward commits one style and follows it. Self-distillation (the DMax data recipe) gives the
+fine-tuned model answers in the styles its base model picked, and OPUT teaches it to repair its
+own mixed first guesses. Both styles have the same width, so every token sits at a fixed position
+(a model this small learns fixed-offset copying quickly, content-addressed copying much more
+slowly); each step's value depends on the one before.
 
+Grading (`grade`): a response is correct when it is a valid worked solution: every step a true
+equation continuing from the previous value, in either style (styles may even differ between
+steps), then the right `#value`. The final value alone is reported too (`final_answer`).
+
+Problems come from a seeded generator; the train and held-out sets are disjoint by construction.
 The tokenizer is character level (a `tokenizers` WordLevel model over single characters plus a few
 special tokens), saved as tokenizer.json + tokenizer_config.json with a chat template so that
 transformers.AutoTokenizer loads it offline.
@@ -24,7 +33,8 @@ import json
 import random
 from pathlib import Path
 
-MAX_VALUE = 19
+MAX_VALUE = 9
+WIDTH = len(str(MAX_VALUE))  # every value is written with this many digits (zero-padded)
 N_STEPS = 4
 SPECIAL_TOKENS = ["<|endoftext|>", "<|mask|>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHARS = list("0123456789+-=;#")
@@ -57,15 +67,56 @@ def random_problem(rng: random.Random) -> str:
             return text
 
 
-def solve(problem: str) -> tuple[str, int]:
-    """The worked answer and the final value of a problem."""
+STYLES = ("op_first", "result_first")
+# How often the training answers use each style: a corpus with a prevailing convention and
+# exceptions. Even split (tried: docs/TRADEOFF.md) leaves the base model's own choice of style
+# close to a coin flip per prompt, so its self-distilled answers stay multimodal.
+STYLE_WEIGHTS = (0.75, 0.25)
+
+
+def _step(value: int, op: str, d: int, new: int, style: str) -> str:
+    if style == "op_first":
+        return f"{value:0{WIDTH}d}{op}{d}={new:0{WIDTH}d}"
+    if style == "result_first":
+        return f"{new:0{WIDTH}d}={value:0{WIDTH}d}{op}{d}"
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def _chain(problem: str) -> list[tuple[int, str, int, int]]:
+    """(value before, op, digit, value after) of each step."""
     value, i, steps = int(problem[0]), 1, []
     while i < len(problem):
         op, d = problem[i], int(problem[i + 1])
         new = value + d if op == "+" else value - d
-        steps.append(f"{value:02d}{op}{d}={new:02d}")
+        steps.append((value, op, d, new))
         value, i = new, i + 2
-    return ";".join(steps) + f";#{value:02d}", value
+    return steps
+
+
+def solve(problem: str, style: str = "op_first") -> tuple[str, int]:
+    """The worked answer in one style and the final value of a problem."""
+    steps = _chain(problem)
+    final = steps[-1][3] if steps else int(problem[0])
+    return ";".join(_step(*s, style) for s in steps) + f";#{final:0{WIDTH}d}", final
+
+
+def grade(problem: str, response: str) -> bool:
+    """True if `response` is a valid worked solution of `problem` (each step in either style)."""
+    steps = _chain(problem)
+    parts = response.split(";")
+    if len(parts) != len(steps) + 1:
+        return False
+    for part, step in zip(parts, steps):
+        if part not in {_step(*step, style) for style in STYLES}:
+            return False
+    return parts[-1] == f"#{steps[-1][3]:0{WIDTH}d}"
+
+
+def training_records(problems: list[str], seed: int) -> list[dict]:
+    """{"prompt", "response"} records, each answer in a style drawn from a seeded generator."""
+    rng = random.Random(f"styles-{seed}")
+    styles = rng.choices(STYLES, weights=STYLE_WEIGHTS, k=len(problems))
+    return [{"prompt": p, "response": solve(p, style)[0]} for p, style in zip(problems, styles)]
 
 
 def final_answer(response: str) -> int | None:
@@ -113,7 +164,7 @@ def build_tokenizer(out_dir: Path) -> None:
     assert vocab[EOS_TOKEN] == EOS_ID and vocab[MASK_TOKEN] == MASK_ID and len(vocab) <= VOCAB_SIZE
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS_TOKEN))
     # Text outside the task's alphabet (spaces, words, "?") is dropped rather than mapped to eos,
-    # so a prompt like "What is 7+5-3+9-4?" reads as "7+5-3+9-4".
+    # so a prompt like "What is 7-5+3+2-4?" reads as "7-5+3+2-4".
     tok.normalizer = normalizers.Replace(Regex(r"[^0-9+\-=;#]"), "")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
