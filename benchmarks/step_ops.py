@@ -130,7 +130,7 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
 
     model = dmax_ext.random_model(preset, dtype=dtype)
     model.set_moe_impl(moe_impl)
-    model.lm_head.TRANSPOSED_MAX_ROWS = 0  # the CUDA path: lm_head's CPU-only variant off
+    model.set_cpu_variants(False)  # the CUDA path: the projections' CPU-only forms off
     c = model.config
     config = make_config(c, mode="spd", gen_length=32, block_length=32, threshold=0.5,
                          accept_threshold=0.9, top_k=1, temperature=0.0, eos_id=None,

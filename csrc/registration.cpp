@@ -8,6 +8,10 @@
 TORCH_LIBRARY(dmax, m) {
   dmax::define_dmax_schemas(m);
   m.def(dmax::kMoeExpertsSchema);
+  m.def(dmax::kSkinnyLinearSchema);
+  m.def(dmax::kMoeRouteSchema);
+  m.def(dmax::kRmsNormSchema);
+  m.def(dmax::kQkNormRotarySchema);
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
@@ -17,4 +21,8 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("hybrid_embed", &dmax::cpu::hybrid_embed);
   m.impl("onpolicy_noise", &dmax::cpu::onpolicy_noise);
   m.impl("moe_experts", &dmax::cpu::moe_experts);
+  m.impl("skinny_linear", &dmax::cpu::skinny_linear);
+  m.impl("moe_route", &dmax::cpu::moe_route);
+  m.impl("rms_norm", &dmax::cpu::rms_norm);
+  m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
 }

@@ -25,6 +25,19 @@ constexpr const char* kOnpolicyNoiseSchema =
 constexpr const char* kMoeExpertsSchema =
     "moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_up, "
     "Tensor down) -> Tensor";
+// CPU only: x @ weight^T for a decoding block's few rows (the model's projections and lm_head
+// without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
+constexpr const char* kSkinnyLinearSchema = "skinny_linear(Tensor x, Tensor weight) -> Tensor";
+// CPU only: a MoE layer's router after its GEMM (the model's Router without gradients). `dmax`.
+constexpr const char* kMoeRouteSchema =
+    "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
+    "float scaling) -> (Tensor ids, Tensor weights)";
+// CPU only: the model's RMSNorm, and the attention's q|k head norms + partial rotary, as one op
+// each (without gradients). `dmax`.
+constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor";
+constexpr const char* kQkNormRotarySchema =
+    "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+    "int n_q_heads, float eps) -> Tensor";
 
 // Applies `def` to every schema, so the two namespaces can never drift apart.
 template <typename Library>

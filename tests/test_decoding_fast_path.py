@@ -235,11 +235,11 @@ def test_graph_runner_captures_once_per_span_and_decodes_as_eager(mode, sampling
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_step_dispatches_no_host_sync(dtype):
     # What a capture records: the raw ops (backends.NativeOps while capturing) and the CUDA
-    # model path (grouped MoE, lm_head without its CPU variant).
+    # model path (grouped MoE, projections without their CPU-only forms).
     model = random_model("tiny", dtype=dtype, lm_head_gain=25.0, lm_head_from_embedding=True,
                          seed=1)
     model.set_moe_impl("grouped")
-    model.lm_head.TRANSPOSED_MAX_ROWS = 0
+    model.set_cpu_variants(False)
     runner = GraphStandIn(sync_check=True)
     run_decoder(model, runner, step_ops.raw_ops(), gen_length=24, top_k=2)
     assert runner.captures > 0 and runner.traced_ops > 100

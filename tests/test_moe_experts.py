@@ -9,7 +9,7 @@ from dmax_ext.model import PRESETS
 from dmax_ext.model.moe import MoeBlock, StackedExperts
 from tolerances import assert_within_naive_error
 
-pytestmark = pytest.mark.skipif(not ops.has_moe_experts(),
+pytestmark = pytest.mark.skipif(not ops.has_op("moe_experts"),
                                 reason="the native library predates moe_experts: rebuild")
 
 

@@ -95,8 +95,10 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
         out_rows[i] = y_p + s * H;
       }
       scratch.resize(m * (2 * H + 3 * I));
+      const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
       expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
-                               gate_up_p + e * H * 2 * I, down_p + e * I * H, scratch.data()});
+                               gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
+                               scratch.data()});
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,

@@ -337,12 +337,153 @@ def _moe_experts_fake(x, expert_ids, expert_weights, gate_up, down):
     return x.new_empty(x.shape)
 
 
-def has_moe_experts() -> bool:
-    """Whether the loaded native library has moe_experts (a library built before it lacks it)."""
-    return hasattr(torch.ops.dmax, "moe_experts")
+def has_op(name: str) -> bool:
+    """Whether the loaded native library has torch.ops.dmax.<name> (a library built before an op
+    was added lacks it)."""
+    return hasattr(torch.ops.dmax, name)
 
 
 FAKE_KERNELS["moe_experts"] = _moe_experts_fake
+
+
+# ---- skinny_linear: a projection of a decoding block's few rows (CPU only) ---------------------
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T (F.linear without bias): [M, N] in x's dtype.
+
+    x [M, K] float32 / bfloat16 / float16 with few rows (a decoding block: 32 tokens); weight
+    [N, K] in x's dtype. The weight is read once in place (the GEMM library packs it on every
+    call), float32 products summed in k order in blocks of 128 terms, rounded once
+    (dmax_ext.reference.skinny_linear_reference). CPU only, no autograd: the model's projections
+    use it for a decoding block's rows (dmax_ext.model.modules.Linear picks it)."""
+    check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
+    check_tensor("weight", weight, dtypes=(x.dtype,), ndim=2, device=x.device)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (N, {x.shape[1]}) (K of x), got "
+                         f"{tuple(weight.shape)}")
+    return torch.ops.dmax.skinny_linear(x, weight)
+
+
+def _skinny_linear_fake(x, weight):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"x [M, K] and weight [N, K] expected, got {x.shape} and {weight.shape}")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+FAKE_KERNELS["skinny_linear"] = _skinny_linear_fake
+
+
+# ---- moe_route: a MoE layer's router after its GEMM (CPU only) ---------------------------------
+
+
+def moe_route(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int, topk_group: int,
+              top_k: int, scaling: float):
+    """The group-limited top-k router of SPEC section 1 on the router GEMM's output.
+
+    logits float32 [N, E]; expert_bias float32 [E]; E / n_group experts per group (at least 2).
+    scores = sigmoid(logits) (torch's CPU sigmoid), biased = scores + expert_bias; a group scores
+    the sum of its two best biased scores and the topk_group best groups stay; ids = the top_k
+    best biased scores among their experts, descending (lowest id first on ties); weights =
+    scores[ids], divided by (their sum + 1e-20) when top_k > 1, times scaling. Returns (ids int64
+    [N, top_k], weights float32 [N, top_k]) (dmax_ext.model.moe.Router, the torch formulation).
+    CPU only, no autograd: the model's router uses it without gradients."""
+    check_tensor("logits", logits, dtypes=(torch.float32,), ndim=2)
+    n_experts = logits.shape[1]
+    check_tensor("expert_bias", expert_bias, dtypes=(torch.float32,), ndim=1,
+                 device=logits.device)
+    check_shape("expert_bias", expert_bias, (n_experts,))
+    for name, value in (("n_group", n_group), ("topk_group", topk_group), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if n_group < 1 or n_experts % n_group or n_experts // n_group < 2:
+        raise ValueError(f"n_group must divide E = {n_experts} (logits' last dimension) into "
+                         f"groups of at least 2 experts, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, {n_group}] (n_group), got {topk_group}")
+    kept = topk_group * (n_experts // n_group)
+    if not 1 <= top_k <= kept:
+        raise ValueError(f"top_k must be in [1, {kept}] (the kept groups' experts), got {top_k}")
+    return torch.ops.dmax.moe_route(logits, expert_bias, n_group, topk_group, top_k,
+                                    float(scaling))
+
+
+def _moe_route_fake(logits, expert_bias, n_group, topk_group, top_k, scaling):
+    torch._check(logits.dim() == 2, lambda: f"logits must be [N, E], got {logits.shape}")
+    return (logits.new_empty((logits.shape[0], top_k), dtype=torch.int64),
+            logits.new_empty((logits.shape[0], top_k), dtype=torch.float32))
+
+
+FAKE_KERNELS["moe_route"] = _moe_route_fake
+
+
+# ---- rms_norm / qk_norm_rotary: a layer's RMSNorms and the attention's q|k prologue (CPU only) --
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_contiguous_rows(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, rounded as the model's rms_normalize rounds it:
+    weight * T(x * rsqrt(mean(x^2) + eps)) with float32 math, T = x's dtype (float32, bfloat16,
+    float16). x [..., H] with a contiguous last dimension (other strides free); weight [H] in x's
+    dtype. Returns a new contiguous tensor shaped like x
+    (dmax_ext.reference.rms_norm_reference). CPU only, no autograd: the model's RMSNorm uses it
+    without gradients."""
+    check_tensor("x", x, dtypes=_FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    _check_contiguous_rows("x", x)
+    check_tensor("weight", weight, dtypes=(x.dtype,), ndim=1, device=x.device)
+    check_shape("weight", weight, (x.shape[-1],))
+    return torch.ops.dmax.rms_norm(x, weight, float(eps))
+
+
+def qk_norm_rotary(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
+                   eps: float) -> torch.Tensor:
+    """The attention's q and k heads normalized and rotated: [B, heads, L, D] (contiguous).
+
+    qk [B, L, heads, D] (the q|k heads of the fused qkv projection; each head's D values
+    contiguous, other strides free), float32 / bfloat16 / float16; heads < n_q_heads are queries
+    (q_weight [D]), the others keys (k_weight [D]); cos, sin [B, L, R] (R even, <= D) in qk's
+    dtype. Each head: y = rms_norm(head, weight, eps), then the rotate-half rotary on its first
+    R dims: y * cos + rotate_half(y) * sin, each product and the sum rounded to the dtype
+    (dmax_ext.reference.qk_norm_rotary_reference). CPU only, no autograd."""
+    check_tensor("qk", qk, dtypes=_FLOAT_DTYPES, ndim=4)
+    _check_contiguous_rows("qk", qk)
+    batch, length, heads, dim = qk.shape
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        check_tensor(name, w, dtypes=(qk.dtype,), ndim=1, device=qk.device)
+        check_shape(name, w, (dim,))
+    check_tensor("cos", cos, dtypes=(qk.dtype,), ndim=3, device=qk.device)
+    if cos.shape[:2] != (batch, length) or cos.shape[2] % 2 or cos.shape[2] > dim:
+        raise ValueError(f"cos must have shape ({batch}, {length}, R) with R even and <= {dim}, "
+                         f"got {tuple(cos.shape)}")
+    check_tensor("sin", sin, dtypes=(qk.dtype,), ndim=3, device=qk.device)
+    check_shape("sin", sin, cos.shape)
+    if isinstance(n_q_heads, bool) or not isinstance(n_q_heads, int) \
+            or not 0 <= n_q_heads <= heads:
+        raise ValueError(f"n_q_heads must be an int in [0, {heads}] (qk's heads), "
+                         f"got {n_q_heads!r}")
+    return torch.ops.dmax.qk_norm_rotary(qk, q_weight, k_weight, cos, sin, n_q_heads, float(eps))
+
+
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _qk_norm_rotary_fake(qk, q_weight, k_weight, cos, sin, n_q_heads, eps):
+    torch._check(qk.dim() == 4, lambda: f"qk must be [B, L, heads, D], got {qk.shape}")
+    batch, length, heads, dim = qk.shape
+    return qk.new_empty((batch, heads, length, dim))
+
+
+FAKE_KERNELS.update(rms_norm=_rms_norm_fake, qk_norm_rotary=_qk_norm_rotary_fake)
 
 
 def register_fake_kernels(namespace: str) -> None:

@@ -199,3 +199,35 @@ def onpolicy_noise_reference(noisy_ids: torch.Tensor, sample_flags: torch.Tensor
         chosen = topk_ids.gather(-1, first.unsqueeze(-1)).squeeze(-1)
     replace = sample_flags.view(-1, 1) & (noisy_ids == mask_id)
     return torch.where(replace, chosen, noisy_ids)
+
+
+# ---- skinny_linear: a projection of a decoding block's few rows ---------------------------------
+# (moe_experts' reference is the model's own torch formulation: dmax_ext.model.moe, impl
+# "reference".)
+
+
+def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T in x's dtype: F.linear without bias (the kernel sums in float32
+    and rounds once, as the GEMM libraries do; only the summation order differs)."""
+    return torch.nn.functional.linear(x, weight)
+
+
+# ---- rms_norm / qk_norm_rotary: the model's own formulations ------------------------------------
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the model computes it with gradients (dmax_ext.model.modules.rms_normalize)."""
+    from .model.modules import rms_normalize
+    return rms_normalize(x, eps, weight)
+
+
+def qk_norm_rotary_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                             cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
+                             eps: float) -> torch.Tensor:
+    """qk [B, L, heads, D] -> [B, heads, L, D]: each head RMS-normalized with its weight (q_weight
+    for the first n_q_heads, k_weight for the others), then rotated (modules.apply_rotary)."""
+    from .model.modules import apply_rotary, rms_normalize
+    heads = qk.transpose(1, 2)
+    q = rms_normalize(heads[:, :n_q_heads], eps, q_weight)
+    k = rms_normalize(heads[:, n_q_heads:], eps, k_weight)
+    return apply_rotary(torch.cat((q, k), dim=1), cos, sin)

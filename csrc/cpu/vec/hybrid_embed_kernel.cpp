@@ -19,20 +19,6 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
-
-template <class T>
-inline void store_from_float(const Vec& v, T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else if (n == kW) {
-    at::vec::convert_from_float<T>(v, v).store(p, n);  // round to nearest even, like Tensor.to()
-  } else {
-    float tail[kW];
-    v.store(tail);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tail[i]);
-  }
-}
-
 float reduce_add(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }

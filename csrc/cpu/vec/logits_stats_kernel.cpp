@@ -172,6 +172,9 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
     // Pass 2: sum of exp(x - m) (skipped while every logit so far is -inf) and top-k candidates.
     // The lanes sum with Kahan compensation: a lane holding exp(0) = 1 would otherwise round
     // away most of each small term added to it (several ulps over a block of a peaked row).
+    // exp_u20 (<= 20 ulp a term), not Sleef's exp_u10: 23 -> 16 us per row of 32768 logits,
+    // the largest part of a step outside the forward; conf stays within ~1e-7 relative of a
+    // float64 softmax (torch.softmax in float32: ~3e-6).
     const bool sum = m > -kInf;
     const Vec vm(m);
     Vec acc(0.f), comp(0.f);
@@ -185,7 +188,7 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
       if (j < next_n) __builtin_prefetch(next + j);
       const Vec v = Vec::loadu(buf + j);
       if (sum) {
-        const Vec y = (v - vm).exp() - comp;
+        const Vec y = (v - vm).exp_u20() - comp;
         const Vec t = acc + y;
         comp = (t - acc) - y;
         acc = t;

@@ -21,6 +21,7 @@ struct ExpertTask {
   int64_t m, H, I;
   const T* gate_up;         // [H, 2I] of this expert, row-major
   const T* down;            // [I, H] of this expert, row-major
+  const T* next_gate_up;    // the gate_up of the expert this thread runs next, or nullptr
   float* scratch;           // m * (2 H + 3 I) floats of work space
 };
 

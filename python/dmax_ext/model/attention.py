@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
-from .modules import RMSNorm, apply_rotary, rms_normalize
+from .modules import Linear, RMSNorm, apply_rotary, rms_normalize
+from .native import native_op
 
 
 def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
@@ -53,10 +54,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         n_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         # Rows: all query heads, then all key heads, then all value heads (the checkpoint order).
-        self.query_key_value = nn.Linear(config.hidden_size, n_rows, bias=False)
+        self.query_key_value = Linear(config.hidden_size, n_rows)
         self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.dense = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dense = Linear(self.n_heads * self.head_dim, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -66,12 +67,10 @@ class Attention(nn.Module):
         With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
         slots.fed and the queries attend to slots [0, slots.span) (S = span)."""
         batch, length, _ = x.shape
-        qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim)  # [B, T, heads, hd]
         n_qk = self.n_heads + self.n_kv_heads
-        # q and k heads normalized and rotated as one tensor (the same values as query_layernorm
-        # and key_layernorm applied apart, in half the ops: per-op overhead is a block's cost).
-        qk = apply_rotary(self._qk_norm(qkv[:, :n_qk]), cos, sin)
-        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:]
+        qk = self._qk_norm_rotary(qkv[:, :, :n_qk], cos, sin)
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, :, n_qk:].transpose(1, 2)
         if cache_kv is not None:
             keys, values = cache_kv
             keys[:, :, slots.fed] = k
@@ -82,6 +81,19 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _qk_norm_rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The q and k heads of qkv ([B, T, heads, hd]) normalized by query_layernorm /
+        key_layernorm and rotated, as one tensor [B, heads, T, hd]: per-op overhead is a
+        block's cost, so without gradients on the CPU one op (dmax.qk_norm_rotary), else the
+        two norms as one normalization and one rotary."""
+        q_norm, k_norm = self.query_layernorm, self.key_layernorm
+        if q_norm.eps == k_norm.eps and qk.dtype == q_norm.weight.dtype:
+            native = native_op("qk_norm_rotary", qk, q_norm.weight)
+            if native is not None:
+                return native(qk, q_norm.weight, k_norm.weight, cos, sin, self.n_heads,
+                              q_norm.eps)
+        return apply_rotary(self._qk_norm(qk.transpose(1, 2)), cos, sin)
 
     def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """RMSNorm.forward of query_layernorm on the first n_heads heads of qk [B, heads, T, hd]

@@ -11,40 +11,8 @@ from torch import nn
 from .attention import Attention, CacheSlots, block_causal_mask, cached_attention_mask
 from .cache import KVCache
 from .config import LLaDA2Config
-from .modules import GatedMLP, RMSNorm, rotary_cos_sin, rotary_inv_freq
+from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .moe import MoeBlock, resolve_impl
-
-
-class LMHead(nn.Linear):
-    """The output projection (an nn.Linear without bias: same parameter, same checkpoint name).
-    A decoding block's few rows on the CPU run as W @ h^T, transposed back: with the small
-    operand second, MKL / oneDNN stream W without repacking it (measured on AVX512 + AMX, 32
-    rows of llada2-small: ~20% faster in float32, ~10% in bf16; slower from 64 rows on in
-    float32). In float32 the vocabulary goes in chunks whose [chunk, rows] product is transposed
-    while it is in cache (the whole [V, rows] transpose alone took 1.5 ms of 16)."""
-
-    TRANSPOSED_MAX_ROWS = 32
-    FLOAT32_CHUNK = 4096
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__(hidden_size, vocab_size, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        rows = h.numel() // h.shape[-1]
-        if h.device.type != "cpu" or rows > self.TRANSPOSED_MAX_ROWS \
-                or (torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad)):
-            return super().forward(h)
-        weight, h_t = self.weight, h.reshape(rows, -1).t()
-        vocab = weight.shape[0]
-        if weight.dtype != torch.float32:
-            return (weight @ h_t).t().contiguous().view(*h.shape[:-1], vocab)  # [V, rows]^T
-        out = h.new_empty(rows, vocab)
-        part = h.new_empty(min(self.FLOAT32_CHUNK, vocab), rows)
-        for start in range(0, vocab, self.FLOAT32_CHUNK):
-            end = min(start + self.FLOAT32_CHUNK, vocab)
-            torch.mm(weight[start:end], h_t, out=part[:end - start])
-            out[:, start:end].copy_(part[:end - start].t())
-        return out.view(*h.shape[:-1], vocab)
 
 
 class DecoderLayer(nn.Module):
@@ -76,7 +44,8 @@ class LLaDA2MoeModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        # The largest matmul of a block forward (Linear: dmax.skinny_linear for a block's rows).
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tokenizer = None
 
     # -- embeddings ----------------------------------------------------------------------------
@@ -101,6 +70,14 @@ class LLaDA2MoeModel(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoeBlock):
                 layer.mlp.impl = impl
+
+    def set_cpu_variants(self, enabled: bool) -> None:
+        """The projections' CPU-only form (Linear: dmax.skinny_linear for a block's rows) on (the
+        default) or off; off, the CPU dispatches what CUDA runs (op traces that stand for a GPU
+        step)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.native_max_rows = Linear.native_max_rows if enabled else 0
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None,

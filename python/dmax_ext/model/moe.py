@@ -6,14 +6,13 @@ names (`experts.E.gate_proj.weight` ...) through hooks, so state_dict keys == ch
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
 from .modules import GatedMLP
+from .native import native_op
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -48,7 +47,13 @@ class Router(nn.Module):
         # float32 even under autocast (mixed-precision training): selection compares scores
         # that differ in the 3rd decimal, which bf16 would turn into ties.
         with torch.autocast(x.device.type, enabled=False):
-            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+            logits = F.linear(x.float(), self.weight.float())
+        # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
+        native = native_op("moe_route", x, self.weight)
+        if native is not None:
+            return native(logits, self.expert_bias.float(), self.n_group, self.topk_group,
+                          self.top_k, self.scaling)
+        scores = torch.sigmoid(logits)
         ids = select_experts(scores + self.expert_bias.float(), self.n_group, self.topk_group,
                              self.top_k)
         # The bias only steers selection; the weights are the unbiased scores.
@@ -131,24 +136,6 @@ def _experts_cpu(xs, counts, gate_up, down):
 NATIVE_EXPERTS_MAX_TOKENS = 64
 
 
-@functools.cache
-def _native_ops():
-    """dmax_ext.ops when its library has moe_experts, else None (imported lazily: the model does
-    not need the native library)."""
-    try:
-        from .. import ops
-    except ImportError:
-        return None
-    return ops if ops.has_moe_experts() else None
-
-
-def _native_experts_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # No autograd through the native op: only when no gradient is wanted.
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (x.device.type == "cpu" and not wants_grad and x.shape[0] <= NATIVE_EXPERTS_MAX_TOKENS
-            and _native_ops() is not None)
-
-
 _EXPERT_IMPLS = {"reference": _experts_reference, "padded": _experts_padded,
                  "grouped": _experts_grouped, "cpu": _experts_cpu}
 
@@ -186,8 +173,10 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
-        if impl == "cpu" and _native_experts_apply(x, self.gate_up_proj):
-            return _native_ops().moe_experts(x, ids, weights, self.gate_up_proj, self.down_proj)
+        native = (native_op("moe_experts", x, self.gate_up_proj, NATIVE_EXPERTS_MAX_TOKENS)
+                  if impl == "cpu" else None)
+        if native is not None:
+            return native(x, ids, weights, self.gate_up_proj, self.down_proj)
         n, k = ids.shape
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)

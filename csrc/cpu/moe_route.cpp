@@ -1,0 +1,49 @@
+// dmax.moe_route on the CPU: a MoE layer's router after its GEMM (the group-limited top-k of
+// SPEC section 1), for every token at once; each row runs csrc/cpu/vec/moe_route_kernel.cpp.
+// Semantics: dmax_ext.model.moe.Router (the torch formulation, with gradients); no CUDA version.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <tuple>
+
+#include "cpu/vec/capability.h"
+#include "cpu/vec/moe_route_kernel.h"
+#include "ops_cpu.h"
+
+namespace dmax::cpu {
+
+std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_in,
+                                             const at::Tensor& bias_in, int64_t n_group,
+                                             int64_t topk_group, int64_t top_k, double scaling) {
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
+              "moe_route: logits must be float32 [N, E], got ", logits_in.scalar_type(), " ",
+              logits_in.sizes());
+  const int64_t N = logits_in.size(0), E = logits_in.size(1);
+  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == E && bias_in.scalar_type() == at::kFloat,
+              "moe_route: expert_bias must be float32 [", E, "], got ", bias_in.scalar_type(),
+              " ", bias_in.sizes());
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && E / n_group >= 2,
+              "moe_route: n_group must divide E = ", E, " into groups of at least 2, got ",
+              n_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group must be in [1, ",
+              n_group, "], got ", topk_group);
+  TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (E / n_group),
+              "moe_route: top_k must be in [1, ", topk_group * (E / n_group),
+              "] (the kept groups' experts), got ", top_k);
+  for (const auto* t : {&logits_in, &bias_in}) {
+    TORCH_CHECK(t->device().is_cpu(), "moe_route: the CPU kernel got a ", t->device(), " tensor");
+  }
+  static const auto route_rows = DMAX_CPU_KERNEL(moe_route_rows);
+  const at::Tensor logits = logits_in.contiguous(), bias = bias_in.contiguous();
+  at::Tensor ids = at::empty({N, top_k}, logits.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({N, top_k}, logits.options());
+  const RouteTask task{logits.const_data_ptr<float>(), bias.const_data_ptr<float>(), E, n_group,
+                       topk_group, top_k, static_cast<float>(scaling),
+                       ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<float>()};
+  // A row is a few hundred operations: chunks of many rows, or the threads' start-up dominates.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(E, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { route_rows(task, begin, end); });
+  return {ids, weights};
+}
+
+}  // namespace dmax::cpu

@@ -1,0 +1,152 @@
+// dmax.rms_norm and dmax.qk_norm_rotary on the CPU: the model's RMSNorm (and, for the attention's
+// q and k heads, the RMSNorm followed by the partial rotary embedding) as one op per call, rows
+// in parallel, each running csrc/cpu/vec/rms_norm_kernel.cpp. Inputs may be strided views (the
+// q|k heads of the fused qkv projection) as long as each row is contiguous.
+// Semantics: dmax_ext.model.modules (rms_normalize, apply_rotary); no CUDA version.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/vec/capability.h"
+#include "cpu/vec/rms_norm_kernel.h"
+#include "ops_cpu.h"
+
+namespace dmax::cpu {
+namespace {
+
+void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a ", t.device(), " tensor");
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                at::IntArrayRef sizes) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.sizes() == sizes, op, ": ", name,
+              " must be ", x.scalar_type(), " ", sizes, ", got ", t.scalar_type(), " ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a ", t.device(), " tensor");
+}
+
+// Element offset of row r of x (all dims but the last, row-major order).
+std::vector<int64_t> row_offsets(const at::Tensor& x) {
+  const int64_t dims = x.dim() - 1;
+  int64_t rows = 1;
+  for (int64_t d = 0; d < dims; ++d) rows *= x.size(d);
+  std::vector<int64_t> offsets(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t rest = r, offset = 0;
+    for (int64_t d = dims - 1; d >= 0; --d) {
+      offset += rest % x.size(d) * x.stride(d);
+      rest /= x.size(d);
+    }
+    offsets[r] = offset;
+  }
+  return offsets;
+}
+
+// Rows per parallel chunk: a row is ~4 H operations; chunks of ~64K keep the threads' start-up
+// small against the work.
+int64_t row_grain(int64_t H) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * H, 1));
+}
+
+template <class T>
+at::Tensor rms_norm_typed(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static const auto norm_row = DMAX_CPU_KERNEL(rms_norm_row<T>);
+  const int64_t H = x.size(-1);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const std::vector<int64_t> offsets = row_offsets(x);
+  const T* x_p = x.const_data_ptr<T>();
+  const T* w_p = weight.const_data_ptr<T>();
+  T* out_p = out.mutable_data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(offsets.size()), row_grain(H),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      norm_row(NormRow<T>{x_p + offsets[r], w_p, nullptr, nullptr, H, 0,
+                          static_cast<float>(eps), nullptr, out_p + r * H});
+    }
+  });
+  return out;
+}
+
+template <class T>
+at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight,
+                                const at::Tensor& k_weight, const at::Tensor& cos_in,
+                                const at::Tensor& sin_in, int64_t n_q_heads, double eps) {
+  static const auto norm_row = DMAX_CPU_KERNEL(rms_norm_row<T>);
+  const int64_t B = qk.size(0), L = qk.size(1), G = qk.size(2), D = qk.size(3);
+  const int64_t R = cos_in.size(2);
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  at::Tensor out = at::empty({B, G, L, D}, qk.options());
+  const T* x_p = qk.const_data_ptr<T>();
+  const T* q_w = q_weight.const_data_ptr<T>();
+  const T* k_w = k_weight.const_data_ptr<T>();
+  const T* cos_p = cos.const_data_ptr<T>();
+  const T* sin_p = sin.const_data_ptr<T>();
+  T* out_p = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * L * G, row_grain(D), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(D);
+    for (int64_t r = begin; r < end; ++r) {  // r = (b * L + l) * G + g: the input's order
+      const int64_t g = r % G, bl = r / G, b = bl / L, l = bl % L;
+      norm_row(NormRow<T>{x_p + b * qk.stride(0) + l * qk.stride(1) + g * qk.stride(2),
+                          g < n_q_heads ? q_w : k_w, cos_p + bl * R, sin_p + bl * R, D, R,
+                          static_cast<float>(eps), scratch.data(),
+                          out_p + ((b * G + g) * L + l) * D});
+    }
+  });
+  return out;
+}
+
+template <class Fn>
+at::Tensor dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    default:
+      return fn(c10::Half{});
+  }
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_float_dtype("rms_norm", "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.stride(-1) == 1,
+              "rms_norm: x must have a contiguous, non-empty last dimension, got sizes ",
+              x.sizes(), " strides ", x.strides());
+  check_like("rms_norm", "weight", weight, x, {x.size(-1)});
+  const at::Tensor w = weight.contiguous();
+  return dispatch_float(x.scalar_type(), [&](auto t) {
+    return rms_norm_typed<decltype(t)>(x, w, eps);
+  });
+}
+
+at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
+                          const at::Tensor& k_weight, const at::Tensor& cos,
+                          const at::Tensor& sin, int64_t n_q_heads, double eps) {
+  check_float_dtype("qk_norm_rotary", "qk", qk);
+  TORCH_CHECK(qk.dim() == 4 && qk.size(3) > 0 && qk.stride(3) == 1,
+              "qk_norm_rotary: qk must be [B, L, heads, D] with contiguous rows, got sizes ",
+              qk.sizes(), " strides ", qk.strides());
+  const int64_t D = qk.size(3);
+  TORCH_CHECK(n_q_heads >= 0 && n_q_heads <= qk.size(2), "qk_norm_rotary: n_q_heads must be in "
+              "[0, ", qk.size(2), "], got ", n_q_heads);
+  check_like("qk_norm_rotary", "q_weight", q_weight, qk, {D});
+  check_like("qk_norm_rotary", "k_weight", k_weight, qk, {D});
+  TORCH_CHECK(cos.dim() == 3 && cos.size(2) % 2 == 0 && cos.size(2) <= D,
+              "qk_norm_rotary: cos must be [B, L, R] with R even and <= ", D, ", got ",
+              cos.sizes());
+  check_like("qk_norm_rotary", "cos", cos, qk, {qk.size(0), qk.size(1), cos.size(2)});
+  check_like("qk_norm_rotary", "sin", sin, qk, cos.sizes());
+  const at::Tensor q_w = q_weight.contiguous(), k_w = k_weight.contiguous();
+  return dispatch_float(qk.scalar_type(), [&](auto t) {
+    return qk_norm_rotary_typed<decltype(t)>(qk, q_w, k_w, cos, sin, n_q_heads, eps);
+  });
+}
+
+}  // namespace dmax::cpu

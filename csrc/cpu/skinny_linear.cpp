@@ -1,0 +1,83 @@
+// dmax.skinny_linear on the CPU: x @ weight^T for a few rows of x (a decoding block's projections
+// and lm_head), the weight read once in place. float32: x is transposed into a [K, Mp] copy (rows
+// padded with zeros to whole vectors), then the output columns (weight rows) are split over the
+// threads in whole register tiles, each running csrc/cpu/vec/skinny_linear_kernel.cpp. 16-bit:
+// the library GEMM with the operands swapped, and a vectorized transpose of its product.
+// Semantics: F.linear without bias (dmax_ext.reference.skinny_linear_reference); no CUDA version.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <memory>
+
+#include "cpu/vec/capability.h"
+#include "cpu/vec/skinny_linear_kernel.h"
+#include "ops_cpu.h"
+
+namespace dmax::cpu {
+namespace {
+
+void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "skinny_linear: x must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2, "skinny_linear: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+              "skinny_linear: weight must be [N, K] with K = ", x.size(1), ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dtype, "skinny_linear: weight must have x's dtype ", dtype,
+              ", got ", weight.scalar_type());
+  for (const auto* t : {&x, &weight}) {
+    TORCH_CHECK(t->device().is_cpu(), "skinny_linear: the CPU kernel got a ", t->device(),
+                " tensor");
+  }
+}
+
+at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight) {
+  static const auto columns = DMAX_CPU_KERNEL(skinny_linear_columns);
+  static const auto pack = DMAX_CPU_KERNEL(skinny_linear_pack);
+  static const auto tile_rows = DMAX_CPU_KERNEL(skinny_linear_tile_rows)();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const int64_t Mp = (M + 15) / 16 * 16;
+  std::unique_ptr<float[]> xt(new float[K * Mp]);
+  pack(x.const_data_ptr<float>(), M, K, Mp, xt.get());
+  const SkinnyLinearTask task{xt.get(), M, Mp, K, N, weight.const_data_ptr<float>(),
+                              out.mutable_data_ptr<float>()};
+  // Chunks of whole tiles streaming at least ~256 KB of weights each: the threads' start-up
+  // (tens of microseconds, more on a busy machine) stays small against the work.
+  const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (tile_rows * K * 4));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    columns(task, begin * tile_rows, std::min(end * tile_rows, N));
+  });
+  return out;
+}
+
+// 16-bit: the library's GEMM (oneDNN, AMX in bf16) as weight @ x^T, the few rows second, which
+// streams the weight without repacking it (llada2-small's lm_head, 32 rows of bf16: 2.7 ms
+// against 6.1 ms for x @ weight^T), then transposed back by a vectorized kernel (torch's copy
+// of the [V, 32] product took 0.8-1.9 ms of it).
+at::Tensor skinny_linear_16bit(const at::Tensor& x, const at::Tensor& weight) {
+  static const auto transpose = DMAX_CPU_KERNEL(transpose_16bit);
+  const int64_t M = x.size(0), N = weight.size(0);
+  const at::Tensor product = at::mm(weight, x.t()).contiguous();  // [N, M]
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const auto* in_p = reinterpret_cast<const uint16_t*>(product.const_data_ptr());
+  auto* out_p = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  at::parallel_for(0, N, std::max<int64_t>(64, (int64_t{1} << 16) / M),
+                   [&](int64_t begin, int64_t end) { transpose(in_p, N, M, out_p, begin, end); });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_skinny_linear_args(x, weight);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  return x.scalar_type() == at::kFloat ? skinny_linear_float(xc, wc) : skinny_linear_16bit(xc, wc);
+}
+
+}  // namespace dmax::cpu

@@ -1,0 +1,209 @@
+// dmax.skinny_linear on the CPU, a range of output columns at a time (compiled once per CPU
+// capability, see skinny_linear_kernel.h). A decoding block's projection multiplies a few rows of
+// activations (32 tokens) by a weight read once: the GEMM library packs that weight for every
+// float32 call (the llada2-small lm_head ran at half the machine's float32 peak). Here the weight
+// is read in place: a register tile of kTileRows weight rows by two vectors of activation rows,
+// one weight element broadcast against the transposed activations per multiply-add, while the
+// next tile's rows are prefetched. 16-bit weights go to the library (AMX) as weight @ x^T; the
+// transpose of that product back to [M, N] is here too.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "cpu/vec/prefetch.h"
+#include "cpu/vec/skinny_linear_kernel.h"
+
+namespace dmax::cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 12;  // 12 weight rows x 2 vectors = 24 accumulators of 32 zmm registers
+#else
+constexpr int kTileRows = 6;   // 6 x 2 = 12 accumulators of 16 ymm registers
+#endif
+constexpr int64_t kMaxVecs = 2;
+constexpr int64_t kSumBlock = 128;
+
+// c[i, :NV kW] = w[i, :K] @ xt[:K, :NV kW] for i < kTileRows: w float32 (row stride K), xt
+// float32 (row stride ldx), c float32 [kTileRows, NV kW]. Sums in k order.
+// c[i, :NV kW] (+)= w[i, :K] @ xt[:K, :NV kW] for i < kTileRows: w float32 (row stride ldw), xt
+// float32 (row stride ldx), c float32 [kTileRows, NV kW]; the sum over K (from zero, in k order)
+// is added onto c when `accumulate`.
+// The rows are addressed as groups of three from one pointer each (base, base + K, base + 2K):
+// twelve row pointers do not fit the general registers next to the loop's own, and GCC reloaded
+// them from the stack at every step.
+template <int NV>
+inline void tile(const float* xt, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                 float* c, bool accumulate, Prefetcher& prefetch) {
+  static_assert(kTileRows % 3 == 0);
+  constexpr int kGroups = kTileRows / 3;
+  Vec acc[kTileRows][NV];
+  for (int i = 0; i < kTileRows; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+  const char* base[kGroups];
+  for (int g = 0; g < kGroups; ++g) base[g] = reinterpret_cast<const char*>(w + 3 * g * ldw);
+  const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(float));
+  for (int64_t k = 0; k < K; ++k) {
+    prefetch.step();
+    Vec xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(xt + k * ldx + v * kW);
+    for (int g = 0; g < kGroups; ++g) {
+      for (int j = 0; j < 3; ++j) {
+        const Vec wb(*reinterpret_cast<const float*>(base[g] + j * row_bytes));
+        for (int v = 0; v < NV; ++v)
+          acc[3 * g + j][v] = at::vec::fmadd(wb, xv[v], acc[3 * g + j][v]);
+      }
+      base[g] += sizeof(float);
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + (i * NV + v) * kW;
+      (accumulate ? Vec::loadu(ci) + acc[i][v] : acc[i][v]).store(ci);
+    }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// r[i] = row i of a 16 x 16 float block -> r[c] = its column c (unpack, then two lane shuffles).
+inline void transpose_16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
+}
+#endif
+
+}  // namespace
+
+int64_t skinny_linear_tile_rows() { return kTileRows; }
+
+void skinny_linear_pack(const float* x, int64_t M, int64_t K, int64_t Mp, float* xt) {
+  int64_t m0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 x 16 blocks in registers: element by element, the rows' power-of-two stride made every
+  // access a conflict miss (20 us for 32 x 512, more than a small projection's arithmetic).
+  for (; m0 + 16 <= M; m0 += 16) {
+    int64_t k0 = 0;
+    for (; k0 + 16 <= K; k0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + (m0 + i) * K + k0);
+      transpose_16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(xt + (k0 + i) * Mp + m0, r[i]);
+    }
+    for (; k0 < K; ++k0)
+      for (int64_t i = 0; i < 16; ++i) xt[k0 * Mp + m0 + i] = x[(m0 + i) * K + k0];
+  }
+#endif
+  for (; m0 < M; ++m0)
+    for (int64_t k = 0; k < K; ++k) xt[k * Mp + m0] = x[m0 * K + k];
+  for (int64_t k = 0; k < K; ++k) std::fill(xt + k * Mp + M, xt + (k + 1) * Mp, 0.f);
+}
+
+void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
+  const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
+  // The last tile's rows, zero-padded to a whole tile.
+  std::vector<float> rows;
+  alignas(64) float c[kTileRows * kMaxVecs * kW];
+  for (int64_t n0 = begin; n0 < end; n0 += kTileRows) {
+    const int64_t r = std::min<int64_t>(kTileRows, end - n0);
+    const float* w = task.weight + n0 * K;
+    if (r < kTileRows) {
+      rows.assign(kTileRows * K, 0.f);
+      std::copy(w, w + r * K, rows.begin());
+      w = rows.data();
+    }
+    // The next tile's rows come in while this one computes (its first vector pass only).
+    const int64_t next_rows = std::clamp<int64_t>(end - n0 - r, 0, kTileRows);
+    const char* next = reinterpret_cast<const char*>(task.weight + (n0 + r) * K);
+    const int64_t lines = (next_rows * K * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+    Prefetcher prefetch{next, next + 64 * lines, (lines + K - 1) / K};
+    for (int64_t m0 = 0; m0 < Mp; m0 += kMaxVecs * kW) {
+      const int64_t nv = std::min<int64_t>(kMaxVecs, (Mp - m0) / kW);
+      // Partial sums over blocks of kSumBlock terms, added up in order: a float32 sum's
+      // rounding error grows with its length (one sum over K = 1408 was 2.6x the library's).
+      for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+        const int64_t kn = std::min(kSumBlock, K - k0);
+        const float* xt = task.xt + k0 * Mp + m0;
+        if (nv == 2) {
+          tile<2>(xt, Mp, w + k0, K, kn, c, k0 > 0, prefetch);
+        } else {
+          tile<1>(xt, Mp, w + k0, K, kn, c, k0 > 0, prefetch);
+        }
+      }
+      // c[i, mm] is out[m0 + mm, n0 + i]: a transposed store, a few floats at a time.
+      const int64_t m_end = std::min(M, m0 + nv * kW);
+      for (int64_t m = m0; m < m_end; ++m) {
+        float* o = task.out + m * N + n0;
+        const float* ci = c + (m - m0);
+        for (int64_t i = 0; i < r; ++i) o[i] = ci[i * nv * kW];
+      }
+    }
+  }
+}
+
+void transpose_16bit(const uint16_t* in, int64_t N, int64_t M, uint16_t* out, int64_t begin,
+                     int64_t end) {
+  int64_t n0 = begin;
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 rows of `in` x 32 columns as a 16 x 16 block of column pairs (32-bit), transposed in
+  // registers: pair c of the 16 rows, low halves -> out row 2c, high halves -> out row 2c + 1.
+  // (A gather per pair cost 20 ns each here: 0.6 ms for a [32768, 32] product.)
+  if (M % 32 == 0) {
+    for (; n0 + 16 <= end; n0 += 16) {
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(in + (n0 + i) * M + m0));
+        transpose_16x16(r);
+        for (int c = 0; c < 16; ++c) {
+          const __m512i pairs = _mm512_castps_si512(r[c]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + 2 * c) * N + n0),
+                              _mm512_cvtepi32_epi16(pairs));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + 2 * c + 1) * N + n0),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+        }
+      }
+    }
+  }
+#endif
+  // Blocks of 64 rows: their M columns stay in L1 while each out row takes 64 elements.
+  constexpr int64_t kBlock = 64;
+  for (; n0 < end; n0 += kBlock) {
+    const int64_t nn = std::min(kBlock, end - n0);
+    for (int64_t m = 0; m < M; ++m) {
+      uint16_t* o = out + m * N + n0;
+      const uint16_t* i = in + n0 * M + m;
+      for (int64_t n = 0; n < nn; ++n) o[n] = i[n * M];
+    }
+  }
+}
+
+}  // namespace dmax::cpu::CPU_CAPABILITY

@@ -1,0 +1,36 @@
+// The kernels of dmax.skinny_linear on the CPU. skinny_linear_kernel.cpp is compiled once per CPU
+// capability (cmake/cpu_capability.cmake); csrc/cpu/skinny_linear.cpp picks one at run time
+// (capability.h).
+#pragma once
+#include <cstdint>
+
+namespace dmax::cpu {
+
+// out[m, n] = sum_k x[m, k] * weight[n, k] for m < M and n in [begin, end), float32: products
+// summed in k order within blocks of 128 terms, the block sums added in order.
+struct SkinnyLinearTask {
+  const float* xt;      // [K, Mp]: x transposed, Mp = M rounded up to a multiple of 16 (whole
+                        // vectors on every capability), zeros past M
+  int64_t M, Mp, K, N;
+  const float* weight;  // [N, K], row stride K
+  float* out;           // [M, N], row stride N
+};
+
+#define DMAX_DECLARE_SKINNY_LINEAR(cap)                                                     \
+  namespace cap {                                                                           \
+  /* the weight rows of one register tile: parallel chunks are multiples of it */           \
+  int64_t skinny_linear_tile_rows();                                                        \
+  void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end);     \
+  /* xt[k, m] = x[m, k] for m < M, 0 for M <= m < Mp: x [M, K] row-major, xt [K, Mp] */     \
+  void skinny_linear_pack(const float* x, int64_t M, int64_t K, int64_t Mp, float* xt);     \
+  /* out[m, n] = in[n, m] for n in [begin, end), m < M: 16-bit elements, in [N, M], out    \
+     [M, N] */                                                                              \
+  void transpose_16bit(const uint16_t* in, int64_t N, int64_t M, uint16_t* out,             \
+                       int64_t begin, int64_t end);                                         \
+  }
+DMAX_DECLARE_SKINNY_LINEAR(DEFAULT)
+DMAX_DECLARE_SKINNY_LINEAR(AVX2)
+DMAX_DECLARE_SKINNY_LINEAR(AVX512)
+#undef DMAX_DECLARE_SKINNY_LINEAR
+
+}  // namespace dmax::cpu

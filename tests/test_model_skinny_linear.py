@@ -1,0 +1,116 @@
+"""dmax.skinny_linear (CPU), the model's projections for a decoding block's rows: against a float64
+x @ weight^T within 2x the error of F.linear in the same dtype, at widths with every tail (rows
+not whole vectors, columns not whole tiles, K not whole sum blocks); what Linear picks; opcheck;
+argument errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmax_ext import ops
+from dmax_ext.model import PRESETS, random_model
+from dmax_ext.model.modules import Linear
+from dmax_ext.reference import skinny_linear_reference
+from tolerances import assert_within_naive_error
+
+pytestmark = pytest.mark.skipif(not ops.has_op("skinny_linear"),
+                                reason="the native library predates skinny_linear: rebuild")
+
+
+def _case(m, n, k, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=gen).to(dtype),
+            (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(32, 768, 512), (32, 512, 1408), (1, 12, 16), (5, 33, 40),
+                                   (17, 100, 130), (64, 24, 256), (100, 37, 7)])
+def test_matches_the_formula_within_naive_error(dtype, m, n, k):
+    x, w = _case(m, n, k, dtype, seed=m + n + k)
+    got = ops.skinny_linear(x, w)
+    assert got.dtype == dtype and got.shape == (m, n) and got.is_contiguous()
+    assert_within_naive_error(got, F.linear(x.double(), w.double()),
+                              skinny_linear_reference(x, w), f"{dtype} {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n", [(32, 100), (64, 40), (7, 33), (96, 17)])
+def test_16bit_is_the_library_product_transposed_exactly(m, n):
+    # bf16 / fp16: weight @ x^T by the library GEMM, then the kernel's transpose (16 x 32 blocks
+    # in registers when M is a multiple of 32, element by element otherwise and for the tail).
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w = _case(m, n, 64, dtype, seed=m)
+        assert torch.equal(ops.skinny_linear(x, w), (w @ x.t()).t())
+
+
+def test_strided_inputs_are_read_as_their_values():
+    x, w = _case(8, 40, 64, torch.float32)
+    got = ops.skinny_linear(x.t().contiguous().t(), w[:, :].t().contiguous().t())
+    torch.testing.assert_close(got, ops.skinny_linear(x, w), rtol=0, atol=0)
+
+
+def test_empty_sides():
+    x, w = _case(3, 5, 0, torch.float32)
+    assert torch.equal(ops.skinny_linear(x, w), torch.zeros(3, 5))
+    assert ops.skinny_linear(*_case(0, 5, 4, torch.float32)).shape == (0, 5)
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = ops.skinny_linear
+
+    def spy(x, weight):
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return real(x, weight)
+    monkeypatch.setattr(ops, "skinny_linear", spy)
+    return calls
+
+
+def test_linear_uses_it_for_a_block_without_grad(monkeypatch):
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(2, 16, 24)
+    with torch.no_grad():
+        fast = layer(x)                       # 32 rows, float32: the native op
+        big = layer(torch.randn(3, 30, 24))   # 90 rows > native_max_rows: F.linear
+        half = copy.deepcopy(layer).half()(x.half())  # float16: F.linear
+    assert calls == [((32, 24), (40, 24))]
+    torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert big.shape == (3, 30, 40) and half.dtype == torch.float16
+    graded = layer(x)                         # gradients wanted: F.linear
+    assert len(calls) == 1 and graded.grad_fn is not None
+
+
+def test_set_cpu_variants_off_runs_what_cuda_runs(monkeypatch):
+    calls = _spy(monkeypatch)
+    model = random_model("tiny", dtype=torch.float32)
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))
+    with torch.no_grad():
+        model.set_cpu_variants(False)
+        off = model(input_ids=ids)
+        assert calls == []
+        model.set_cpu_variants(True)
+        on = model(input_ids=ids)
+    assert len(calls) == 3 * 5 + 1  # 3 layers: qkv, dense, gate, up, down; then lm_head
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    torch.library.opcheck(torch.ops.dmax.skinny_linear.default, _case(6, 20, 24, dtype))
+
+
+def test_argument_errors():
+    x, w = _case(4, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        ops.skinny_linear(x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"weight must have shape \(N, 16\)"):
+        ops.skinny_linear(x, w[:, :8])
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        ops.skinny_linear(x[None], w)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.skinny_linear(x.double(), w.double())
+    with pytest.raises(RuntimeError, match="skinny_linear: weight must be"):
+        torch.ops.dmax.skinny_linear(x, w[:, :8])
