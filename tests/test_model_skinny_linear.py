@@ -97,6 +97,22 @@ def test_set_cpu_variants_off_runs_what_cuda_runs(monkeypatch):
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
 
 
+def test_set_cpu_variants_off_reaches_no_native_op(monkeypatch):
+    """Off means every CPU-only form (norms, q/k norm + rotary, router, experts, projections),
+    not only the projections: step_ops' traces must show what CUDA runs."""
+    from dmax_ext.model import native
+
+    def forbidden(name, *args, **kwargs):
+        raise AssertionError(f"native op {name} reached with the CPU variants off")
+    monkeypatch.setattr(native, "native_op", forbidden)
+    model = random_model("tiny", dtype=torch.float32)
+    model.set_moe_impl("auto")  # on the CPU: the "cpu" experts path, whose native form is off
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))
+    model.set_cpu_variants(False)
+    with torch.no_grad():
+        assert model(input_ids=ids).shape == (1, 8, PRESETS["tiny"].vocab_size)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.dmax.skinny_linear.default, _case(6, 20, 24, dtype))

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import Linear, RMSNorm, apply_rotary, rms_normalize
-from .native import native_op
+from .native import CpuVariant
 
 
 def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
@@ -46,7 +46,7 @@ class CacheSlots(NamedTuple):
     span: int
 
 
-class Attention(nn.Module):
+class Attention(CpuVariant, nn.Module):
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.n_heads = config.num_attention_heads
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         two norms as one normalization and one rotary."""
         q_norm, k_norm = self.query_layernorm, self.key_layernorm
         if q_norm.eps == k_norm.eps and qk.dtype == q_norm.weight.dtype:
-            native = native_op("qk_norm_rotary", qk, q_norm.weight)
+            native = self.native("qk_norm_rotary", qk, q_norm.weight)
             if native is not None:
                 return native(qk, q_norm.weight, k_norm.weight, cos, sin, self.n_heads,
                               q_norm.eps)

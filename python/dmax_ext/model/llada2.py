@@ -13,6 +13,7 @@ from .cache import KVCache
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .moe import MoeBlock, resolve_impl
+from .native import CpuVariant
 
 
 class DecoderLayer(nn.Module):
@@ -72,12 +73,12 @@ class LLaDA2MoeModel(nn.Module):
                 layer.mlp.impl = impl
 
     def set_cpu_variants(self, enabled: bool) -> None:
-        """The projections' CPU-only form (Linear: dmax.skinny_linear for a block's rows) on (the
-        default) or off; off, the CPU dispatches what CUDA runs (op traces that stand for a GPU
-        step)."""
+        """The CPU-only native forms (model/native.py CpuVariant: projections, norms, q/k norm +
+        rotary, router, experts) on (the default) or off; off, the CPU dispatches what CUDA
+        runs (op traces that stand for a GPU step)."""
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.native_max_rows = Linear.native_max_rows if enabled else 0
+            if isinstance(module, CpuVariant):
+                module.cpu_variant = enabled
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None,

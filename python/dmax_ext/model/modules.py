@@ -5,16 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import native_op
+from .native import CpuVariant
 
 
-class Linear(nn.Linear):
+class Linear(CpuVariant, nn.Linear):
     """The model's projections and lm_head: nn.Linear without bias (same parameter, same
     checkpoint name). A decoding block's few rows on the CPU without gradients run as
     dmax.skinny_linear, which reads the weight once in place where the GEMM library would repack
     it on every call (llada2-small, 32 rows, 1 thread: float32 qkv 0.26 -> 0.24 ms, lm_head 17 ->
-    11 ms; bfloat16 lm_head 6.2 -> 2.9 ms). float16: no faster than F.linear, so not used.
-    `native_max_rows` = 0 turns it off (what CUDA runs, for op traces)."""
+    11 ms; bfloat16 lm_head 6.2 -> 2.9 ms). float16: no faster than F.linear, so not used."""
 
     NATIVE_DTYPES = (torch.float32, torch.bfloat16)
     native_max_rows = 64
@@ -24,13 +23,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in self.NATIVE_DTYPES:
-            native = native_op("skinny_linear", x, self.weight, self.native_max_rows)
+            native = self.native("skinny_linear", x, self.weight, self.native_max_rows)
             if native is not None:
                 return native(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
         return super().forward(x)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(CpuVariant, nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -38,7 +37,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Without gradients on the CPU: the 7 ops of rms_normalize as one (dmax.rms_norm).
-        native = native_op("rms_norm", x, self.weight) if x.dtype == self.weight.dtype else None
+        native = self.native("rms_norm", x, self.weight) if x.dtype == self.weight.dtype else None
         if native is not None:
             return native(x, self.weight, self.eps)
         return rms_normalize(x, self.eps, self.weight)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import GatedMLP
-from .native import native_op
+from .native import CpuVariant
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -33,7 +33,7 @@ def select_experts(biased: torch.Tensor, n_group: int, topk_group: int, top_k: i
     return masked.topk(top_k, dim=-1).indices
 
 
-class Router(nn.Module):
+class Router(CpuVariant, nn.Module):
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
@@ -49,7 +49,7 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
-        native = native_op("moe_route", x, self.weight)
+        native = self.native("moe_route", x, self.weight)
         if native is not None:
             return native(logits, self.expert_bias.float(), self.n_group, self.topk_group,
                           self.top_k, self.scaling)
@@ -149,7 +149,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-class StackedExperts(nn.Module):
+class StackedExperts(CpuVariant, nn.Module):
     """All routed experts: gate_up_proj [E, H, 2I] (x @ it = [gate | up]), down_proj [E, I, H]."""
 
     def __init__(self, config: LLaDA2Config):
@@ -173,7 +173,7 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
-        native = (native_op("moe_experts", x, self.gate_up_proj, NATIVE_EXPERTS_MAX_TOKENS)
+        native = (self.native("moe_experts", x, self.gate_up_proj, NATIVE_EXPERTS_MAX_TOKENS)
                   if impl == "cpu" else None)
         if native is not None:
             return native(x, ids, weights, self.gate_up_proj, self.down_proj)

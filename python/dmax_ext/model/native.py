@@ -27,3 +27,16 @@ def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | 
         return None
     ops = _ops()
     return getattr(ops, name) if ops is not None and ops.has_op(name) else None
+
+
+class CpuVariant:
+    """Mixin of the modules with a CPU-only native form beside their torch formulation (what
+    CUDA runs). LLaDA2MoeModelLM.set_cpu_variants(False) turns every one of them off at once, so
+    that an op trace on the CPU stands for a GPU step (benchmarks/step_ops.py)."""
+
+    cpu_variant = True
+
+    def native(self, name: str, x: torch.Tensor, weight: torch.Tensor,
+               max_rows: int | None = None):
+        """native_op(...) while this module's CPU variant is on, else None."""
+        return native_op(name, x, weight, max_rows) if self.cpu_variant else None
