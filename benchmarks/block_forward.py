@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,27 +45,68 @@ class BlockStep:
         return self.inputs.dim() == 3
 
 
+@dataclass(frozen=True)
+class ForwardShape:
+    """What one model.forward_cached call of a decode computed: rows, tokens fed per row, cache
+    slots before them (the write slot), logits per row (the prefill computes none)."""
+    batch: int
+    n_tokens: int
+    cache_slots: int
+    n_logits: int
+
+
+@contextmanager
+def recording_forwards(model, on_forward):
+    """Inside the block, every model.forward_cached(cache, **kwargs) call first runs
+    on_forward(kwargs) (an int write slot: the eager CPU path)."""
+    forward = model.forward_cached
+
+    def recording(cache, **kwargs):
+        on_forward(kwargs)
+        return forward(cache, **kwargs)
+    model.forward_cached = recording
+    try:
+        yield
+    finally:
+        del model.forward_cached
+
+
+def _fed(kwargs) -> torch.Tensor:
+    fed = kwargs.get("inputs_embeds")
+    return kwargs.get("input_ids") if fed is None else fed
+
+
+def record_forward_shapes(model, prompts, **decode_kwargs):
+    """Decodes `prompts` as one batch; returns (its DecodeResult, the ForwardShape of every
+    forward it ran, prefill included)."""
+    from dmax_ext.decoding import decode
+    shapes = []
+
+    def on_forward(kwargs):
+        fed = _fed(kwargs)
+        n_logits = kwargs.get("n_logits")
+        shapes.append(ForwardShape(fed.shape[0], fed.shape[1], int(kwargs["write_slot"]),
+                                   fed.shape[1] if n_logits is None else n_logits))
+    with recording_forwards(model, on_forward):
+        out = decode(model, prompts, **decode_kwargs)
+    return out, shapes
+
+
 def capture_block_steps(model, prompts, **decode_kwargs) -> list[BlockStep]:
     """Decodes `prompts` (one batch) and returns the inputs of every forward of one block (the
     later steps; not the prefill nor the first steps that also commit the previous block). A
     batch's later steps feed only the rows still decoding their block (engine.py)."""
     from dmax_ext.decoding import decode
     steps = []
-    forward = model.forward_cached
 
-    def recording(cache, **kwargs):
-        fed = kwargs.get("inputs_embeds")
-        fed = kwargs.get("input_ids") if fed is None else fed
+    def on_forward(kwargs):
+        fed = _fed(kwargs)
         if fed.shape[1] == kwargs["block_length"] and kwargs.get("n_logits") != 0:
             steps.append(BlockStep(fed.clone(), kwargs["position_ids"].clone(),
                                    kwargs["valid_from"].clone(), kwargs["write_slot"],
                                    kwargs["block_length"]))
-        return forward(cache, **kwargs)
-    model.forward_cached = recording
-    try:
+    with recording_forwards(model, on_forward):
         decode(model, prompts, **decode_kwargs)
-    finally:
-        del model.forward_cached
     return steps
 
 

@@ -38,6 +38,7 @@ import block_forward  # noqa: E402
 import roofline  # noqa: E402
 import tps  # noqa: E402
 from dmax_ext.decoding import decode  # noqa: E402
+from dmax_ext.ops import has_op  # noqa: E402
 
 PRESET = "llada2-small"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -166,9 +167,10 @@ def reference_target(model, prompts, args) -> dict:
 
 def batch_target(model, prompts, args) -> dict:
     """The same BATCH prompts (different lengths) decoded as one batch and one by one, rounds
-    interleaved; tokens/s of each, median over rounds."""
+    interleaved; tokens/s of each, median over rounds. Also the two ceilings on the speedup
+    that no implementation of this decode can pass (batch_ceilings)."""
     kwargs = decode_args(args)
-    batched, alone = [], []
+    batched, alone, alone_walls = [], [], []
     decode(model, prompts[:2], **{**kwargs, "gen_length": args.block_length})  # warm-up
     for _ in range(args.rounds):
         start = time.perf_counter()
@@ -180,14 +182,51 @@ def batch_target(model, prompts, args) -> dict:
             tokens += len(decode(model, [p], **kwargs).tokens[0])
             wall += time.perf_counter() - start
         alone.append(tokens / wall)
+        alone_walls.append(wall)
     b8, b1 = statistics.median(batched), statistics.median(alone)
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
             "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf,
-            # rows a batched forward decodes, on average (engine.py: a row whose block has
-            # converged leaves the forwards until the next block; the slowest row of a block
-            # sets how many forwards it takes)
-            "live_rows": sum(out.seq_nfe) / out.nfe}
+            **batch_ceilings(model, prompts, kwargs, statistics.median(alone_walls))}
+
+
+def best_matmul_gflops(config, dtype, block_length: int) -> float:
+    """The fastest matmul rate measured here for dtype: the library at the peak square and at
+    the block's shape, and dmax.skinny_linear at the lm_head's (on some CPUs, e.g. MKL on AMD,
+    the hand kernel outruns the library)."""
+    rates = [roofline.measure_matmul_gflops(*roofline.PEAK_SHAPE, dtype, repeats=1),
+             roofline.measure_matmul_gflops(*roofline.matmul_shapes(config, block_length)[
+                 f"small-{block_length}"], dtype, repeats=1)]
+    if has_op("skinny_linear"):
+        rates.append(roofline.measure_matmul_gflops(
+            block_length, config.hidden_size, config.vocab_size, dtype, repeats=1,
+            linear=torch.ops.dmax.skinny_linear))
+    return max(rates)
+
+
+def batch_ceilings(model, prompts, kwargs, alone_wall_s: float) -> dict:
+    """Upper bounds on batch-vs-alone tokens/s for this decode, whatever the implementation
+    (each sequence must decode exactly as it would alone, so its forward count is fixed):
+
+    - forwards: sum(seq_nfe) / nfe = the rows a batched forward decodes on average. A batched
+      forward costs at least a one-row forward on any machine, and the alone runs pay one
+      one-row forward per seq_nfe. (Rows leave a block when it converges, engine.py; a scheduler
+      starting rows' next blocks early is bounded the same way by sum(seq_nfe) / max(seq_nfe).)
+    - flops: the measured alone wall time / the batched decode's FLOPs (prefill, first steps of
+      2 blocks, later steps; roofline.block_forward_cost) at this machine's peak matmul rate: the
+      batched decode cannot run faster than its arithmetic where it is compute-bound."""
+    out, shapes = block_forward.record_forward_shapes(model, prompts, **kwargs)
+    flops = 0.0
+    for s in shapes:
+        cost = roofline.block_forward_cost(model.config, s.n_tokens, s.cache_slots,
+                                           batch=s.batch, weight_bytes=model.dtype.itemsize)
+        # block_forward_cost counts logits for every fed token; the forward computes n_logits
+        flops += cost.total_flops - cost.flops["lm_head"] * (1 - s.n_logits / s.n_tokens)
+    peak = best_matmul_gflops(model.config, model.dtype, kwargs["block_length"]) * 1e9
+    return {"live_rows": sum(out.seq_nfe) / out.nfe,
+            "scheduler_bound": sum(out.seq_nfe) / max(out.seq_nfe),
+            "flops_ceiling": alone_wall_s / (flops / peak), "batched_gflop": flops / 1e9,
+            "peak_gflops": peak / 1e9}
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -333,8 +372,12 @@ def main(argv=None) -> int:
             print(f"  {verdict(ok)} {r['dtype']:<9} batch {r['batch']} {r['batch_tokens_per_s']:.1f}"
                   f" vs alone {r['alone_tokens_per_s']:.1f} tokens/s = {r['speedup']:.2f}x "
                   f"(prompt lengths {r['prompt_lengths']}; batched nfe {r['nfe']}, "
-                  f"tokens per batched forward {r['tpf']:.2f}, live rows per batched forward "
-                  f"{r['live_rows']:.2f})")
+                  f"tokens per batched forward {r['tpf']:.2f})")
+            print(f"      ceilings for this decode, any implementation: forwards "
+                  f"{r['live_rows']:.2f}x (rows decoding per batched forward; a per-row block "
+                  f"scheduler: {r['scheduler_bound']:.2f}x), flops {r['flops_ceiling']:.2f}x "
+                  f"(alone wall / {r['batched_gflop']:.0f} GFLOP at the best matmul "
+                  f"rate measured, {r['peak_gflops']:.0f} GFLOP/s)")
     return 1 if failed else 0
 
 

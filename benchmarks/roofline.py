@@ -86,17 +86,18 @@ def measure_copy_gbps(n_bytes: int = COPY_BYTES, repeats: int = 5) -> float:
 
 
 def measure_matmul_gflops(rows: int, inner: int, cols: int, dtype: torch.dtype,
-                          repeats: int = 5, min_sample_s: float = 0.1) -> float:
-    """GFLOP/s of F.linear(x [rows, inner], w [cols, inner]) in `dtype` (nn.Linear's layout).
-    Each sample repeats the call until it lasts min_sample_s, so small shapes time well."""
+                          repeats: int = 5, min_sample_s: float = 0.1, linear=F.linear) -> float:
+    """GFLOP/s of linear(x [rows, inner], w [cols, inner]) in `dtype` (nn.Linear's layout;
+    default F.linear, the library's GEMM). Each sample repeats the call until it lasts
+    min_sample_s, so small shapes time well."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
     w = torch.randn(cols, inner, generator=generator).to(dtype)
-    F.linear(x, w)  # warm-up: library primitive creation, weight packing caches
+    linear(x, w)  # warm-up: library primitive creation, weight packing caches
 
     def run(n):
         for _ in range(n):
-            F.linear(x, w)
+            linear(x, w)
     calls = 1
     while calls < 1 << 16 and _median_seconds(partial(run, calls), 1) < min_sample_s:
         calls *= 2
