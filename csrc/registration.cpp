@@ -12,6 +12,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kMoeRouteSchema);
   m.def(dmax::kRmsNormSchema);
   m.def(dmax::kQkNormRotarySchema);
+  m.def(dmax::kBlockAttentionSchema);
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
@@ -25,4 +26,5 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("moe_route", &dmax::cpu::moe_route);
   m.impl("rms_norm", &dmax::cpu::rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
+  m.impl("block_attention", &dmax::cpu::block_attention);
 }

@@ -38,6 +38,10 @@ constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float 
 constexpr const char* kQkNormRotarySchema =
     "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
     "int n_q_heads, float eps) -> Tensor";
+// CPU only: a decoding block's attention over the KV cache (the model's SDPA call), the output
+// [B, T, heads * D] as the output projection reads it. `dmax`.
+constexpr const char* kBlockAttentionSchema =
+    "block_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor";
 
 // Applies `def` to every schema, so the two namespaces can never drift apart.
 template <typename Library>

@@ -486,6 +486,49 @@ def _qk_norm_rotary_fake(qk, q_weight, k_weight, cos, sin, n_q_heads, eps):
 FAKE_KERNELS.update(rms_norm=_rms_norm_fake, qk_norm_rotary=_qk_norm_rotary_fake)
 
 
+# ---- block_attention: a decoding block's attention over the KV cache (CPU only) -----------------
+
+
+def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T, over the slots mask allows) v, as [B, T, heads * D] in q's dtype.
+
+    q [B, heads, T, D]; keys, values [B, kv_heads, S, D] (heads a multiple of
+    kv_heads, query head j reads kv head j // (heads / kv_heads)); each row of D contiguous,
+    other strides free (a slice of the KV cache); mask bool [B or 1, 1, T, S], True = may
+    attend. float32, bfloat16 or float16; the scores, softmax and sums in float32, the output
+    rounded once. A query that may attend no slot gets zeros
+    (dmax_ext.reference.block_attention_reference). CPU only, no autograd: the model's Attention
+    uses it without gradients."""
+    check_tensor("q", q, dtypes=_FLOAT_DTYPES, ndim=4)
+    _check_contiguous_rows("q", q)
+    batch, heads, length, dim = q.shape
+    for name, t in (("keys", keys), ("values", values)):
+        check_tensor(name, t, dtypes=(q.dtype,), ndim=4, device=q.device)
+        _check_contiguous_rows(name, t)
+        if t.shape[0] != batch or t.shape[3] != dim:
+            raise ValueError(f"{name} must have shape ({batch}, kv_heads, S, {dim}), "
+                             f"got {tuple(t.shape)}")
+    check_shape("values", values, keys.shape)
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of keys' kv_heads ({kv_heads})")
+    check_tensor("mask", mask, dtypes=(torch.bool,), ndim=4, device=q.device)
+    if mask.shape[0] not in (1, batch) or mask.shape[1:] != (1, length, slots):
+        raise ValueError(f"mask must have shape ({batch} or 1, 1, {length}, {slots}), "
+                         f"got {tuple(mask.shape)}")
+    return torch.ops.dmax.block_attention(q, keys, values, mask, float(scale))
+
+
+def _block_attention_fake(q, keys, values, mask, scale):
+    torch._check(q.dim() == 4, lambda: f"q must be [B, heads, T, D], got {q.shape}")
+    batch, heads, length, dim = q.shape
+    return q.new_empty((batch, length, heads * dim))
+
+
+FAKE_KERNELS["block_attention"] = _block_attention_fake
+
+
 def register_fake_kernels(namespace: str) -> None:
     """Registers FAKE_KERNELS for the ops that `namespace` has ("dmax" here; the tests do it for
     "dmax_simt", whose ops share the schemas)."""

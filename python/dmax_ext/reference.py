@@ -231,3 +231,21 @@ def qk_norm_rotary_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight:
     q = rms_normalize(heads[:, :n_q_heads], eps, q_weight)
     k = rms_normalize(heads[:, n_q_heads:], eps, k_weight)
     return apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+
+
+# ---- block_attention: the model's SDPA call -----------------------------------------------------
+
+
+def block_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, heads, T, D], keys / values [B, kv_heads, S, D], mask bool [B or 1, 1, T, S] ->
+    [B, T, heads * D] in q's dtype: softmax(scale q k^T) v in float32 over the allowed slots
+    (query head j reads kv head j // (heads / kv_heads)); a query allowed no slot gets zeros."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = (q.float() * scale) @ k.transpose(-1, -2)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows: 0, not NaN
+    out = (probs @ v).to(q.dtype)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)

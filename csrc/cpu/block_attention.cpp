@@ -1,0 +1,114 @@
+// dmax.block_attention on the CPU: a decoding block's attention over the KV cache, the model's
+// SDPA call (model/attention.py) as one op whose output is already in the layout the output
+// projection reads. Masks become additive biases once per call; the (sequence, key-value head)
+// pairs run in parallel, each through csrc/cpu/vec/block_attention_kernel.cpp.
+// Semantics: dmax_ext.reference.block_attention_reference; no CUDA version (CUDA runs SDPA).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <vector>
+
+#include "cpu/vec/block_attention_kernel.h"
+#include "cpu/vec/capability.h"
+#include "ops_cpu.h"
+
+namespace dmax::cpu {
+namespace {
+
+void check_block_attention_args(const at::Tensor& q, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& mask) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "block_attention: q must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q.dim() == 4 && q.size(3) > 0 && q.stride(3) == 1,
+              "block_attention: q must be [B, heads, T, D] with contiguous rows, got sizes ",
+              q.sizes(), " strides ", q.strides());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"keys", keys},
+                                {"values", values}}) {
+    TORCH_CHECK(t.scalar_type() == dtype, "block_attention: ", name, " must be ", dtype,
+                " like q, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(3) == D && t.stride(3) == 1,
+                "block_attention: ", name, " must be [", B, ", kv_heads, S, ", D,
+                "] with contiguous rows, got sizes ", t.sizes(), " strides ", t.strides());
+  }
+  TORCH_CHECK(values.sizes() == keys.sizes(), "block_attention: values must have keys' sizes ",
+              keys.sizes(), ", got ", values.sizes());
+  const int64_t KV = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "block_attention: the query heads (", H,
+              ") must be a multiple of the key-value heads (", KV, ")");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 &&
+                  (mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
+                  mask.size(2) == T && mask.size(3) == S,
+              "block_attention: mask must be bool [", B, " or 1, 1, ", T, ", ", S, "], got ",
+              mask.scalar_type(), " ", mask.sizes());
+  for (const auto* t : {&q, &keys, &values, &mask}) {
+    TORCH_CHECK(t->device().is_cpu(), "block_attention: the CPU kernel got a ", t->device(),
+                " tensor");
+  }
+}
+
+// bias[b, t, s] = 0 where mask[b, 0, t, s], else -inf; -inf for the padding slots s >= S.
+at::Tensor mask_bias(const at::Tensor& mask, int64_t Sp) {
+  const int64_t Bm = mask.size(0), T = mask.size(2), S = mask.size(3);
+  at::Tensor bias = at::empty({Bm, T, Sp}, mask.options().dtype(at::kFloat));
+  const at::Tensor m = mask.contiguous();
+  const bool* m_p = m.const_data_ptr<bool>();
+  float* b_p = bias.mutable_data_ptr<float>();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < Bm * T; ++r) {
+    for (int64_t s = 0; s < S; ++s) b_p[r * Sp + s] = m_p[r * S + s] ? 0.f : kNegInf;
+    for (int64_t s = S; s < Sp; ++s) b_p[r * Sp + s] = kNegInf;
+  }
+  return bias;
+}
+
+template <class T>
+at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
+                                 const at::Tensor& values, const at::Tensor& mask,
+                                 double scale) {
+  static const auto head_kernel = DMAX_CPU_KERNEL(block_attention_head<T>);
+  const int64_t B = q.size(0), H = q.size(1), T_rows = q.size(2), D = q.size(3);
+  const int64_t KV = keys.size(1), S = keys.size(2), group = H / KV, Sp = round_up_16(S);
+  at::Tensor out = at::empty({B, T_rows, H * D}, q.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor bias = mask_bias(mask, Sp);
+  const T* q_p = q.const_data_ptr<T>();
+  const T* k_p = keys.const_data_ptr<T>();
+  const T* v_p = values.const_data_ptr<T>();
+  const float* bias_p = bias.const_data_ptr<float>();
+  T* out_p = out.mutable_data_ptr<T>();
+  const int64_t scratch = block_attention_scratch_floats(group * T_rows, S, D);
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work(scratch);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KV, g = i % KV;
+      head_kernel(AttentionHead<T>{
+          q_p + b * q.stride(0) + g * group * q.stride(1), q.stride(1), q.stride(2),
+          k_p + b * keys.stride(0) + g * keys.stride(1), keys.stride(2),
+          v_p + b * values.stride(0) + g * values.stride(1), values.stride(2),
+          bias_p + (mask.size(0) == 1 ? 0 : b) * T_rows * Sp, group, T_rows, S, D,
+          static_cast<float>(scale), work.data(), out_p + b * T_rows * H * D + g * group * D,
+          H * D});
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                           const at::Tensor& mask, double scale) {
+  check_block_attention_args(q, keys, values, mask);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return block_attention_typed<float>(q, keys, values, mask, scale);
+    case at::kBFloat16:
+      return block_attention_typed<c10::BFloat16>(q, keys, values, mask, scale);
+    default:
+      return block_attention_typed<c10::Half>(q, keys, values, mask, scale);
+  }
+}
+
+}  // namespace dmax::cpu
