@@ -195,3 +195,18 @@ def test_argument_errors():
     bad[2, 1] = 8
     with pytest.raises(RuntimeError, match=r"expert_ids\[2, 1\] = 8 is outside \[0, 8\)"):
         ops.moe_experts(x, bad, weights, gate_up, down)
+
+
+def test_bf16_dot_products_treat_denormal_weights_as_zero(monkeypatch):
+    # The one documented difference of the dot form (vdpbf16ps ignores MXCSR: denormal inputs
+    # count as zero); here it also shows that "on" runs that form. A down weight of 2^-130 (a bf16
+    # denormal) times a hidden value of ~1 sums to a float32 denormal the FMA form keeps.
+    if not _has_bf16_dot():
+        pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
+    x, ids, weights, gate_up, _ = _case(4, 2, 32, 16, 1, torch.bfloat16, seed=2)
+    down = torch.full((2, 16, 32), 2.0**-130).bfloat16()
+    case = (x.abs() + 1, ids, torch.ones_like(weights), gate_up.abs(), down)
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "off")
+    assert (ops.moe_experts(*case) != 0).all()
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "on")
+    assert (ops.moe_experts(*case) == 0).all()
