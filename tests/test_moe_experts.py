@@ -1,6 +1,9 @@
 """dmax.moe_experts (CPU): against a float64 computation of the same formula within 2x the error of
 the torch formulation (model/moe.py, impl "reference"); at any routing skew and width (vector
-tails); what the model's MoE picks; opcheck; argument errors."""
+tails); bfloat16 in both GEMM forms (DMAX_CPU_BF16_DOT: float32 FMAs, AVX512-BF16 dot products);
+what the model's MoE picks; opcheck; argument errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,23 @@ from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("moe_experts"),
                                 reason="the native library predates moe_experts: rebuild")
+
+
+def _has_bf16_dot() -> bool:
+    """The dot-product form runs: torch runs the AVX512 copies and the CPU has AVX512-BF16."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx512_bf16" in cpuinfo.read_text()
+
+
+@pytest.fixture(params=["off", "on"])
+def bf16_dot(request, monkeypatch):
+    """DMAX_CPU_BF16_DOT for the bfloat16 cases: off (float32 FMAs) and on (dot products)."""
+    if request.param == "on" and not _has_bf16_dot():
+        pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", request.param)
+    return request.param
 
 
 def _case(n_tokens, n_experts, hidden, inter, k, dtype, busy=None, seed=0):
@@ -49,7 +69,7 @@ def _exact(x, ids, weights, gate_up, down):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_tokens,busy", [(1, None), (7, 5), (37, None), (64, 4)])
 def test_matches_the_formula_within_naive_error(dtype, n_tokens, busy):
     case = _case(n_tokens, 16, 64, 32, 4, dtype, busy=busy, seed=n_tokens)
@@ -59,11 +79,54 @@ def test_matches_the_formula_within_naive_error(dtype, n_tokens, busy):
                               f"{dtype} N={n_tokens}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_widths_that_are_not_vector_multiples(dtype):
-    case = _case(9, 5, 40, 12, 3, dtype, seed=3)  # H = 40, I = 12: every loop has a tail
+@pytest.mark.parametrize("n_tokens,busy", [(1, None), (7, 5), (37, None), (64, 4)])
+def test_bf16_matches_the_formula_within_naive_error(bf16_dot, n_tokens, busy):
+    case = _case(n_tokens, 16, 64, 32, 4, torch.bfloat16, busy=busy, seed=n_tokens)
+    got = ops.moe_experts(*case)
+    assert got.dtype == torch.bfloat16 and got.shape == case[0].shape
+    assert_within_naive_error(got, _exact(*case), _torch_formulation(*case),
+                              f"bf16 dot={bf16_dot} N={n_tokens}")
+
+
+def test_widths_that_are_not_vector_multiples():
+    case = _case(9, 5, 40, 12, 3, torch.float32, seed=3)  # H = 40, I = 12: every loop has a tail
     assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
-                              f"{dtype} tails")
+                              "float32 tails")
+
+
+# (H, I): every tail of the bf16 GEMMs. The dot products pair weight rows k, k + 1 and load 32
+# columns at a time (tiles of 64): odd K is a last row paired with zeros, a width not a multiple
+# of 32 a masked block; H = 517 and I = 40 make several panels (the last one odd).
+@pytest.mark.parametrize("hidden,inter", [(40, 12), (41, 13), (100, 40), (96, 48), (517, 40)])
+def test_bf16_widths_that_are_not_vector_multiples(bf16_dot, hidden, inter):
+    case = _case(9, 5, hidden, inter, 3, torch.bfloat16, seed=hidden)
+    assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
+                              f"bf16 dot={bf16_dot} H={hidden} I={inter}")
+
+
+def test_bf16_experts_with_none_one_or_many_rows(bf16_dot):
+    # 17 tokens x 2 slots over 6 experts: expert 0 takes every token's first slot (17 rows: 3 full
+    # row tiles and a partial one), expert 1 one row, expert 5 none.
+    x, _, weights, gate_up, down = _case(17, 6, 72, 24, 2, torch.bfloat16, seed=9)
+    ids = torch.stack([torch.zeros(17, dtype=torch.long),
+                       torch.tensor([1] + [2, 3, 4] * 5 + [2])], dim=1)
+    case = (x, ids, weights, gate_up, down)
+    assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
+                              f"bf16 dot={bf16_dot} skewed")
+
+
+def test_bf16_dot_and_fma_forms_agree_to_a_rounding(monkeypatch):
+    # Same roundings (GEMM outputs, silu, the hidden, in bf16), exact bf16 products: only the
+    # float32 summation order differs, so the two forms differ by at most a bf16 rounding or two
+    # of an output (one ulp flips where the float32 sums straddle a rounding boundary).
+    if not _has_bf16_dot():
+        pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
+    case = _case(32, 64, 512, 128, 8, torch.bfloat16, busy=20, seed=5)
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "off")
+    fma = ops.moe_experts(*case)
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "on")
+    dot = ops.moe_experts(*case)
+    torch.testing.assert_close(dot, fma, rtol=2 * 2.0**-8, atol=2 * 2.0**-8 * fma.abs().max().item())
 
 
 def test_float32_equals_the_torch_formulation_closely():
@@ -101,10 +164,23 @@ def test_model_moe_uses_it_without_grad_and_torch_with_grad():
         ops.moe_experts = real
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
-    case = _case(6, 8, 32, 16, 2, dtype, seed=1)
+def test_opcheck_float32():
+    case = _case(6, 8, 32, 16, 2, torch.float32, seed=1)
     torch.library.opcheck(torch.ops.dmax.moe_experts.default, case)
+
+
+def test_opcheck_bf16(bf16_dot):
+    case = _case(6, 8, 32, 16, 2, torch.bfloat16, seed=1)
+    torch.library.opcheck(torch.ops.dmax.moe_experts.default, case)
+
+
+def test_bf16_dot_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "yes")
+    case = _case(4, 8, 32, 16, 2, torch.bfloat16)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the switch is read only where the AVX512 copy runs")
+    with pytest.raises(RuntimeError, match="DMAX_CPU_BF16_DOT must be auto, on or off"):
+        ops.moe_experts(*case)
 
 
 def test_argument_errors():
@@ -119,3 +195,18 @@ def test_argument_errors():
     bad[2, 1] = 8
     with pytest.raises(RuntimeError, match=r"expert_ids\[2, 1\] = 8 is outside \[0, 8\)"):
         ops.moe_experts(x, bad, weights, gate_up, down)
+
+
+def test_bf16_dot_products_treat_denormal_weights_as_zero(monkeypatch):
+    # The one documented difference of the dot form (vdpbf16ps ignores MXCSR: denormal inputs
+    # count as zero); here it also shows that "on" runs that form. A down weight of 2^-130 (a bf16
+    # denormal) times a hidden value of ~1 sums to a float32 denormal the FMA form keeps.
+    if not _has_bf16_dot():
+        pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
+    x, ids, weights, gate_up, _ = _case(4, 2, 32, 16, 1, torch.bfloat16, seed=2)
+    down = torch.full((2, 16, 32), 2.0**-130).bfloat16()
+    case = (x.abs() + 1, ids, torch.ones_like(weights), gate_up.abs(), down)
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "off")
+    assert (ops.moe_experts(*case) != 0).all()
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "on")
+    assert (ops.moe_experts(*case) == 0).all()

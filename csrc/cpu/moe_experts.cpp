@@ -7,9 +7,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec/capability.h"
+#include "cpu/vec/cpu_features.h"
 #include "cpu/vec/moe_experts_kernel.h"
 #include "ops_cpu.h"
 
@@ -80,6 +82,11 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   const T* x_p = x.const_data_ptr<T>();
   const T* gate_up_p = gate_up.const_data_ptr<T>();
   const T* down_p = down.const_data_ptr<T>();
+  // bf16 GEMMs in AVX512-BF16 dot products where the AVX512 copy runs and cpu_features.h says so
+  // (read per call: the switch is an environment variable the tests flip).
+  bool bf16_dot = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    bf16_dot = at::get_cpu_capability() == "AVX512" && use_bf16_dot();
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;
@@ -98,7 +105,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
       const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
       expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
                                gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
-                               scratch.data()});
+                               scratch.data(), bf16_dot});
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,

@@ -1,9 +1,13 @@
 // dmax.moe_experts on the CPU, one expert at a time (compiled once per CPU capability, see
 // moe_experts_kernel.h). A block forward routes a few rows to each expert (32 tokens x 8 slots over
-// 64..256 experts), so an expert's FFN is a skinny GEMM pair that reads each weight once: it is
-// bound by streaming the weights, not by FLOPs. Register-blocked tiles of MB rows x NV vectors,
-// float32 FMAs on weights converted in registers (bf16 -> f32 is a shift), one pass over each
-// weight column tile per MB rows.
+// 64..256 experts), so an expert's FFN is a skinny GEMM pair that reads each weight once; with the
+// weights in cache (or streamed by the panel prefetch) it is bound by the multiply-add rate.
+// Two forms of the GEMMs, both register-blocked tiles of rows x column vectors over K-major weights,
+// one pass over each weight column tile per row tile, panels of consecutive weight rows streamed:
+//  - float32 FMAs on weights converted in registers (bf16 -> f32 is a shift): every dtype;
+//  - bfloat16 on the AVX512 copy where cpu_features.h's use_bf16_dot() says so: AVX512-BF16 dot
+//    products (vdpbf16ps, 32 multiply-adds per instruction against 16 for an FMA: ~2x on cores
+//    with one 512-bit FMA pipe, AMD Zen 4), the routed rows and the SwiGLU hidden kept in bf16.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -184,12 +188,236 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
   if (full < n) gemm_tail(a, m, K, b, n, full, c, false);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- bfloat16 GEMMs in AVX512-BF16 dot products ----
+// vdpbf16ps acc, w, x: acc[j] += w[2j] x[2j] + w[2j + 1] x[2j + 1] (16 float32 lanes, bf16 pairs).
+// Over K-major weights the pairs are (row k, row k + 1) of one column: a tile loads 32 columns of
+// both rows and interleaves them (unpacklo/hi_epi16), and broadcasts a[i, k..k+1], two adjacent
+// bf16s of the routed row, as one 32-bit lane. Numerics: a bf16 x bf16 product is exact in
+// float32, so only the summation order differs from the FMA form (each pair is added to the
+// accumulator, odd k first); but vdpbf16ps treats denormal inputs as zero and flushes denormal
+// results, whatever MXCSR says (bf16 denormals are < 1.2e-38: no weight or activation of a
+// trained model is near them).
+// Only these functions are compiled with AVX512-BF16 (not the whole AVX512 copy, whose other code
+// must run on AVX512 CPUs without it): the GEMM is entered once per matrix, through a call.
+#define DMAX_BF16_DOT_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+#define DMAX_BF16_DOT_INLINE DMAX_BF16_DOT_TARGET inline __attribute__((always_inline))
 
+using Bits = uint16_t;  // a bf16 as its bits (c10::BFloat16's layout)
+constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
+constexpr int kDotBlocks = 2;     // blocks per tile: kDotRows x 4 accumulators + 4 weight vectors
+constexpr int kDotRows = 5;       // rows per register tile (6 made GCC spill the accumulators)
+
+// Within each 128-bit lane the unpacks interleave the lane's 4 low (lo) or 4 high (hi) columns of
+// the two rows, so accumulator lane 4L + i holds column 8L + i (lo) or 8L + 4 + i (hi) of the
+// block. The tiles keep that order in registers and permute on their way in and out of c (once
+// per tile and panel, not per multiply-add).
+alignas(64) constexpr int32_t kToLo[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+alignas(64) constexpr int32_t kToHi[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+alignas(64) constexpr int32_t kFrom0[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+alignas(64) constexpr int32_t kFrom1[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+// One block row of the weights: all 32 columns, or the `cols` ones of a tail block (zero past
+// them; the masked load does not touch memory past the row).
+template <bool kTail>
+DMAX_BF16_DOT_INLINE __m512i load_block(const Bits* p, __mmask32 cols) {
+  return kTail ? _mm512_maskz_loadu_epi16(cols, p) : _mm512_loadu_si512(p);
+}
+
+// c[0..32) (float32, column order) -> the (lo, hi) accumulators of the block, in unpack order.
+template <bool kTail>
+DMAX_BF16_DOT_INLINE void load_acc(const float* c, __mmask32 cols, __m512& lo, __m512& hi) {
+  const __m512 c0 = kTail ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(cols), c)
+                          : _mm512_loadu_ps(c);
+  const __m512 c1 = kTail ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(cols >> 16), c + 16)
+                          : _mm512_loadu_ps(c + 16);
+  lo = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToLo), c1);
+  hi = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToHi), c1);
+}
+
+template <bool kTail>
+DMAX_BF16_DOT_INLINE void store_acc(float* c, __mmask32 cols, __m512 lo, __m512 hi) {
+  const __m512 c0 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kFrom0), hi);
+  const __m512 c1 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kFrom1), hi);
+  if (kTail) {
+    _mm512_mask_storeu_ps(c, static_cast<__mmask16>(cols), c0);
+    _mm512_mask_storeu_ps(c + 16, static_cast<__mmask16>(cols >> 16), c1);
+  } else {
+    _mm512_storeu_ps(c, c0);
+    _mm512_storeu_ps(c + 16, c1);
+  }
+}
+
+// c[i, :NB 32] (+)= a[i, :K] @ b[:K, :NB 32] for i < MB: a bf16 rows of even stride lda (zero at
+// a[i, K] when K is odd), b bf16 (row stride ldb), c float32 (row stride ldc). kTail: NB = 1 and
+// only the `cols` columns exist. K odd (the matrix's last panel): the last row pairs with zeros.
+// Not inlined into dot_rows: there GCC hoisted the permutation indices of load_acc / store_acc
+// out of the row-tile loop, and the 4 registers they kept made it spill the weights.
+template <int MB, int NB, bool kTail>
+DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_tile(const Bits* a, int64_t lda, const Bits* b, int64_t ldb,
+                                   int64_t K, float* c, int64_t ldc, bool accumulate,
+                                   __mmask32 cols, Prefetcher& prefetch) {
+  static_assert(!kTail || NB == 1);
+  __m512 lo[MB][NB], hi[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NB; ++v) {
+      if (accumulate) {
+        load_acc<kTail>(c + i * ldc + v * kDotCols, cols, lo[i][v], hi[i][v]);
+      } else {
+        lo[i][v] = hi[i][v] = _mm512_setzero_ps();
+      }
+    }
+  for (int64_t kk = 0; kk < K; kk += 2) {
+    prefetch.step();
+    const Bits* row = b + kk * ldb;
+    const bool pair = kk + 1 < K;
+    __m512i wl[NB], wh[NB];
+    for (int v = 0; v < NB; ++v) {
+      const __m512i r0 = load_block<kTail>(row + v * kDotCols, cols);
+      const __m512i r1 = pair ? load_block<kTail>(row + ldb + v * kDotCols, cols)
+                              : _mm512_setzero_si512();
+      wl[v] = _mm512_unpacklo_epi16(r0, r1);
+      wh[v] = _mm512_unpackhi_epi16(r0, r1);
+    }
+    for (int i = 0; i < MB; ++i) {
+      int32_t two;  // a[i, kk..kk+1] (kk even: 4-byte aligned in the row)
+      std::memcpy(&two, a + i * lda + kk, sizeof(two));
+      const __m512bh xa = (__m512bh)_mm512_set1_epi32(two);
+      for (int v = 0; v < NB; ++v) {
+        lo[i][v] = _mm512_dpbf16_ps(lo[i][v], (__m512bh)wl[v], xa);
+        hi[i][v] = _mm512_dpbf16_ps(hi[i][v], (__m512bh)wh[v], xa);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NB; ++v) store_acc<kTail>(c + i * ldc + v * kDotCols, cols, lo[i][v], hi[i][v]);
+}
+
+template <int NB, bool kTail>
+DMAX_BF16_DOT_TARGET void dot_rows(const Bits* a, int64_t lda, int64_t m, const Bits* b,
+                                   int64_t ldb, int64_t K, float* c, int64_t ldc, bool accumulate,
+                                   __mmask32 cols, Prefetcher& pf) {
+  int64_t i = 0;
+  for (; i + kDotRows <= m; i += kDotRows)
+    dot_tile<kDotRows, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
+  const Bits* ai = a + i * lda;
+  float* ci = c + i * ldc;
+  switch (m - i) {  // the remaining rows, as one smaller tile
+    case 1: dot_tile<1, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
+    case 2: dot_tile<2, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
+    case 3: dot_tile<3, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
+    case 4: dot_tile<4, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
+    default: break;  // 0 (m - i < kDotRows)
+  }
+}
+
+// c[:m, :n] = a[:m, :K] @ b[:K, :n] in dot products: gemm<T>'s panels and prefetch (see there),
+// a bf16 with an even row stride lda >= K (zero at a[i, K] when K is odd). Panels of an even
+// number of rows, so every panel but the last starts a k pair.
+DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_t K, const Bits* b,
+                                   int64_t n, float* c, const Bits* then, int64_t then_n) {
+  // 64 KB (float32 form: 32 KB): fewer panels, so fewer accumulator reloads and permutes, which
+  // weigh more against dot products that do twice the work per instruction (llada2-small layer,
+  // in L3: 1.27 -> 1.22 ms). The rows of one column tile (what the row tiles share) still fit L1.
+  constexpr int64_t kPanelBytes = 64 * 1024;
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(Bits));
+  const int64_t panel = std::max<int64_t>(2, kPanelBytes / row_bytes / 2 * 2);
+  const int64_t tiles = n / (kDotBlocks * kDotCols) + (n % (kDotBlocks * kDotCols) + kDotCols - 1) / kDotCols;
+  const int64_t steps_per_panel =
+      std::max<int64_t>(1, tiles * ((m + kDotRows - 1) / kDotRows) * (panel / 2));
+  for (int64_t k0 = 0; k0 < K; k0 += panel) {
+    const int64_t kn = std::min(panel, K - k0);
+    const bool accumulate = k0 > 0;
+    const char* next = reinterpret_cast<const char*>(b + (k0 + kn) * n);
+    int64_t next_lines = (std::min(panel, K - k0 - kn) * row_bytes + 63) / 64;
+    if (k0 + kn >= K && then != nullptr) {  // the last panel: the next matrix's first one
+      const int64_t then_row = then_n * static_cast<int64_t>(sizeof(Bits));
+      next = reinterpret_cast<const char*>(then);
+      next_lines = (std::max<int64_t>(1, kPanelBytes / then_row) * then_row + 63) / 64;
+    }
+    Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
+    const Bits* bp = b + k0 * n;
+    int64_t j = 0;
+    for (; j + kDotBlocks * kDotCols <= n; j += kDotBlocks * kDotCols)
+      dot_rows<kDotBlocks, false>(a + k0, lda, m, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+    for (; j + kDotCols <= n; j += kDotCols)
+      dot_rows<1, false>(a + k0, lda, m, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+    if (j < n) {
+      const __mmask32 cols = static_cast<__mmask32>((uint64_t{1} << (n - j)) - 1);
+      dot_rows<1, true>(a + k0, lda, m, bp + j, n, kn, c + j, n, accumulate, cols, pf);
+    }
+  }
+}
+#undef DMAX_BF16_DOT_INLINE
+#undef DMAX_BF16_DOT_TARGET
+#endif  // CPU_CAPABILITY_AVX512
+
+// hidden[i, :I] = r(r(silu(r(g))) * r(u)) for [g | u] = gu[i, :2I] (float32 GEMM output), r()
+// rounding to T as the torch formulation does; stored as Out (float32, or the bf16 the dot
+// products read) at row stride ldh.
+template <class T, class Out>
+void swiglu_rows(const float* gu, int64_t m, int64_t I, Out* hidden, int64_t ldh) {
+  const Vec one(1.f);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* g_row = gu + i * 2 * I;
+    for (int64_t j = 0; j < I; j += kW) {
+      const int64_t n = std::min(kW, I - j);
+      const Vec g = round_to<T>(Vec::loadu(g_row + j, n));
+      const Vec u = round_to<T>(Vec::loadu(g_row + I + j, n));
+      const Vec silu = round_to<T>(g / (one + g.neg().exp()));  // torch's silu kernel
+      store_from_float<Out>(round_to<T>(silu * u), hidden + i * ldh + j, n);
+    }
+  }
+}
+
+// y[i, :H] (float32 GEMM output) rounded to T, to the routed slot's out row.
+template <class T>
+void store_outputs(const ExpertTask<T>& task, const float* y) {
+  const int64_t H = task.H;
+  for (int64_t i = 0; i < task.m; ++i) {
+    for (int64_t j = 0; j < H; j += kW) {
+      const int64_t n = std::min(kW, H - j);
+      round_to<T>(Vec::loadu(y + i * H + j, n)).store(task.out_rows[i] + j, n);
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// moe_expert_ffn for bf16 in dot products: the routed rows copied as they are, the hidden stored
+// in bf16 (its values are bf16 already), each in rows of even length (zero-padded) so that the
+// k pairs of the last panel stay inside them.
+void expert_ffn_bf16_dot(const ExpertTask<c10::BFloat16>& task) {
+  using BF16 = c10::BFloat16;
+  const int64_t m = task.m, H = task.H, I = task.I;
+  const int64_t ldx = H + H % 2, ldh = I + I % 2;
+  // The float32 form's scratch regions; bf16 rows of even length fit in them.
+  BF16* xs = reinterpret_cast<BF16*>(task.scratch);            // [m, ldx]
+  float* gu = task.scratch + m * H;                            // [m, 2I]
+  BF16* hidden = reinterpret_cast<BF16*>(gu + m * 2 * I);      // [m, ldh]
+  float* y = gu + m * 3 * I;                                   // [m, H]
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(xs + i * ldx, task.x + task.rows[i] * H, H * sizeof(BF16));
+    if (ldx > H) xs[i * ldx + H] = BF16(0.f);
+  }
+  const auto bits = [](const BF16* p) { return reinterpret_cast<const Bits*>(p); };
+  dot_gemm(bits(xs), ldx, m, H, bits(task.gate_up), 2 * I, gu, bits(task.down), H);
+  swiglu_rows<BF16>(gu, m, I, hidden, ldh);
+  if (ldh > I)
+    for (int64_t i = 0; i < m; ++i) hidden[i * ldh + I] = BF16(0.f);
+  dot_gemm(bits(hidden), ldh, m, I, bits(task.down), H, y, bits(task.next_gate_up), 2 * I);
+  store_outputs(task, y);
+}
+#endif
 
 }  // namespace
 
 template <class T>
 void moe_expert_ffn(const ExpertTask<T>& task) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (task.bf16_dot) return expert_ffn_bf16_dot(task);
+  }
+#endif
   const int64_t m = task.m, H = task.H, I = task.I;
   float* xs = task.scratch;            // [m, H]: the routed rows in float32
   float* gu = xs + m * H;              // [m, 2I]
@@ -203,24 +431,9 @@ void moe_expert_ffn(const ExpertTask<T>& task) {
     }
   }
   gemm<T>(xs, m, H, task.gate_up, 2 * I, gu, task.down, H);
-  const Vec one(1.f);
-  for (int64_t i = 0; i < m; ++i) {
-    const float* g_row = gu + i * 2 * I;
-    for (int64_t j = 0; j < I; j += kW) {
-      const int64_t n = std::min(kW, I - j);
-      const Vec g = round_to<T>(Vec::loadu(g_row + j, n));
-      const Vec u = round_to<T>(Vec::loadu(g_row + I + j, n));
-      const Vec silu = round_to<T>(g / (one + g.neg().exp()));  // torch's silu kernel
-      round_to<T>(silu * u).store(hidden + i * I + j, n);
-    }
-  }
+  swiglu_rows<T>(gu, m, I, hidden, I);
   gemm<T>(hidden, m, I, task.down, H, y, task.next_gate_up, 2 * I);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < H; j += kW) {
-      const int64_t n = std::min(kW, H - j);
-      round_to<T>(Vec::loadu(y + i * H + j, n)).store(task.out_rows[i] + j, n);
-    }
-  }
+  store_outputs(task, y);
 }
 
 template <class T>

@@ -23,6 +23,9 @@ struct ExpertTask {
   const T* down;            // [I, H] of this expert, row-major
   const T* next_gate_up;    // the gate_up of the expert this thread runs next, or nullptr
   float* scratch;           // m * (2 H + 3 I) floats of work space
+  // bf16 only, honoured by the AVX512 copy: the GEMMs in AVX512-BF16 dot products (the caller
+  // decides once per op call from cpu_features.h's use_bf16_dot()).
+  bool bf16_dot = false;
 };
 
 // out[n] = T(sum_j weights[n, j] * y[n, j]) for n in [begin, end): each product rounded to float32,
