@@ -1,8 +1,10 @@
 """dmax.skinny_linear (CPU), the model's projections for a decoding block's rows: against a float64
 x @ weight^T within 2x the error of F.linear in the same dtype, at widths with every tail (rows
-not whole vectors, columns not whole tiles, K not whole sum blocks); what Linear picks; opcheck;
-argument errors."""
+not whole vectors, columns not whole tiles, K not whole sum blocks); the bfloat16 kernel with
+AVX512-BF16 dot products (DMAX_CPU_BF16_DOT) against float64 and exactly on exact sums; what
+Linear picks; opcheck; argument errors."""
 import copy
+import pathlib
 
 import pytest
 import torch
@@ -36,12 +38,110 @@ def test_matches_the_formula_within_naive_error(dtype, m, n, k):
 
 
 @pytest.mark.parametrize("m,n", [(32, 100), (64, 40), (7, 33), (96, 17)])
-def test_16bit_is_the_library_product_transposed_exactly(m, n):
+def test_16bit_is_the_library_product_transposed_exactly(m, n, monkeypatch):
     # bf16 / fp16: weight @ x^T by the library GEMM, then the kernel's transpose (16 x 32 blocks
     # in registers when M is a multiple of 32, element by element otherwise and for the tail).
+    # bf16 only with the dot-product kernel off (its sums are in another order).
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", "off")
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _case(m, n, 64, dtype, seed=m)
         assert torch.equal(ops.skinny_linear(x, w), (w @ x.t()).t())
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+_FLAGS = _cpu_flags()
+HAS_BF16_DOT = "avx512_bf16" in _FLAGS and torch.backends.cpu.get_cpu_capability() == "AVX512"
+needs_bf16_dot = pytest.mark.skipif(
+    not HAS_BF16_DOT, reason="the bf16 dot-product kernel needs a CPU with AVX512-BF16 and torch "
+                             "running its AVX512 capability")
+
+
+def _dot(x, w, monkeypatch, switch="on"):
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
+    return ops.skinny_linear(x, w)
+
+
+# Rows below, at and past the 16-lane vectors and the 32-row passes; K odd, not whole 32-element
+# vectors (100, 130) and the model's widths; N not whole 12-row tiles.
+DOT_ROWS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 47, 63, 64)
+DOT_COLUMNS = (1, 5, 12, 13, 25, 100)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("k", [1, 2, 3, 31, 32, 33, 100, 130, 512, 1408])
+def test_bf16_dot_is_within_the_library_error(k, monkeypatch):
+    """Against float64: at most 2x the error of the library's bf16 product (oneDNN, float32
+    sums rounded once) on the same inputs, plus one rounding of bf16."""
+    for m in DOT_ROWS:
+        for n in DOT_COLUMNS:
+            x, w = _case(m, n, k, torch.bfloat16, seed=m * 1000 + n + k)
+            got = _dot(x, w, monkeypatch)
+            assert got.dtype == torch.bfloat16 and got.shape == (m, n) and got.is_contiguous()
+            assert torch.isfinite(got).all(), f"{m}x{n}x{k}"
+            assert_within_naive_error(got, F.linear(x.double(), w.double()),
+                                      _dot(x, w, monkeypatch, "off"), f"bf16 dot {m}x{n}x{k}")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("k", [1, 3, 33, 130, 512])
+def test_bf16_dot_places_every_element_exactly(k, monkeypatch):
+    """Small integers: every product and sum is exact in float32, so each output is the float64
+    value rounded once to bf16, bit for bit; a misplaced row, column or pair of k, or garbage
+    from a tail, shows as a mismatch."""
+    gen = torch.Generator().manual_seed(k)
+    for m in DOT_ROWS:
+        for n in DOT_COLUMNS:
+            x = torch.randint(-8, 9, (m, k), generator=gen).bfloat16()
+            w = torch.randint(-8, 9, (n, k), generator=gen).bfloat16()
+            expected = F.linear(x.double(), w.double()).bfloat16()
+            assert torch.equal(_dot(x, w, monkeypatch), expected), f"{m}x{n}x{k}"
+
+
+@needs_bf16_dot
+def test_bf16_dot_reads_strided_inputs_as_their_values(monkeypatch):
+    x, w = _case(33, 40, 130, torch.bfloat16)
+    wide = torch.cat([w, torch.full_like(w, float("nan"))], dim=1)  # rows with stride 2K
+    got = _dot(x.t().contiguous().t(), wide[:, :130], monkeypatch)
+    assert torch.equal(got, _dot(x, w, monkeypatch))
+
+
+@needs_bf16_dot
+def test_bf16_dot_empty_sides(monkeypatch):
+    x, w = _case(3, 5, 0, torch.bfloat16)
+    assert torch.equal(_dot(x, w, monkeypatch), torch.zeros(3, 5, dtype=torch.bfloat16))
+    assert _dot(*_case(0, 5, 4, torch.bfloat16), monkeypatch).shape == (0, 5)
+    assert _dot(*_case(4, 0, 4, torch.bfloat16), monkeypatch).shape == (4, 0)
+
+
+def test_bf16_dot_auto_is_on_exactly_without_amx(monkeypatch):
+    """auto (the default) runs the dot products on a CPU with AVX512-BF16 and no AMX."""
+    x, w = _case(32, 50, 100, torch.bfloat16)
+    monkeypatch.delenv("DMAX_CPU_BF16_DOT", raising=False)
+    default = ops.skinny_linear(x, w)
+    assert torch.equal(_dot(x, w, monkeypatch, "auto"), default)
+    wanted = HAS_BF16_DOT and "amx_bf16" not in _FLAGS
+    assert torch.equal(default, _dot(x, w, monkeypatch, "on" if wanted else "off"))
+
+
+def test_bf16_dot_switch_rejects_a_bad_value(monkeypatch):
+    with pytest.raises(RuntimeError, match="DMAX_CPU_BF16_DOT must be auto, on or off, got 'maybe'"):
+        _dot(*_case(4, 8, 16, torch.bfloat16), monkeypatch, "maybe")
+
+
+@pytest.mark.skipif("avx512_bf16" in _FLAGS or not _FLAGS,
+                    reason="this CPU has AVX512-BF16 (or its flags are unknown): 'on' cannot fail")
+def test_bf16_dot_on_without_the_instructions_is_an_error(monkeypatch):
+    with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+        _dot(*_case(4, 8, 16, torch.bfloat16), monkeypatch)
 
 
 def test_strided_inputs_are_read_as_their_values():
@@ -113,8 +213,10 @@ def test_set_cpu_variants_off_reaches_no_native_op(monkeypatch):
         assert model(input_ids=ids).shape == (1, 8, PRESETS["tiny"].vocab_size)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
+@pytest.mark.parametrize("dtype,switch", [(torch.float32, "auto"), (torch.bfloat16, "off"),
+                                          (torch.bfloat16, "auto")])
+def test_opcheck(dtype, switch, monkeypatch):
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
     torch.library.opcheck(torch.ops.dmax.skinny_linear.default, _case(6, 20, 24, dtype))
 
 

@@ -4,8 +4,9 @@
 // float32 call (the llada2-small lm_head ran at half the machine's float32 peak). Here the weight
 // is read in place: a register tile of kTileRows weight rows by two vectors of activation rows,
 // one weight element broadcast against the transposed activations per multiply-add, while the
-// next tile's rows are prefetched. 16-bit weights go to the library (AMX) as weight @ x^T; the
-// transpose of that product back to [M, N] is here too.
+// next tile's rows are prefetched. bfloat16 on CPUs with AVX512-BF16 (AVX512 copy only): the
+// same tiles with vdpbf16ps on pairs of k (below). Other 16-bit cases go to the library (AMX)
+// as weight @ x^T; the transpose of that product back to [M, N] is here too.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -99,6 +100,133 @@ inline void transpose_16x16(__m512 r[16]) {
     r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
   }
 }
+
+// bfloat16 with AVX512-BF16 (vdpbf16ps: 16 lanes, each the sum of two bf16 products added in
+// float32 onto an accumulator). The float32 kernel's form with pairs of k for elements: the
+// activations packed as [ceil(K/2), Mp] pairs (x[m, 2p], x[m, 2p + 1]), one weight pair
+// w[n, 2p : 2p + 2] broadcast against them, so the lanes are the rows of x and no horizontal
+// sums are needed; the weight is still read in place. Only this copy has these functions, each
+// with the target attribute: the capability's flags lack -mavx512bf16 (other AVX512 CPUs do).
+#define DMAX_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+
+// The weight pair at p (two bf16, the low half first) as a 32-bit word, without an aliasing
+// cast: GCC folds the load into the dot product's broadcast operand.
+struct WeightPair {
+  static inline uint32_t load(const char* p) {
+    uint32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+};
+// The last element of an odd K alone in the low half (xt's high half is zero there): reading
+// the pair would touch the next row, or past the end of the weight.
+struct WeightLast {
+  static inline uint32_t load(const char* p) {
+    uint16_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+};
+
+// The vector width of the dot products. Zmm: 16 rows of x per vector, two vectors. Ymm, for the
+// last 16 rows or fewer: a zmm broadcast of the weight pair costs a shuffle beside its load, and
+// a tile of one zmm per weight row was bound by them (M = 8 ran at 42 GFLOP/s); a ymm broadcast
+// is a plain load, and Zen 4 runs two ymm vdpbf16ps per cycle.
+struct Zmm {
+  using F = __m512;
+  using BH = __m512bh;
+  static constexpr int kLanes = 16;
+  DMAX_BF16_TARGET static F zero() { return _mm512_setzero_ps(); }
+  DMAX_BF16_TARGET static BH load(const uint32_t* p) { return (BH)_mm512_loadu_si512(p); }
+  DMAX_BF16_TARGET static BH broadcast(uint32_t v) { return (BH)_mm512_set1_epi32(v); }
+  DMAX_BF16_TARGET static F dot(F acc, BH a, BH b) { return _mm512_dpbf16_ps(acc, a, b); }
+  // 32 bf16: lo's lanes, then hi's.
+  DMAX_BF16_TARGET static __m512i to_bf16(F lo, F hi) {
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+};
+struct Ymm {
+  using F = __m256;
+  using BH = __m256bh;
+  static constexpr int kLanes = 8;
+  DMAX_BF16_TARGET static F zero() { return _mm256_setzero_ps(); }
+  DMAX_BF16_TARGET static BH load(const uint32_t* p) {
+    return (BH)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  DMAX_BF16_TARGET static BH broadcast(uint32_t v) { return (BH)_mm256_set1_epi32(v); }
+  DMAX_BF16_TARGET static F dot(F acc, BH a, BH b) { return _mm256_dpbf16_ps(acc, a, b); }
+  // 16 bf16: lo's lanes, then hi's; zeros after them.
+  DMAX_BF16_TARGET static __m512i to_bf16(F lo, F hi) {
+    return _mm512_zextsi256_si512((__m256i)_mm256_cvtne2ps_pbh(hi, lo));
+  }
+};
+
+// acc[i][v] += the pair products of weight row i (base[i / 3] + (i % 3) row_bytes) with the
+// pairs xp[v lanes : (v + 1) lanes]; the row pointers move to the next pair.
+template <class V, int NV, class Load>
+DMAX_BF16_TARGET inline void dot_step(typename V::F (&acc)[kTileRows][NV], const uint32_t* xp,
+                                      const char* (&base)[kTileRows / 3], int64_t row_bytes) {
+  typename V::BH xv[NV];
+  for (int v = 0; v < NV; ++v) xv[v] = V::load(xp + v * V::kLanes);
+  for (int g = 0; g < kTileRows / 3; ++g) {
+    for (int j = 0; j < 3; ++j) {
+      const typename V::BH wb = V::broadcast(Load::load(base[g] + j * row_bytes));
+      for (int v = 0; v < NV; ++v) acc[3 * g + j][v] = V::dot(acc[3 * g + j][v], wb, xv[v]);
+    }
+    base[g] += 2 * sizeof(uint16_t);
+  }
+}
+
+// c[i] = bf16: w[i, :K] @ xt[:, v lanes + mm] for lane mm of vector v < NV, then zeros, for
+// i < kTileRows: w bf16 (row stride ldw elements), xt pairs (row stride ldx), float32 sums in k
+// order rounded once to bf16. Rows in groups of three per pointer, as in tile(). Not inlined:
+// with its three forms in one function GCC kept the 1-vector form's accumulators on the stack
+// (a store-to-load chain per step, M = 8 at 17 instead of 6 cycles a step).
+template <class V, int NV>
+DMAX_BF16_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt, int64_t ldx, const uint16_t* w,
+                                       int64_t ldw, int64_t K, __m512i* c,
+                                       Prefetcher& prefetch) {
+  static_assert(kTileRows % 3 == 0 && NV >= 1 && NV * V::kLanes <= 32);
+  typename V::F acc[kTileRows][NV];
+  for (int i = 0; i < kTileRows; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  const char* base[kTileRows / 3];
+  for (int g = 0; g < kTileRows / 3; ++g)
+    base[g] = reinterpret_cast<const char*>(w + 3 * g * ldw);
+  const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(uint16_t));
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    prefetch.step();
+    dot_step<V, NV, WeightPair>(acc, xt + p * ldx, base, row_bytes);
+  }
+  if (K % 2) dot_step<V, NV, WeightLast>(acc, xt + pairs * ldx, base, row_bytes);
+  for (int i = 0; i < kTileRows; ++i) {
+    if constexpr (NV == 2) {
+      c[i] = V::to_bf16(acc[i][0], acc[i][1]);
+    } else {
+      c[i] = V::to_bf16(acc[i][0], V::zero());
+    }
+  }
+}
+
+// out[m0 + mm, n] = c[n, mm] for n < rows, mm < m_count: c 16 rows of 32 bf16 (16 pairs),
+// out bf16 with row stride ldo, from out's (m0, 0). The pairs transposed as a 16 x 16 float32
+// block (bits only), then each pair's low halves -> one out row, high halves -> the next.
+DMAX_BF16_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
+                                                   int64_t m_count, uint16_t* out,
+                                                   int64_t ldo) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(c[i]);
+  transpose_16x16(r);
+  const __mmask16 cols = static_cast<__mmask16>((1u << rows) - 1);
+  for (int64_t q = 0; 2 * q < m_count; ++q) {
+    const __m512i pairs = _mm512_castps_si512(r[q]);
+    _mm256_mask_storeu_epi16(out + 2 * q * ldo, cols, _mm512_cvtepi32_epi16(pairs));
+    if (2 * q + 1 < m_count)
+      _mm256_mask_storeu_epi16(out + (2 * q + 1) * ldo, cols,
+                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+  }
+}
 #endif
 
 }  // namespace
@@ -168,6 +296,51 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+namespace {
+DMAX_BF16_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
+  const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
+  std::vector<uint16_t> rows;  // the last tile's rows, zero-padded to a whole tile
+  // Rows kTileRows..15 of the 16 x 16 transposed block stay zero (never stored).
+  __m512i c[16];
+  for (auto& ci : c) ci = _mm512_setzero_si512();
+  for (int64_t n0 = begin; n0 < end; n0 += kTileRows) {
+    const int64_t r = std::min<int64_t>(kTileRows, end - n0);
+    const uint16_t* w = task.weight + n0 * K;
+    if (r < kTileRows) {
+      rows.assign(kTileRows * K, 0);
+      std::copy(w, w + r * K, rows.begin());
+      w = rows.data();
+    }
+    // The next tile's rows come in during this one's first pass over the activations.
+    const int64_t next_rows = std::clamp<int64_t>(end - n0 - r, 0, kTileRows);
+    const char* next = reinterpret_cast<const char*>(task.weight + (n0 + r) * K);
+    const int64_t lines = (next_rows * K * static_cast<int64_t>(sizeof(uint16_t)) + 63) / 64;
+    const int64_t steps = std::max<int64_t>(1, K / 2);
+    Prefetcher prefetch{next, next + 64 * lines, (lines + steps - 1) / steps};
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kW) {
+      const int64_t rows_left = M - m0;
+      if (rows_left > 2 * Ymm::kLanes) {
+        tile_bf16<Zmm, 2>(task.xt + m0, Mp, w, K, K, c, prefetch);
+      } else if (rows_left > Ymm::kLanes) {
+        tile_bf16<Ymm, 2>(task.xt + m0, Mp, w, K, K, c, prefetch);
+      } else {
+        tile_bf16<Ymm, 1>(task.xt + m0, Mp, w, K, K, c, prefetch);
+      }
+      store_transposed_bf16(c, r, std::min<int64_t>(rows_left, kMaxVecs * kW),
+                            task.out + m0 * N + n0, N);
+    }
+  }
+}
+}  // namespace
+
+// Declared without the target attribute (GCC would take two differently targeted declarations
+// for function versions): the caller has checked the CPU.
+void skinny_linear_bf16_columns(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
+  columns_bf16(task, begin, end);
+}
+#endif
 
 void transpose_16bit(const uint16_t* in, int64_t N, int64_t M, uint16_t* out, int64_t begin,
                      int64_t end) {

@@ -16,12 +16,23 @@ struct SkinnyLinearTask {
   float* out;           // [M, N], row stride N
 };
 
+// The same product for bfloat16 with AVX512-BF16 dot products (vdpbf16ps): pairs of bf16
+// products summed in float32 in k order, the sum rounded once to bf16.
+struct SkinnyLinearBf16Task {
+  const uint32_t* xt;       // [ceil(K/2), Mp]: (x[m, 2p], x[m, 2p + 1]) as bf16 bits, low half
+                            // first; zeros past M and for the missing x[m, K] of an odd K
+  int64_t M, Mp, K, N;
+  const uint16_t* weight;   // [N, K] bf16 bits, row stride K
+  uint16_t* out;            // [M, N] bf16 bits, row stride N
+};
+
 #define DMAX_DECLARE_SKINNY_LINEAR(cap)                                                     \
   namespace cap {                                                                           \
   /* the weight rows of one register tile: parallel chunks are multiples of it */           \
   int64_t skinny_linear_tile_rows();                                                        \
   void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end);     \
-  /* xt[k, m] = x[m, k] for m < M, 0 for M <= m < Mp: x [M, K] row-major, xt [K, Mp] */     \
+  /* xt[k, m] = x[m, k] for m < M, 0 for M <= m < Mp: x [M, K] row-major, xt [K, Mp];   \
+     moves bits only (bf16 pairs too) */                                                   \
   void skinny_linear_pack(const float* x, int64_t M, int64_t K, int64_t Mp, float* xt);     \
   /* out[m, n] = in[n, m] for n in [begin, end), m < M: 16-bit elements, in [N, M], out    \
      [M, N] */                                                                              \
@@ -32,5 +43,11 @@ DMAX_DECLARE_SKINNY_LINEAR(DEFAULT)
 DMAX_DECLARE_SKINNY_LINEAR(AVX2)
 DMAX_DECLARE_SKINNY_LINEAR(AVX512)
 #undef DMAX_DECLARE_SKINNY_LINEAR
+
+// Only in the AVX512 copy, for CPUs that also have AVX512-BF16 (cpu_features.h's
+// use_bf16_dot()): tiles of skinny_linear_tile_rows() columns, like skinny_linear_columns.
+namespace AVX512 {
+void skinny_linear_bf16_columns(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end);
+}
 
 }  // namespace dmax::cpu
