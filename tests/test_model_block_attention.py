@@ -11,6 +11,7 @@ from dmax_ext.model import PRESETS
 from dmax_ext.model.attention import Attention, cached_attention_mask
 from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.reference import block_attention_reference
+from cpu_flags import HAS_BF16_DOT
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("block_attention"),
@@ -119,3 +120,19 @@ def test_argument_errors():
         ops.block_attention(q.transpose(2, 3), keys, values, mask, scale)
     with pytest.raises(RuntimeError, match="block_attention: mask must be bool"):
         torch.ops.dmax.block_attention(q, keys, values, mask[..., :10], scale)
+
+
+@pytest.mark.parametrize("switch", ["off", "on"])
+@pytest.mark.parametrize("dims", [dict(), dict(slots=33, length=5), dict(dim=128, heads=4),
+                                  dict(slots=1, length=1, heads=2, kv_heads=1, dim=32)])
+def test_bf16_float_and_dot_forms_within_sdpa_error(monkeypatch, switch, dims):
+    """DMAX_CPU_BF16_DOT (cpu_features.h) picks the bf16 form: float32 FMAs, or AVX512-BF16
+    dot products with p rounded to bf16 for p . v (as SDPA's bf16 kernel rounds it)."""
+    if switch == "on" and not HAS_BF16_DOT:
+        pytest.skip("this CPU (or torch's capability) has no AVX512-BF16: the dot form cannot run")
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
+    case = _case(torch.bfloat16, **dims)
+    exact = block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                        else t for t in case))
+    assert_within_naive_error(ops.block_attention(*case), exact, _sdpa(*case), f"{switch} {dims}")
+

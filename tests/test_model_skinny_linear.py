@@ -4,7 +4,6 @@ not whole vectors, columns not whole tiles, K not whole sum blocks); the bfloat1
 AVX512-BF16 dot products (DMAX_CPU_BF16_DOT) against float64 and exactly on exact sums; what
 Linear picks; opcheck; argument errors."""
 import copy
-import pathlib
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from dmax_ext import ops
 from dmax_ext.model import PRESETS, random_model
 from dmax_ext.model.modules import Linear
 from dmax_ext.reference import skinny_linear_reference
+from cpu_flags import FLAGS, HAS_BF16_DOT, needs_bf16_dot
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("skinny_linear"),
@@ -46,23 +46,6 @@ def test_16bit_is_the_library_product_transposed_exactly(m, n, monkeypatch):
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _case(m, n, 64, dtype, seed=m)
         assert torch.equal(ops.skinny_linear(x, w), (w @ x.t()).t())
-
-
-def _cpu_flags() -> set[str]:
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-_FLAGS = _cpu_flags()
-HAS_BF16_DOT = "avx512_bf16" in _FLAGS and torch.backends.cpu.get_cpu_capability() == "AVX512"
-needs_bf16_dot = pytest.mark.skipif(
-    not HAS_BF16_DOT, reason="the bf16 dot-product kernel needs a CPU with AVX512-BF16 and torch "
-                             "running its AVX512 capability")
 
 
 def _dot(x, w, monkeypatch, switch="on"):
@@ -128,7 +111,7 @@ def test_bf16_dot_auto_is_on_exactly_without_amx(monkeypatch):
     monkeypatch.delenv("DMAX_CPU_BF16_DOT", raising=False)
     default = ops.skinny_linear(x, w)
     assert torch.equal(_dot(x, w, monkeypatch, "auto"), default)
-    wanted = HAS_BF16_DOT and "amx_bf16" not in _FLAGS
+    wanted = HAS_BF16_DOT and "amx_bf16" not in FLAGS
     assert torch.equal(default, _dot(x, w, monkeypatch, "on" if wanted else "off"))
 
 
@@ -137,7 +120,7 @@ def test_bf16_dot_switch_rejects_a_bad_value(monkeypatch):
         _dot(*_case(4, 8, 16, torch.bfloat16), monkeypatch, "maybe")
 
 
-@pytest.mark.skipif("avx512_bf16" in _FLAGS or not _FLAGS,
+@pytest.mark.skipif("avx512_bf16" in FLAGS or not FLAGS,
                     reason="this CPU has AVX512-BF16 (or its flags are unknown): 'on' cannot fail")
 def test_bf16_dot_on_without_the_instructions_is_an_error(monkeypatch):
     with pytest.raises(RuntimeError, match="no AVX512-BF16"):
@@ -193,7 +176,10 @@ def test_set_cpu_variants_off_runs_what_cuda_runs(monkeypatch):
         assert calls == []
         model.set_cpu_variants(True)
         on = model(input_ids=ids)
-    assert len(calls) == 3 * 5 + 1  # 3 layers: qkv, dense, gate, up, down; then lm_head
+    n_moe = sum(map(model.config.is_moe_layer, range(model.config.num_hidden_layers)))
+    # 3 layers: qkv, dense, gate, up, down (dense MLP or shared expert); a router per MoE layer;
+    # then lm_head
+    assert len(calls) == 3 * 5 + n_moe + 1
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
 
 

@@ -2,7 +2,6 @@
 the torch formulation (model/moe.py, impl "reference"); at any routing skew and width (vector
 tails); bfloat16 in both GEMM forms (DMAX_CPU_BF16_DOT: float32 FMAs, AVX512-BF16 dot products);
 what the model's MoE picks; opcheck; argument errors."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,24 +9,17 @@ import torch
 from dmax_ext import ops
 from dmax_ext.model import PRESETS
 from dmax_ext.model.moe import MoeBlock, StackedExperts
+from cpu_flags import HAS_BF16_DOT
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("moe_experts"),
                                 reason="the native library predates moe_experts: rebuild")
 
 
-def _has_bf16_dot() -> bool:
-    """The dot-product form runs: torch runs the AVX512 copies and the CPU has AVX512-BF16."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx512_bf16" in cpuinfo.read_text()
-
-
 @pytest.fixture(params=["off", "on"])
 def bf16_dot(request, monkeypatch):
     """DMAX_CPU_BF16_DOT for the bfloat16 cases: off (float32 FMAs) and on (dot products)."""
-    if request.param == "on" and not _has_bf16_dot():
+    if request.param == "on" and not HAS_BF16_DOT:
         pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", request.param)
     return request.param
@@ -119,7 +111,7 @@ def test_bf16_dot_and_fma_forms_agree_to_a_rounding(monkeypatch):
     # Same roundings (GEMM outputs, silu, the hidden, in bf16), exact bf16 products: only the
     # float32 summation order differs, so the two forms differ by at most a bf16 rounding or two
     # of an output (one ulp flips where the float32 sums straddle a rounding boundary).
-    if not _has_bf16_dot():
+    if not HAS_BF16_DOT:
         pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
     case = _case(32, 64, 512, 128, 8, torch.bfloat16, busy=20, seed=5)
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", "off")
@@ -201,7 +193,7 @@ def test_bf16_dot_products_treat_denormal_weights_as_zero(monkeypatch):
     # The one documented difference of the dot form (vdpbf16ps ignores MXCSR: denormal inputs
     # count as zero); here it also shows that "on" runs that form. A down weight of 2^-130 (a bf16
     # denormal) times a hidden value of ~1 sums to a float32 denormal the FMA form keeps.
-    if not _has_bf16_dot():
+    if not HAS_BF16_DOT:
         pytest.skip("AVX512-BF16 dot products need the AVX512 capability and a CPU with avx512_bf16")
     x, ids, weights, gate_up, _ = _case(4, 2, 32, 16, 1, torch.bfloat16, seed=2)
     down = torch.full((2, 16, 32), 2.0**-130).bfloat16()

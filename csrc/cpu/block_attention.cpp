@@ -11,6 +11,7 @@
 
 #include "cpu/vec/block_attention_kernel.h"
 #include "cpu/vec/capability.h"
+#include "cpu/vec/cpu_features.h"
 #include "ops_cpu.h"
 
 namespace dmax::cpu {
@@ -80,6 +81,8 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
   const float* bias_p = bias.const_data_ptr<float>();
   T* out_p = out.mutable_data_ptr<T>();
   const int64_t scratch = block_attention_scratch_floats(group * T_rows, S, D);
+  const bool bf16_dot = block_attention_dot_shape<T>(D) &&
+                        at::get_cpu_capability() == "AVX512" && use_bf16_dot();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(scratch);
     for (int64_t i = begin; i < end; ++i) {
@@ -90,7 +93,7 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
           v_p + b * values.stride(0) + g * values.stride(1), values.stride(2),
           bias_p + (mask.size(0) == 1 ? 0 : b) * T_rows * Sp, group, T_rows, S, D,
           static_cast<float>(scale), work.data(), out_p + b * T_rows * H * D + g * group * D,
-          H * D});
+          H * D, bf16_dot});
     }
   });
   return out;

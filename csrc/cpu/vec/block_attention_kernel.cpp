@@ -10,8 +10,15 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "cpu/vec/block_attention_kernel.h"
+#include "cpu/vec/cpu_features.h"
 #include "cpu/vec/load_float.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {
@@ -122,10 +129,150 @@ void attend_rows(const AttentionHead<T>& a, const float* kt, const float* v, con
   value_rows<T, R>(scores, Sp, v, a.S, a.D, Dp, inv, out);
 }
 
+
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- bf16 with AVX512-BF16: pairs of bf16 in 32-bit slots, vdpbf16ps (half the FMAs) ----------
+// kp [D/2, Sp]: kp[j, s] = (k[s, 2j], k[s, 2j+1]); vp [Sp/2, D]: vp[i, d] = (v[2i, d], v[2i+1, d]);
+// q pairs are read in place from q's rows; p is rounded to bf16 pairs per row (pp [4, Sp/2]).
+
+// scores[i, c0 : c0 + NV 16] = scale * q[i] . k[c0 : ...] + bias[i] for i < R.
+template <int R, int NV>
+DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_score_tile(
+    const uint32_t* const* q, int64_t half_d, const uint32_t* kp, int64_t Sp, int64_t c0,
+    float scale, const float* const* bias, float* scores) {
+  __m512 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < half_d; ++d) {
+    __m512i kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = _mm512_loadu_si512(kp + d * Sp + c0 + j * 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d]));
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], qa, (__m512bh)kv[j]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j)
+      _mm512_storeu_ps(scores + i * Sp + c0 + j * 16,
+                       _mm512_fmadd_ps(acc[i][j], vs, _mm512_loadu_ps(bias[i] + c0 + j * 16)));
+}
+
+// out rows i < R = inv[i] * sum_s p[i, s] v[s, d0 : d0 + NV 16], rounded to bf16.
+template <int R, int NV>
+DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_value_tile(
+    const uint32_t* pp, int64_t half_sp, const uint32_t* vp, int64_t D, int64_t d0,
+    const float* inv, c10::BFloat16* const* out) {
+  __m512 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < half_sp; ++s) {
+    __m512i vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = _mm512_loadu_si512(vp + s * D + d0 + j * 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh pa = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i * half_sp + s]));
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pa, (__m512bh)vv[j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j)
+      store_from_float(Vec(_mm512_mul_ps(acc[i][j], _mm512_set1_ps(inv[i]))),
+                       out[i] + d0 + j * 16, 16);
+}
+
+// p rounded to bf16 pairs: pp[j] = (p[2j], p[2j+1]) for j < Sp / 2 (Sp a multiple of 32 or 16).
+DMAX_BF16_DOT_TARGET void pack_probs(const float* p, int64_t Sp, uint32_t* pp) {
+  int64_t s = 0;
+  for (; s + 32 <= Sp; s += 32) {
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + s + 16), _mm512_loadu_ps(p + s));
+    _mm512_storeu_si512(pp + s / 2, (__m512i)b);
+  }
+  if (s < Sp) {  // 16 left
+    const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(p + s));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + s / 2), (__m256i)b);
+  }
+}
+
+// vp[i, d] = (v[2i, d], v[2i+1, d]) for 32 columns d0..d0+31 of rows a (2i) and b (2i+1).
+DMAX_BF16_DOT_TARGET void pack_value_pairs(const uint16_t* a, const uint16_t* b, uint32_t* out) {
+  static const __m512i lo = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  static const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(b);
+  _mm512_storeu_si512(out, _mm512_permutex2var_epi16(va, lo, vb));
+  _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi16(va, hi, vb));
+}
+
+template <int R>
+void dot_attend_rows(const AttentionHead<c10::BFloat16>& a, const uint32_t* kp,
+                     const uint32_t* vp, float* scores, uint32_t* pp, int64_t Sp, int64_t r0) {
+  const uint32_t* q[R];
+  const float* bias[R];
+  c10::BFloat16* out[R];
+  float inv[R];
+  for (int i = 0; i < R; ++i) {
+    const int64_t h = (r0 + i) / a.T_rows, t = (r0 + i) % a.T_rows;
+    q[i] = reinterpret_cast<const uint32_t*>(a.q + h * a.q_head_stride + t * a.q_row_stride);
+    bias[i] = a.bias + t * Sp;
+    out[i] = a.out + t * a.out_row_stride + h * a.D;
+  }
+  const int64_t half_d = a.D / 2, half_sp = Sp / 2;
+  int64_t c0 = 0;
+  for (; c0 + kVecs * 16 <= Sp; c0 += kVecs * 16)
+    dot_score_tile<R, kVecs>(q, half_d, kp, Sp, c0, a.scale, bias, scores);
+  for (; c0 < Sp; c0 += 16) dot_score_tile<R, 1>(q, half_d, kp, Sp, c0, a.scale, bias, scores);
+  for (int i = 0; i < R; ++i) {
+    inv[i] = softmax_numerators(scores + i * Sp, Sp);
+    pack_probs(scores + i * Sp, Sp, pp + i * half_sp);
+  }
+  for (int64_t d0 = 0; d0 < a.D; d0 += kVecs * 16)  // D a multiple of 32
+    if (d0 + kVecs * 16 <= a.D)
+      dot_value_tile<R, kVecs>(pp, half_sp, vp, a.D, d0, inv, out);
+    else
+      dot_value_tile<R, 2>(pp, half_sp, vp, a.D, d0, inv, out);
+}
+
+void dot_attention_head(const AttentionHead<c10::BFloat16>& a) {
+  const int64_t S = a.S, D = a.D, Sp = round_up_16(S), half_d = D / 2;
+  const int64_t rows = a.group * a.T_rows;
+  auto* kp = reinterpret_cast<uint32_t*>(a.scratch);  // [D/2, Sp]
+  uint32_t* vp = kp + half_d * Sp;                      // [Sp/2, D]
+  auto* scores = reinterpret_cast<float*>(vp + Sp / 2 * D);  // [kRows, Sp]
+  uint32_t* pp = reinterpret_cast<uint32_t*>(scores + kRows * Sp);  // [kRows, Sp/2]
+  for (int64_t s = 0; s < S; ++s) {
+    const auto* k_row = reinterpret_cast<const uint32_t*>(a.k + s * a.k_row_stride);
+    for (int64_t j = 0; j < half_d; ++j) kp[j * Sp + s] = k_row[j];
+  }
+  for (int64_t j = 0; j < half_d; ++j) std::fill(kp + j * Sp + S, kp + (j + 1) * Sp, 0u);
+  std::vector<uint16_t> zeros(D, 0);
+  for (int64_t i = 0; i < Sp / 2; ++i) {
+    const auto row = [&](int64_t s) {
+      return s < S ? reinterpret_cast<const uint16_t*>(a.v + s * a.v_row_stride) : zeros.data();
+    };
+    for (int64_t d0 = 0; d0 < D; d0 += 32)
+      pack_value_pairs(row(2 * i) + d0, row(2 * i + 1) + d0, vp + i * D + d0);
+  }
+  int64_t r0 = 0;
+  for (; r0 + kRows <= rows; r0 += kRows) dot_attend_rows<kRows>(a, kp, vp, scores, pp, Sp, r0);
+  switch (rows - r0) {
+    case 1: dot_attend_rows<1>(a, kp, vp, scores, pp, Sp, r0); break;
+    case 2: dot_attend_rows<2>(a, kp, vp, scores, pp, Sp, r0); break;
+    case 3: dot_attend_rows<3>(a, kp, vp, scores, pp, Sp, r0); break;
+    default: break;
+  }
+}
+#endif  // CPU_CAPABILITY_AVX512
+
 }  // namespace
 
 template <class T>
 void block_attention_head(const AttentionHead<T>& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (a.bf16_dot && block_attention_dot_shape<T>(a.D)) return dot_attention_head(a);
+  }
+#endif
   const int64_t S = a.S, D = a.D, Sp = round_up_16(S), Dp = round_up_16(D);
   const int64_t rows = a.group * a.T_rows;
   float* kt = a.scratch;        // [D, Sp]

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace dmax::cpu {
 
@@ -27,15 +28,27 @@ struct AttentionHead {
   float* scratch;         // block_attention_scratch_floats(group * T_rows, S, D) floats
   T* out;                 // out[t, h, :] at out + t * out_row_stride + h * D
   int64_t out_row_stride;
+  // bf16 with D a multiple of 32 on the AVX512 copy: q . k and p . v as AVX512-BF16 dot
+  // products (cpu_features.h), p rounded to bf16 for p . v as SDPA's bf16 CPU kernel does.
+  bool bf16_dot = false;
 };
+
+// Whether an AttentionHead<T> of head width D may take the bf16_dot path.
+template <class T>
+constexpr bool block_attention_dot_shape(int64_t D) {
+  return std::is_same_v<T, c10::BFloat16> && D % 32 == 0;
+}
 
 inline int64_t round_up_16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Work space one AttentionHead call needs, in floats (the caller allocates it per thread):
-// k transposed [D, Sp], v [S, Dp], the scaled queries [rows, D], 4 rows of scores [4, Sp].
+// k transposed [D, Sp], v [S, Dp], the scaled queries [rows, D], 4 rows of scores [4, Sp]
+// (the bf16_dot path uses less: pairs of bf16 in 32-bit slots).
 inline int64_t block_attention_scratch_floats(int64_t rows, int64_t S, int64_t D) {
   const int64_t Sp = round_up_16(S), Dp = round_up_16(D);
-  return D * Sp + S * Dp + rows * D + 4 * Sp;
+  const int64_t float_path = D * Sp + S * Dp + rows * D + 4 * Sp;
+  const int64_t dot_path = D / 2 * Sp + Sp / 2 * D + 4 * Sp + 4 * Sp / 2;  // kp, vp, scores, pp
+  return float_path > dot_path ? float_path : dot_path;
 }
 
 #define DMAX_DECLARE_BLOCK_ATTENTION(cap)                                                  \

@@ -18,6 +18,10 @@
 #include <cpuid.h>
 #endif
 
+// The functions of a kernel's AVX512 copy that use AVX512-BF16 instructions: compiled for them
+// alone (the capability's global flags stay AVX512F/BW/VL/DQ, which CPUs without BF16 run).
+#define DMAX_BF16_DOT_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+
 namespace dmax::cpu {
 
 struct CpuFeatures {

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "cpu/vec/moe_experts_kernel.h"
+#include "cpu/vec/cpu_features.h"
 #include "cpu/vec/load_float.h"
 #include "cpu/vec/prefetch.h"
 
@@ -200,7 +201,6 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
 // trained model is near them).
 // Only these functions are compiled with AVX512-BF16 (not the whole AVX512 copy, whose other code
 // must run on AVX512 CPUs without it): the GEMM is entered once per matrix, through a call.
-#define DMAX_BF16_DOT_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
 #define DMAX_BF16_DOT_INLINE DMAX_BF16_DOT_TARGET inline __attribute__((always_inline))
 
 using Bits = uint16_t;  // a bf16 as its bits (c10::BFloat16's layout)

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/vec/cpu_features.h"
 #include "cpu/vec/prefetch.h"
 #include "cpu/vec/skinny_linear_kernel.h"
 
@@ -107,7 +108,6 @@ inline void transpose_16x16(__m512 r[16]) {
 // w[n, 2p : 2p + 2] broadcast against them, so the lanes are the rows of x and no horizontal
 // sums are needed; the weight is still read in place. Only this copy has these functions, each
 // with the target attribute: the capability's flags lack -mavx512bf16 (other AVX512 CPUs do).
-#define DMAX_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
 
 // The weight pair at p (two bf16, the low half first) as a 32-bit word, without an aliasing
 // cast: GCC folds the load into the dot product's broadcast operand.
@@ -136,12 +136,12 @@ struct Zmm {
   using F = __m512;
   using BH = __m512bh;
   static constexpr int kLanes = 16;
-  DMAX_BF16_TARGET static F zero() { return _mm512_setzero_ps(); }
-  DMAX_BF16_TARGET static BH load(const uint32_t* p) { return (BH)_mm512_loadu_si512(p); }
-  DMAX_BF16_TARGET static BH broadcast(uint32_t v) { return (BH)_mm512_set1_epi32(v); }
-  DMAX_BF16_TARGET static F dot(F acc, BH a, BH b) { return _mm512_dpbf16_ps(acc, a, b); }
+  DMAX_BF16_DOT_TARGET static F zero() { return _mm512_setzero_ps(); }
+  DMAX_BF16_DOT_TARGET static BH load(const uint32_t* p) { return (BH)_mm512_loadu_si512(p); }
+  DMAX_BF16_DOT_TARGET static BH broadcast(uint32_t v) { return (BH)_mm512_set1_epi32(v); }
+  DMAX_BF16_DOT_TARGET static F dot(F acc, BH a, BH b) { return _mm512_dpbf16_ps(acc, a, b); }
   // 32 bf16: lo's lanes, then hi's.
-  DMAX_BF16_TARGET static __m512i to_bf16(F lo, F hi) {
+  DMAX_BF16_DOT_TARGET static __m512i to_bf16(F lo, F hi) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
   }
 };
@@ -149,14 +149,14 @@ struct Ymm {
   using F = __m256;
   using BH = __m256bh;
   static constexpr int kLanes = 8;
-  DMAX_BF16_TARGET static F zero() { return _mm256_setzero_ps(); }
-  DMAX_BF16_TARGET static BH load(const uint32_t* p) {
+  DMAX_BF16_DOT_TARGET static F zero() { return _mm256_setzero_ps(); }
+  DMAX_BF16_DOT_TARGET static BH load(const uint32_t* p) {
     return (BH)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
-  DMAX_BF16_TARGET static BH broadcast(uint32_t v) { return (BH)_mm256_set1_epi32(v); }
-  DMAX_BF16_TARGET static F dot(F acc, BH a, BH b) { return _mm256_dpbf16_ps(acc, a, b); }
+  DMAX_BF16_DOT_TARGET static BH broadcast(uint32_t v) { return (BH)_mm256_set1_epi32(v); }
+  DMAX_BF16_DOT_TARGET static F dot(F acc, BH a, BH b) { return _mm256_dpbf16_ps(acc, a, b); }
   // 16 bf16: lo's lanes, then hi's; zeros after them.
-  DMAX_BF16_TARGET static __m512i to_bf16(F lo, F hi) {
+  DMAX_BF16_DOT_TARGET static __m512i to_bf16(F lo, F hi) {
     return _mm512_zextsi256_si512((__m256i)_mm256_cvtne2ps_pbh(hi, lo));
   }
 };
@@ -164,7 +164,7 @@ struct Ymm {
 // acc[i][v] += the pair products of weight row i (base[i / 3] + (i % 3) row_bytes) with the
 // pairs xp[v lanes : (v + 1) lanes]; the row pointers move to the next pair.
 template <class V, int NV, class Load>
-DMAX_BF16_TARGET inline void dot_step(typename V::F (&acc)[kTileRows][NV], const uint32_t* xp,
+DMAX_BF16_DOT_TARGET inline void dot_step(typename V::F (&acc)[kTileRows][NV], const uint32_t* xp,
                                       const char* (&base)[kTileRows / 3], int64_t row_bytes) {
   typename V::BH xv[NV];
   for (int v = 0; v < NV; ++v) xv[v] = V::load(xp + v * V::kLanes);
@@ -183,7 +183,7 @@ DMAX_BF16_TARGET inline void dot_step(typename V::F (&acc)[kTileRows][NV], const
 // with its three forms in one function GCC kept the 1-vector form's accumulators on the stack
 // (a store-to-load chain per step, M = 8 at 17 instead of 6 cycles a step).
 template <class V, int NV>
-DMAX_BF16_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt, int64_t ldx, const uint16_t* w,
+DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt, int64_t ldx, const uint16_t* w,
                                        int64_t ldw, int64_t K, __m512i* c,
                                        Prefetcher& prefetch) {
   static_assert(kTileRows % 3 == 0 && NV >= 1 && NV * V::kLanes <= 32);
@@ -212,7 +212,7 @@ DMAX_BF16_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt, in
 // out[m0 + mm, n] = c[n, mm] for n < rows, mm < m_count: c 16 rows of 32 bf16 (16 pairs),
 // out bf16 with row stride ldo, from out's (m0, 0). The pairs transposed as a 16 x 16 float32
 // block (bits only), then each pair's low halves -> one out row, high halves -> the next.
-DMAX_BF16_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
+DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
                                                    int64_t m_count, uint16_t* out,
                                                    int64_t ldo) {
   __m512 r[16];
@@ -299,7 +299,7 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
 
 #if defined(CPU_CAPABILITY_AVX512)
 namespace {
-DMAX_BF16_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
+DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
   const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
   std::vector<uint16_t> rows;  // the last tile's rows, zero-padded to a whole tile
   // Rows kTileRows..15 of the 16 x 16 transposed block stay zero (never stored).

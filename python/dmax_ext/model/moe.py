@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
-from .modules import GatedMLP
+from .modules import GatedMLP, Linear
 from .native import CpuVariant
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
@@ -47,7 +47,11 @@ class Router(CpuVariant, nn.Module):
         # float32 even under autocast (mixed-precision training): selection compares scores
         # that differ in the 3rd decimal, which bf16 would turn into ties.
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            x32, w32 = x.float(), self.weight.float()
+            # A block's rows on the CPU: the projections' kernel (MKL's [32, H] x [H, E] GEMM
+            # cost ~50 us a call here, twice the kernel's).
+            skinny = self.native("skinny_linear", x, self.weight, Linear.native_max_rows)
+            logits = skinny(x32, w32) if skinny is not None else F.linear(x32, w32)
         # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
         native = self.native("moe_route", x, self.weight)
         if native is not None:
