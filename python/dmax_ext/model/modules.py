@@ -12,8 +12,10 @@ class Linear(CpuVariant, nn.Linear):
     """The model's projections and lm_head: nn.Linear without bias (same parameter, same
     checkpoint name). A decoding block's few rows on the CPU without gradients run as
     dmax.skinny_linear, which reads the weight once in place where the GEMM library would repack
-    it on every call (llada2-small, 32 rows, 1 thread: float32 qkv 0.26 -> 0.24 ms, lm_head 17 ->
-    11 ms; bfloat16 lm_head 6.2 -> 2.9 ms). float16: no faster than F.linear, so not used."""
+    it on every call (llada2-small, 32 rows, 1 thread, docs/PERFORMANCE.md: float32 lm_head 17 ->
+    11 ms on a Xeon; bfloat16 lm_head 6.2 -> 2.9 ms there (AMX, the library GEMM swapped), 7.8 ->
+    ~5.2-6 ms on an AMD EPYC (AVX512-BF16 dot products)). float16: no faster than F.linear, so
+    not used."""
 
     NATIVE_DTYPES = (torch.float32, torch.bfloat16)
     native_max_rows = 64
