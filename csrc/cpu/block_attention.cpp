@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/dispatch_float.h"
 #include "cpu/vec/block_attention_kernel.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/cpu_features.h"
@@ -81,8 +82,7 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
   const float* bias_p = bias.const_data_ptr<float>();
   T* out_p = out.mutable_data_ptr<T>();
   const int64_t scratch = block_attention_scratch_floats(group * T_rows, S, D);
-  const bool bf16_dot = block_attention_dot_shape<T>(D) &&
-                        at::get_cpu_capability() == "AVX512" && use_bf16_dot();
+  const bool bf16_dot = block_attention_dot_shape<T>(D) && use_bf16_dot();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(scratch);
     for (int64_t i = begin; i < end; ++i) {
@@ -104,14 +104,9 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale) {
   check_block_attention_args(q, keys, values, mask);
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      return block_attention_typed<float>(q, keys, values, mask, scale);
-    case at::kBFloat16:
-      return block_attention_typed<c10::BFloat16>(q, keys, values, mask, scale);
-    default:
-      return block_attention_typed<c10::Half>(q, keys, values, mask, scale);
-  }
+  return dispatch_float(q.scalar_type(), [&](auto t) {
+    return block_attention_typed<decltype(t)>(q, keys, values, mask, scale);
+  });
 }
 
 }  // namespace dmax::cpu

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/dispatch_float.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/cpu_features.h"
 #include "cpu/vec/moe_experts_kernel.h"
@@ -86,7 +87,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   // (read per call: the switch is an environment variable the tests flip).
   bool bf16_dot = false;
   if constexpr (std::is_same_v<T, c10::BFloat16>)
-    bf16_dot = at::get_cpu_capability() == "AVX512" && use_bf16_dot();
+    bf16_dot = use_bf16_dot();
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;
@@ -122,14 +123,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,
                        const at::Tensor& down) {
   check_moe_experts_args(x, expert_ids, expert_weights, gate_up, down);
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return moe_experts_typed<float>(x, expert_ids, expert_weights, gate_up, down);
-    case at::kBFloat16:
-      return moe_experts_typed<c10::BFloat16>(x, expert_ids, expert_weights, gate_up, down);
-    default:
-      return moe_experts_typed<c10::Half>(x, expert_ids, expert_weights, gate_up, down);
-  }
+  return dispatch_float(x.scalar_type(), [&](auto t) {
+    return moe_experts_typed<decltype(t)>(x, expert_ids, expert_weights, gate_up, down);
+  });
 }
 
 }  // namespace dmax::cpu

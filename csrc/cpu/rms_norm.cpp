@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "cpu/dispatch_float.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/rms_norm_kernel.h"
 #include "ops_cpu.h"
@@ -98,18 +99,6 @@ at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight
     }
   });
   return out;
-}
-
-template <class Fn>
-at::Tensor dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kBFloat16:
-      return fn(c10::BFloat16{});
-    default:
-      return fn(c10::Half{});
-  }
 }
 
 }  // namespace

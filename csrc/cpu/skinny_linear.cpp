@@ -65,12 +65,6 @@ at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 #ifdef DMAX_CPU_CAPABILITY_AVX512
-// Whether this bf16 call takes the AVX512-BF16 kernel. use_bf16_dot() first: it rejects a bad
-// DMAX_CPU_BF16_DOT even where another capability copy runs.
-bool bf16_dot_runs() {
-  return use_bf16_dot() && at::get_cpu_capability() == "AVX512";
-}
-
 // x's pairs of k transposed to [ceil(K/2), Mp] by the float32 pack (32-bit words, bits only),
 // an odd K padded with a zero column first; then the column tiles.
 at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight) {
@@ -117,7 +111,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   if (x.scalar_type() == at::kFloat) return skinny_linear_float(xc, wc);
 #ifdef DMAX_CPU_CAPABILITY_AVX512
-  if (x.scalar_type() == at::kBFloat16 && bf16_dot_runs()) return skinny_linear_bf16_dot(xc, wc);
+  if (x.scalar_type() == at::kBFloat16 && use_bf16_dot()) return skinny_linear_bf16_dot(xc, wc);
 #endif
   return skinny_linear_16bit(xc, wc);
 }

@@ -17,8 +17,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/vec/bf16_dot_target.h"
 #include "cpu/vec/block_attention_kernel.h"
-#include "cpu/vec/cpu_features.h"
 #include "cpu/vec/load_float.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {

@@ -7,9 +7,11 @@
 // faster than the float32-FMA kernels (docs/PERFORMANCE.md, 2026-11-25 21:22), so "auto" leaves
 // those machines on their previous paths.
 //
-// DMAX_CPU_BF16_DOT=auto (default) | on | off, read at every call (tests switch it): "on" on a
-// CPU without AVX512-BF16 is an error, not a silent fallback.
+// For the op entry points (csrc/cpu/<op>.cpp); the kernels' dot forms are compiled with
+// bf16_dot_target.h. DMAX_CPU_BF16_DOT=auto (default) | on | off, read at every call (tests
+// switch it): "on" on a CPU without AVX512-BF16 is an error, not a silent fallback.
 #pragma once
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -17,10 +19,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
-
-// The functions of a kernel's AVX512 copy that use AVX512-BF16 instructions: compiled for them
-// alone (the capability's global flags stay AVX512F/BW/VL/DQ, which CPUs without BF16 run).
-#define DMAX_BF16_DOT_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
 
 namespace dmax::cpu {
 
@@ -49,18 +47,24 @@ inline const CpuFeatures& cpu_features() {
   return features;
 }
 
-// Whether the bf16 GEMM kernels run AVX512-BF16 dot products now (see the top of this file).
-// Only meaningful where the AVX512 capability copy runs (the caller checks that).
+// Whether the bf16 kernels run AVX512-BF16 dot products now (see the top of this file): the
+// switch allows it and the AVX512 capability copy runs (the dot forms live in that copy only).
+// The switch is checked first, so a bad value is an error whichever copy runs.
 inline bool use_bf16_dot() {
   const char* env = std::getenv("DMAX_CPU_BF16_DOT");
   const bool has = cpu_features().avx512_bf16;
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0)
-    return has && !cpu_features().amx_bf16;
-  if (std::strcmp(env, "off") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "on") == 0,
-              "DMAX_CPU_BF16_DOT must be auto, on or off, got '", env, "'");
-  TORCH_CHECK(has, "DMAX_CPU_BF16_DOT=on, but this CPU has no AVX512-BF16");
-  return true;
+  bool wanted;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
+    wanted = has && !cpu_features().amx_bf16;
+  } else if (std::strcmp(env, "off") == 0) {
+    wanted = false;
+  } else {
+    TORCH_CHECK(std::strcmp(env, "on") == 0,
+                "DMAX_CPU_BF16_DOT must be auto, on or off, got '", env, "'");
+    TORCH_CHECK(has, "DMAX_CPU_BF16_DOT=on, but this CPU has no AVX512-BF16");
+    wanted = true;
+  }
+  return wanted && at::get_cpu_capability() == "AVX512";
 }
 
 }  // namespace dmax::cpu

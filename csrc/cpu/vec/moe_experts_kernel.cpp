@@ -18,9 +18,9 @@
 #endif
 #include <type_traits>
 
-#include "cpu/vec/moe_experts_kernel.h"
-#include "cpu/vec/cpu_features.h"
+#include "cpu/vec/bf16_dot_target.h"
 #include "cpu/vec/load_float.h"
+#include "cpu/vec/moe_experts_kernel.h"
 #include "cpu/vec/prefetch.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {

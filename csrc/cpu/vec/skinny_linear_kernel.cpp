@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/vec/cpu_features.h"
+#include "cpu/vec/bf16_dot_target.h"
 #include "cpu/vec/prefetch.h"
 #include "cpu/vec/skinny_linear_kernel.h"
 
