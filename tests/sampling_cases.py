@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import torch
 
-LOGIT_KINDS = ["normal", "peaked", "ties", "neg_inf", "constant", "few_finite"]
+LOGIT_KINDS = ["normal", "peaked", "far_tail", "ties", "neg_inf", "constant", "few_finite"]
 
 
 def random_logits(gen: torch.Generator, B: int, L: int, V: int, dtype: torch.dtype,
                   kind: str = "normal") -> torch.Tensor:
     """[B, L, V] logits of `dtype`. Kinds: "normal" (Gaussian, random scale); "peaked" (a few
-    large logits over a long flat tail, like a language model's); "ties" (a handful of distinct
-    values: ties everywhere, also in the top-k); "neg_inf" (a random fifth is -inf); "constant"
-    (one value per row); "few_finite" (only up to 3 finite logits per row, the rest -inf)."""
+    large logits over a long flat tail, like a language model's); "far_tail" (a confident head:
+    the tail ~40 below the peaks, most of it too small to reach float32's rounding of the sum,
+    the part that the CPU kernel skips, with outliers that it must not skip); "ties" (a handful
+    of distinct values: ties everywhere, also in the top-k); "neg_inf" (a random fifth is -inf);
+    "constant" (one value per row); "few_finite" (only up to 3 finite logits per row, the rest
+    -inf)."""
     scale = float(torch.empty(()).uniform_(0.5, 8.0, generator=gen))
     x = torch.randn(B, L, V, generator=gen) * scale
     if kind == "peaked":
@@ -19,6 +22,11 @@ def random_logits(gen: torch.Generator, B: int, L: int, V: int, dtype: torch.dty
         n_peaks = min(V, 4)
         peaks = torch.randint(0, V, (B, L, n_peaks), generator=gen)
         x.scatter_(-1, peaks, torch.rand(B, L, n_peaks, generator=gen) * 10 + 5)
+    elif kind == "far_tail":
+        x = torch.randn(B, L, V, generator=gen) * 6 - 40
+        n_peaks = min(V, 4)
+        peaks = torch.randint(0, V, (B, L, n_peaks), generator=gen)
+        x.scatter_(-1, peaks, torch.rand(B, L, n_peaks, generator=gen) * 10)
     elif kind == "ties":
         x = torch.randint(-3, 4, (B, L, V), generator=gen).float()
     elif kind == "neg_inf":

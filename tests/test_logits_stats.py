@@ -217,16 +217,37 @@ def test_neg_inf_logits(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
-@pytest.mark.parametrize("poison", ["nan", "inf", "all_neg_inf"])
-def test_undefined_rows_give_nan_conf(backend_name, poison):
-    """The kernels' error contract: NaN conf / topk_probs on that row only, ids in [0, V)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [5000, FULL_V])
+def test_small_terms_still_count(backend_name, dtype, V):
+    """A peak, then a tail of logits 9 to 19 below it less ln V: together they weigh ~1.2e-5 of
+    the sum, ~40 times the tolerance. The CPU kernel skips the exponentials of groups of logits
+    below the peak - (ln V + 20) (together < 2.1e-9 of the sum): a kernel that skipped these
+    (from less than ln V + 9 below the peak) fails here."""
     b = Backend(backend_name)
-    V = 1000
+    gen = torch.Generator().manual_seed(V)
+    shift = math.log(V)
+    logits = -shift - 9 - 10 * torch.rand(1, 2, V, generator=gen)
+    logits[0, 0, 0] = 0.0
+    logits[0, 1, V // 3] = 0.0  # the peak after the tail: the tail's groups are all summed
+    check_against_reference(b, logits.to(dtype), 4)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS_ONE_SCHEDULE)
+@pytest.mark.parametrize("poison", ["nan", "inf", "all_neg_inf"])
+@pytest.mark.parametrize("V,peak", [(1000, None), (9000, 60.0)])
+def test_undefined_rows_give_nan_conf(backend_name, poison, V, peak):
+    """The kernels' error contract: NaN conf / topk_probs on that row only, ids in [0, V). With a
+    peak first, the poison sits far below it, past the first block of the CPU kernel: where the
+    kernel skips the exponentials of logits too small to count."""
+    b = Backend(backend_name)
     logits = torch.randn(2, 3, V)
+    if peak is not None:
+        logits[..., 0] = peak
     if poison == "all_neg_inf":
         logits[1, 2] = float("-inf")
     else:
-        logits[1, 2, 777] = float(poison)
+        logits[1, 2, V - 223] = float(poison)
     for temperature in (0.0, 1.0):
         pred, conf, topk_ids, topk_probs = run(b, logits, 4, temperature, torch.tensor([1, 2]))
         assert conf[1, 2].isnan() and topk_probs[1, 2].isnan().all()

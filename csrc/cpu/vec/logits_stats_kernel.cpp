@@ -1,11 +1,14 @@
 // dmax.logits_stats on the CPU: one pass over each row of V logits (compiled once per CPU
 // capability, see logits_stats_kernel.h). The row is read from memory once, in blocks of kBlock
 // logits converted to fp32 into an L1-resident buffer; each block then costs
-//   pass 1 (load + convert + block max), pass 2 (sum of exp(x - m) + top-k candidates),
+//   pass 1 (load + convert + block max + top-k candidates + which groups of logits can count),
+//   pass 2 (sum of exp(x - m) over those groups),
 //   pass 3 (temperature > 0 only: Gumbel scores of the candidates that can still win),
 // with the running max m and sum s rescaled once per block (online softmax), so exp is evaluated
-// once per logit. Top-k and Gumbel candidates are found with vector compares against the current
-// k-th best / the current pruning threshold; the rare hits go through scalar code.
+// at most once per logit. Top-k and Gumbel candidates are found with vector compares against the
+// current k-th best / the current pruning threshold; the rare hits go through scalar code.
+// Speed (one row of 32768 logits, L2-resident, AMD EPYC Zen 4, docs/PERFORMANCE.md): 12.9 us
+// before the groups, exp_nonpositive and the mask compares; 6.7 us now, less on peaked rows.
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -43,6 +46,37 @@ inline Vec load_float(const c10::Half* p) {
 // Bit i set when lane i of a vector compare is true (true lanes are all-ones, false lanes zero).
 inline uint32_t true_lanes(const Vec& cmp) {
   return ~static_cast<uint32_t>(cmp.zero_mask()) & ((1u << kW) - 1u);
+}
+
+// Bit i set when a[i] > b[i] / a[i] >= b[i] (false for NaN). On AVX512 the compare writes a mask
+// register directly: through true_lanes (compare to a vector, then to zero) pass 1 ran 2x slower.
+inline uint32_t lanes_greater(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ);
+#else
+  return true_lanes(a > b);
+#endif
+}
+// Bit i set unless a[i] < b[i]: NaN lanes are set.
+inline uint32_t lanes_not_below(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ);
+#else
+  return ~true_lanes(a < b) & ((1u << kW) - 1u);
+#endif
+}
+
+// Lane-wise max for pass 1. On AVX512 a NaN in v is dropped (vmaxps returns its second operand
+// when either is NaN): pass 1 then keeps the NaN's group live (lanes_not_below), so the NaN
+// reaches the sum and the row's conf (the error the wrapper reports). Elsewhere at::vec::maximum
+// propagates it to the block max, which marks the row bad. (at::vec::maximum's NaN test costs 3
+// more instructions a vector, on the chain of the running max.)
+inline Vec max_for_pass1(const Vec& acc, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(v, acc);
+#else
+  return at::vec::maximum(acc, v);
+#endif
 }
 
 // Running top-k of (logit, id), best first; ties in the logit go to the lower id. Until k real
@@ -132,33 +166,158 @@ void gumbel_block(const float* buf, int64_t npad, int64_t base, Gumbel& g) {
   }
 }
 
+// exp(d) for d <= 0 (or -inf), within ~2 ulp: Cody-Waite reduction d = n ln2 + r (|r| <= ln2 / 2,
+// ln2 split in a 16-bit head, exact times any n here, and a tail), e^r by its Taylor polynomial
+// of degree 7 (truncation < 6e-9 relative), times 2^n. d is clamped at -87 so that 2^n stays a
+// normal float (n >= -126): a term below e^-87 < 2e-38 is counted as that, against a sum >= 1.
+// 13 vector operations where exp_u20 takes about 20 (and Sleef's exp_u10 more).
+inline Vec exp_nonpositive(const Vec& d) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f,
+                  kLn2Lo = 1.42860682030941723e-6f;
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec dc = _mm512_max_ps(Vec(-87.f), d);  // a NaN d is the second operand: it stays NaN
+#else
+  const Vec dc = at::vec::maximum(d, Vec(-87.f));
+#endif
+  const Vec nf = (dc * Vec(kLog2e)).round();
+  const Vec r = at::vec::fmadd(nf, Vec(-kLn2Lo), at::vec::fmadd(nf, Vec(-kLn2Hi), dc));
+  Vec p(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = at::vec::fmadd(p, r, Vec(c));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, nf);
+#else
+  using IVec = at::vec::Vectorized<int32_t>;
+  const IVec bits = (at::vec::convert_to_int_of_same_size(nf) + IVec(127)) << IVec(23);
+  return p * at::vec::cast<float>(bits);
+#endif
+}
+
+// Kahan-compensated running sums in kChains independent chains: a lane holding exp(0) = 1 would
+// otherwise round away most of each small term added to it (several ulps over a block of a
+// peaked row), and one chain's 4 dependent adds a term would bound the loop by their latency.
+constexpr int kChains = 2;
+constexpr int kUnroll = 4;  // vectors in a group: pass 1's step, pass 2's unit
+constexpr int64_t kGroup = kUnroll * kW;
+struct KahanLanes {
+  Vec acc[kChains], comp[kChains];
+  KahanLanes() {
+    for (int c = 0; c < kChains; ++c) acc[c] = comp[c] = Vec(0.f);
+  }
+  void add(int c, const Vec& term) {
+    const Vec y = term - comp[c];
+    const Vec t = acc[c] + y;
+    comp[c] = (t - acc[c]) - y;
+    acc[c] = t;
+  }
+  double total() const {
+    alignas(64) float lanes[kW];
+    double s = 0.0;
+    for (int c = 0; c < kChains; ++c) {
+      (acc[c] - comp[c]).store(lanes);
+      for (int l = 0; l < kW; ++l) s += lanes[l];
+    }
+    return s;
+  }
+};
+
+// Pass 1 over the whole groups of a block from offset j, once the top-k is full: each vector is
+// converted into buf, folded into its own running max (vmax[u]: kUnroll independent chains),
+// compared with the k-th best logit (a hit, rare, goes through TopK::push in scalar code), and
+// the group goes on the live list when a lane is not below floor. x points at the block, whose
+// first logit has id base; remaining = V - base. Returns the offset of the first group left.
+// (A function of its own: written inline in the row loop, GCC kept n_live and vmax in memory
+// and this loop ran 2-3x slower.)
+template <typename T>
+int64_t scan_groups(const T* x, int64_t base, float* buf, int64_t j, int64_t n, int64_t remaining,
+                    const Vec& floor, TopK& top, Vec* vmax_out, int32_t* live, int& n_live_out) {
+  // A later block is fetched from memory while this one computes (software prefetch: the
+  // stream pauses during pass 2; measured ~17% faster on a DRAM-resident B = 32 batch).
+  const T* next = x + kPrefetchBlocks * kBlock;
+  const int64_t next_n = remaining - kPrefetchBlocks * kBlock;
+  Vec vmax[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) vmax[u] = vmax_out[u];
+  Vec vkth(top.val[top.k - 1]);
+  int n_live = n_live_out;
+  for (; j + kGroup <= n; j += kGroup) {
+    uint32_t alive = 0, hit = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t ju = j + u * kW;
+      if (ju < next_n) __builtin_prefetch(next + ju);
+      const Vec v = load_float(x + ju);
+      v.store(buf + ju);
+      vmax[u] = max_for_pass1(vmax[u], v);
+      alive |= lanes_not_below(v, floor);
+      hit |= lanes_greater(v, vkth);
+    }
+    live[n_live] = static_cast<int32_t>(j);
+    n_live += alive != 0;
+    if (hit) {  // reloaded from buf rather than kept (spilled) in registers
+      for (int64_t t = j; t < j + kGroup; t += kW) {
+        for (uint32_t h = lanes_greater(Vec::loadu(buf + t), vkth); h; h &= h - 1) {
+          const int l = __builtin_ctz(h);
+          top.push(buf[t + l], base + t + l);
+        }
+        vkth = Vec(top.val[top.k - 1]);
+      }
+    }
+  }
+  for (int u = 0; u < kUnroll; ++u) vmax_out[u] = vmax[u];
+  n_live_out = n_live;
+  return j;
+}
+
+// exp(x - m) is summed only over groups holding a logit x >= m' - skip_below(V) (or a NaN), m' <= m
+// the running max before the block: the rest, at most V terms each < e^-(ln V + 20), add less
+// than 2.1e-9 relative to a sum >= 1 (a quarter of float32's unit roundoff is 1.5e-8). A
+// confident head skips most of its groups (llada2-small's benchmark weights: about half).
+inline float skip_below(int64_t V) {
+  return static_cast<float>(std::log(static_cast<double>(V)) + 20.0);
+}
+
 template <typename T>
 void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pred, float* conf,
                       int64_t* topk_ids, float* topk_probs) {
-  alignas(64) float buf[kBlock + kW];
+  alignas(64) float buf[kBlock + kGroup];
+  int32_t live[kBlock / kGroup + 1];  // offsets in buf of the groups pass 2 sums
   TopK top(k);
   float m = -kInf;  // running max
   double s = 0.0;   // running sum of exp(x - m): fp32 lanes per block, combined in double
   bool bad = false;
+  const float skip = skip_below(V);
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
-    const int64_t nfull = n / kW * kW;
-    // Pass 1: convert into buf, block max. at::vec::maximum propagates NaN.
-    Vec vmax(-kInf);
-    for (int64_t j = 0; j < nfull; j += kW) {
-      const Vec v = load_float(x + b0 + j);
-      v.store(buf + j);
-      vmax = at::vec::maximum(vmax, v);
+    const int64_t npad = (n + kGroup - 1) / kGroup * kGroup;
+    // Pass 1, a group of kUnroll vectors a step: convert into buf; block max; top-k candidates;
+    // the list of groups that can add to the sum (scan_groups). The groups while the top-k
+    // fills and the tail (converted in scalar code, padded with -inf to a whole group) go
+    // through buf and push every lane.
+    Vec vmax[kUnroll];
+    for (auto& v : vmax) v = Vec(-kInf);
+    const Vec floor(m - skip);
+    int n_live = 0;
+    int64_t j = 0;
+    for (;;) {
+      if (top.full())
+        j = scan_groups(x + b0, b0, buf, j, n, V - b0, floor, top, vmax, live, n_live);
+      if (j >= npad) break;
+      const int64_t end = std::min(j + kGroup, n);
+      for (int64_t t = j; t < end; ++t) buf[t] = static_cast<float>(x[b0 + t]);
+      for (int64_t t = end; t < j + kGroup; ++t) buf[t] = -kInf;
+      uint32_t alive = 0;
+      for (int u = 0; u < kUnroll; ++u) {
+        const Vec v = Vec::loadu(buf + j + u * kW);
+        vmax[u] = max_for_pass1(vmax[u], v);
+        alive |= lanes_not_below(v, floor);
+      }
+      for (int64_t t = j; t < end; ++t) top.push(buf[t], b0 + t);
+      live[n_live] = static_cast<int32_t>(j);
+      n_live += alive != 0;
+      j += kGroup;
     }
-    int64_t npad = nfull;
-    if (nfull < n) {  // the tail, padded with -inf to a whole vector
-      for (int64_t j = nfull; j < n; ++j) buf[j] = static_cast<float>(x[b0 + j]);
-      for (int64_t j = n; j < nfull + kW; ++j) buf[j] = -kInf;
-      vmax = at::vec::maximum(vmax, Vec::loadu(buf + nfull));
-      npad = nfull + kW;
-    }
+    for (int u = 1; u < kUnroll; ++u) vmax[0] = max_for_pass1(vmax[0], vmax[u]);
     alignas(64) float lanes[kW];
-    vmax.store(lanes);
+    vmax[0].store(lanes);
     float bm = -kInf;
     for (int l = 0; l < kW; ++l) bm = std::isnan(lanes[l]) || lanes[l] > bm ? lanes[l] : bm;
     if (!(bm < kInf)) {  // NaN or +inf: p is undefined
@@ -169,42 +328,16 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
       s *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
       m = bm;
     }
-    // Pass 2: sum of exp(x - m) (skipped while every logit so far is -inf) and top-k candidates.
-    // The lanes sum with Kahan compensation: a lane holding exp(0) = 1 would otherwise round
-    // away most of each small term added to it (several ulps over a block of a peaked row).
-    // exp_u20 (<= 20 ulp a term), not Sleef's exp_u10: 23 -> 16 us per row of 32768 logits,
-    // the largest part of a step outside the forward; conf stays within ~1e-7 relative of a
-    // float64 softmax (torch.softmax in float32: ~3e-6).
-    const bool sum = m > -kInf;
-    const Vec vm(m);
-    Vec acc(0.f), comp(0.f);
-    Vec vkth(top.val[k - 1]);
-    bool filling = !top.full();
-    // A later block is fetched from memory while this one computes (software prefetch: the
-    // stream pauses during passes 2-3; measured ~17% faster on a DRAM-resident B = 32 batch).
-    const T* next = x + b0 + kPrefetchBlocks * kBlock;
-    const int64_t next_n = V - b0 - kPrefetchBlocks * kBlock;
-    for (int64_t j = 0; j < npad; j += kW) {
-      if (j < next_n) __builtin_prefetch(next + j);
-      const Vec v = Vec::loadu(buf + j);
-      if (sum) {
-        const Vec y = (v - vm).exp_u20() - comp;
-        const Vec t = acc + y;
-        comp = (t - acc) - y;
-        acc = t;
-      }
-      uint32_t hits = filling ? (1u << kW) - 1u : true_lanes(v > vkth);
-      if (hits) {
-        for (; hits; hits &= hits - 1) {
-          const int l = __builtin_ctz(hits);
-          if (j + l < n) top.push(buf[j + l], b0 + j + l);
-        }
-        vkth = Vec(top.val[k - 1]);
-        filling = !top.full();
-      }
+    // Pass 2: sum of exp(x - m) over the live groups (none while every logit so far is -inf).
+    // conf stays within ~1e-7 relative of a float64 softmax (torch.softmax in float32: ~3e-6).
+    if (m > -kInf) {
+      const Vec vm(m);
+      KahanLanes sums;
+      for (int i = 0; i < n_live; ++i)
+        for (int u = 0; u < kUnroll; ++u)
+          sums.add(u % kChains, exp_nonpositive(Vec::loadu(buf + live[i] + u * kW) - vm));
+      s += sums.total();
     }
-    (acc - comp).store(lanes);
-    for (int l = 0; l < kW; ++l) s += lanes[l];
     if (gumbel) gumbel_block(buf, npad, b0, *gumbel);
   }
   if (bad || m == -kInf) {  // an error row: NaN probabilities, ids in range
