@@ -166,11 +166,12 @@ void gumbel_block(const float* buf, int64_t npad, int64_t base, Gumbel& g) {
   }
 }
 
-// exp(d) for d <= 0 (or -inf), within ~2 ulp: Cody-Waite reduction d = n ln2 + r (|r| <= ln2 / 2,
-// ln2 split in a 16-bit head, exact times any n here, and a tail), e^r by its Taylor polynomial
-// of degree 7 (truncation < 6e-9 relative), times 2^n. d is clamped at -87 so that 2^n stays a
-// normal float (n >= -126): a term below e^-87 < 2e-38 is counted as that, against a sum >= 1.
-// 13 vector operations where exp_u20 takes about 20 (and Sleef's exp_u10 more).
+// exp(d) for d <= 0 (or -inf), within ~1 ulp: Cody-Waite reduction d = n ln2 + r (|r| <= ln2 / 2,
+// ln2 split in a 16-bit head, exact times any n here, and a tail), e^r = 1 + r q(r) with q a
+// degree-5 polynomial fitted for the least maximal relative error (2e-9; 9.7e-8 evaluated in
+// float32), times 2^n. d is clamped at -87 so that 2^n stays a normal float (n >= -126): a term
+// below e^-87 < 2e-38 is counted as that, against a sum >= 1. 12 vector operations where
+// at::vec's exp_u20 takes about 20.
 inline Vec exp_nonpositive(const Vec& d) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f,
                   kLn2Lo = 1.42860682030941723e-6f;
@@ -181,9 +182,11 @@ inline Vec exp_nonpositive(const Vec& d) {
 #endif
   const Vec nf = (dc * Vec(kLog2e)).round();
   const Vec r = at::vec::fmadd(nf, Vec(-kLn2Lo), at::vec::fmadd(nf, Vec(-kLn2Hi), dc));
-  Vec p(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
-    p = at::vec::fmadd(p, r, Vec(c));
+  Vec q(0.0013843653723597527f);
+  for (const float c : {0.00837415549904108f, 0.04166800156235695f, 0.16666431725025177f,
+                        0.4999999403953552f, 1.f})
+    q = at::vec::fmadd(q, r, Vec(c));
+  const Vec p = at::vec::fmadd(q, r, Vec(1.f));
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, nf);
 #else
@@ -193,30 +196,26 @@ inline Vec exp_nonpositive(const Vec& d) {
 #endif
 }
 
-// Kahan-compensated running sums in kChains independent chains: a lane holding exp(0) = 1 would
-// otherwise round away most of each small term added to it (several ulps over a block of a
-// peaked row), and one chain's 4 dependent adds a term would bound the loop by their latency.
-constexpr int kChains = 2;
 constexpr int kUnroll = 4;  // vectors in a group: pass 1's step, pass 2's unit
 constexpr int64_t kGroup = kUnroll * kW;
+
+// A Kahan-compensated running sum of vectors: a lane holding exp(0) = 1 would otherwise round
+// away most of each small term added to it (several ulps over a block of a peaked row). Pass 2
+// adds one vector a group, the group's 4 terms summed pairwise (positive terms: within 2 ulp of
+// their sum), so the compensation's 4 dependent adds stay off the critical path.
 struct KahanLanes {
-  Vec acc[kChains], comp[kChains];
-  KahanLanes() {
-    for (int c = 0; c < kChains; ++c) acc[c] = comp[c] = Vec(0.f);
-  }
-  void add(int c, const Vec& term) {
-    const Vec y = term - comp[c];
-    const Vec t = acc[c] + y;
-    comp[c] = (t - acc[c]) - y;
-    acc[c] = t;
+  Vec acc{0.f}, comp{0.f};
+  void add(const Vec& term) {
+    const Vec y = term - comp;
+    const Vec t = acc + y;
+    comp = (t - acc) - y;
+    acc = t;
   }
   double total() const {
     alignas(64) float lanes[kW];
+    (acc - comp).store(lanes);
     double s = 0.0;
-    for (int c = 0; c < kChains; ++c) {
-      (acc[c] - comp[c]).store(lanes);
-      for (int l = 0; l < kW; ++l) s += lanes[l];
-    }
+    for (int l = 0; l < kW; ++l) s += lanes[l];
     return s;
   }
 };
@@ -333,9 +332,15 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
     if (m > -kInf) {
       const Vec vm(m);
       KahanLanes sums;
-      for (int i = 0; i < n_live; ++i)
-        for (int u = 0; u < kUnroll; ++u)
-          sums.add(u % kChains, exp_nonpositive(Vec::loadu(buf + live[i] + u * kW) - vm));
+      static_assert(kUnroll == 4, "pass 2 sums a group's terms pairwise");
+      for (int i = 0; i < n_live; ++i) {
+        const float* g = buf + live[i];
+        const Vec e0 = exp_nonpositive(Vec::loadu(g) - vm);
+        const Vec e1 = exp_nonpositive(Vec::loadu(g + kW) - vm);
+        const Vec e2 = exp_nonpositive(Vec::loadu(g + 2 * kW) - vm);
+        const Vec e3 = exp_nonpositive(Vec::loadu(g + 3 * kW) - vm);
+        sums.add((e0 + e1) + (e2 + e3));
+      }
       s += sums.total();
     }
     if (gumbel) gumbel_block(buf, npad, b0, *gumbel);
