@@ -1,21 +1,9 @@
 """What this CPU offers the native kernels' forms (csrc/cpu/vec/cpu_features.h), for tests that
 run each form where it can run and skip it elsewhere."""
-import pathlib
-
 import pytest
 import torch
 
-
-def cpu_flags() -> set[str]:
-    """The kernel's flags from /proc/cpuinfo (empty where unknown)."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
+from dmax_ext.model.native import cpu_flags
 
 FLAGS = cpu_flags()
 # The bf16 dot-product forms (DMAX_CPU_BF16_DOT) run: torch runs the AVX512 copies of the

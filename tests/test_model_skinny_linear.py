@@ -28,7 +28,8 @@ def _case(m, n, k, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(32, 768, 512), (32, 512, 1408), (1, 12, 16), (5, 33, 40),
-                                   (17, 100, 130), (64, 24, 256), (100, 37, 7)])
+                                   (17, 100, 130), (64, 24, 256), (100, 37, 7),
+                                   (128, 70, 512), (1024, 20, 64)])
 def test_matches_the_formula_within_naive_error(dtype, m, n, k):
     x, w = _case(m, n, k, dtype, seed=m + n + k)
     got = ops.skinny_linear(x, w)
@@ -55,7 +56,7 @@ def _dot(x, w, monkeypatch, switch="on"):
 
 # Rows below, at and past the 16-lane vectors and the 32-row passes; K odd, not whole 32-element
 # vectors (100, 130) and the model's widths; N not whole 12-row tiles.
-DOT_ROWS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 47, 63, 64)
+DOT_ROWS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 128)
 DOT_COLUMNS = (1, 5, 12, 13, 25, 100)
 
 
@@ -155,15 +156,21 @@ def test_linear_uses_it_for_a_block_without_grad(monkeypatch):
     torch.manual_seed(0)
     layer = Linear(24, 40)
     x = torch.randn(2, 16, 24)
+    cap32, cap16 = Linear.native_max_rows(torch.float32), Linear.native_max_rows(torch.bfloat16)
     with torch.no_grad():
-        fast = layer(x)                       # 32 rows, float32: the native op
-        big = layer(torch.randn(3, 30, 24))   # 90 rows > native_max_rows: F.linear
-        half = copy.deepcopy(layer).half()(x.half())  # float16: F.linear
-    assert calls == [((32, 24), (40, 24))]
+        fast = layer(x)                                  # 32 rows, float32: the native op
+        at_cap = layer(torch.randn(cap32, 24))           # float32 up to its cap: native
+        big = layer(torch.randn(cap32 + 1, 24))          # past it: F.linear
+        bf16 = copy.deepcopy(layer).bfloat16()
+        bf16(torch.randn(cap16, 24).bfloat16())          # bfloat16 up to its own cap: native
+        bf16(torch.randn(cap16 + 1, 24).bfloat16())      # past it: F.linear
+        half = copy.deepcopy(layer).half()(x.half())     # float16: F.linear
+    assert calls == [((32, 24), (40, 24)), ((cap32, 24), (40, 24)), ((cap16, 24), (40, 24))]
     torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
-    assert big.shape == (3, 30, 40) and half.dtype == torch.float16
-    graded = layer(x)                         # gradients wanted: F.linear
-    assert len(calls) == 1 and graded.grad_fn is not None
+    assert at_cap.shape == (cap32, 40) and big.shape == (cap32 + 1, 40)
+    assert half.dtype == torch.float16
+    graded = layer(x)                                    # gradients wanted: F.linear
+    assert len(calls) == 3 and graded.grad_fn is not None
 
 
 def test_set_cpu_variants_off_runs_what_cuda_runs(monkeypatch):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import CpuVariant
+from .native import CpuVariant, has_amx_bf16
 
 
 class Linear(CpuVariant, nn.Linear):
@@ -15,17 +15,30 @@ class Linear(CpuVariant, nn.Linear):
     it on every call (llada2-small, 32 rows, 1 thread, docs/PERFORMANCE.md: float32 lm_head 17 ->
     11 ms on a Xeon; bfloat16 lm_head 6.2 -> 2.9 ms there (AMX, the library GEMM swapped), 7.8 ->
     ~5.2-6 ms on an AMD EPYC (AVX512-BF16 dot products)). float16: no faster than F.linear, so
-    not used."""
+    not used.
 
-    NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-    native_max_rows = 64
+    native_max_rows(dtype): the most rows the kernel takes, past which the library's blocked
+    GEMM is as fast or faster; 0: never (float16). Measured at llada2-small's widths, 1 thread.
+    On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX): float32, MKL took 2-2.5x the
+    kernel's time at 32 to 512 rows and 1.5x at 1024 (a batch-8 decode feeds 256 to 512);
+    bfloat16, oneDNN was ~10% slower at 128 rows, even at 256 and ~20% faster at 1024. With
+    AMX (the Xeon of the earlier entries) oneDNN's bf16 GEMM took over past 64 rows."""
+
+    @staticmethod
+    def native_max_rows(dtype: torch.dtype) -> int:
+        if dtype == torch.float32:
+            return 1024
+        if dtype == torch.bfloat16:
+            return 64 if has_amx_bf16() else 128
+        return 0
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in self.NATIVE_DTYPES:
-            native = self.native("skinny_linear", x, self.weight, self.native_max_rows)
+        max_rows = self.native_max_rows(x.dtype)
+        if max_rows:
+            native = self.native("skinny_linear", x, self.weight, max_rows)
             if native is not None:
                 return native(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
         return super().forward(x)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
-from .native import CpuVariant
+from .native import CpuVariant, has_amx_bf16
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -50,7 +50,8 @@ class Router(CpuVariant, nn.Module):
             x32, w32 = x.float(), self.weight.float()
             # A block's rows on the CPU: the projections' kernel (MKL's [32, H] x [H, E] GEMM
             # cost ~50 us a call here, twice the kernel's).
-            skinny = self.native("skinny_linear", x, self.weight, Linear.native_max_rows)
+            skinny = self.native("skinny_linear", x, self.weight,
+                                 Linear.native_max_rows(torch.float32))
             logits = skinny(x32, w32) if skinny is not None else F.linear(x32, w32)
         # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
         native = self.native("moe_route", x, self.weight)
@@ -132,12 +133,16 @@ def _experts_cpu(xs, counts, gate_up, down):
     return _experts_grouped(xs, counts, gate_up, down)
 
 
-# CPU "auto" runs the native fused kernel (dmax_ext.ops.moe_experts) up to this many tokens per
-# call: a decoding block's few rows per expert make each expert a weight-streaming GEMM pair,
-# where oneDNN pays ~0.1 ms of set-up per bf16 call and the torch formulations add ~15 gather /
-# scatter / reduce ops per layer. Larger calls (prefill, training) have many rows per expert
-# and are better served by the library GEMMs (AMX in bf16).
-NATIVE_EXPERTS_MAX_TOKENS = 64
+def native_experts_max_tokens(dtype: torch.dtype) -> int:
+    """CPU "auto" runs the native fused kernel (dmax_ext.ops.moe_experts) up to this many tokens
+    per call. A decoding block's few rows per expert make each expert a weight-streaming GEMM
+    pair, where oneDNN pays ~0.1 ms of set-up per bf16 call and the torch formulations add ~15
+    gather / scatter / reduce ops per layer (and torch's CPU _grouped_mm is a loop of mm calls).
+    On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX, llada2-small, 1 thread) the
+    kernel was 2.2-3.2x faster than the torch path from 32 to 1024 tokens in float32 and
+    1.9-5x in bfloat16. With AMX (the Xeon of the earlier entries) oneDNN's bf16 GEMMs serve
+    calls past 64 tokens (prefill, batches) better than the kernel's float32 FMA form."""
+    return 64 if dtype == torch.bfloat16 and has_amx_bf16() else 1024
 
 
 _EXPERT_IMPLS = {"reference": _experts_reference, "padded": _experts_padded,
@@ -177,8 +182,8 @@ class StackedExperts(CpuVariant, nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
-        native = (self.native("moe_experts", x, self.gate_up_proj, NATIVE_EXPERTS_MAX_TOKENS)
-                  if impl == "cpu" else None)
+        native = (self.native("moe_experts", x, self.gate_up_proj,
+                              native_experts_max_tokens(x.dtype)) if impl == "cpu" else None)
         if native is not None:
             return native(x, ids, weights, self.gate_up_proj, self.down_proj)
         n, k = ids.shape
