@@ -151,10 +151,10 @@ def block_step_cost(model, step: BlockStep) -> roofline.ForwardCost:
         embedding_rows=0 if step.fed_embeddings else None)
 
 
-def floor_ms(cost: roofline.ForwardCost, machine: roofline.MachineRoofline, dtype,
-             block_length: int = 32) -> float:
+def floor_ms(cost: roofline.ForwardCost, machine: roofline.MachineRoofline, dtype) -> float:
+    """The forward's floor at the fastest matmul throughput measured (roofline's docstring)."""
     return roofline.floor_ms(cost.total_bytes, cost.total_flops, machine.bytes_per_s,
-                             machine.flops_per_s(dtype, f"small-{block_length}"))
+                             machine.flops_per_s(dtype))
 
 
 @dataclass
@@ -181,7 +181,7 @@ def block_forward_report(model, steps: list[BlockStep], machine: roofline.Machin
                          repeats: int = 5) -> BlockForwardReport:
     costs = [block_step_cost(model, s) for s in steps]
     times = [statistics.median(time_block_step_ms(model, s, repeats)) for s in steps]
-    floors = [floor_ms(c, machine, model.dtype, s.block_length) for c, s in zip(costs, steps)]
+    floors = [floor_ms(c, machine, model.dtype) for c in costs]
     n_moe = roofline.moe_layer_count(model.config)
     per_expert = 3 * model.config.hidden_size * model.config.moe_intermediate_size
     experts = [c.bytes["experts"] / (model.dtype.itemsize * per_expert * n_moe) for c in costs]

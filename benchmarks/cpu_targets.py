@@ -38,7 +38,6 @@ import block_forward  # noqa: E402
 import roofline  # noqa: E402
 import tps  # noqa: E402
 from dmax_ext.decoding import decode  # noqa: E402
-from dmax_ext.ops import has_op  # noqa: E402
 
 PRESET = "llada2-small"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -65,14 +64,16 @@ def decode_args(args) -> dict:
 # ---- target 1: block forward vs floor -----------------------------------------------------------
 
 def quick_machine(config, block_length: int, copy_bytes: int) -> roofline.MachineRoofline:
-    """One copy and one matmul sample per dtype at the block's shape: a round's machine."""
-    rows, inner, cols = roofline.matmul_shapes(config, block_length)[f"small-{block_length}"]
-    gflops = {dtype_name(d): {f"small-{block_length}": roofline.measure_matmul_gflops(
-        rows, inner, cols, d, repeats=1, min_sample_s=0.05)} for d in roofline.MATMUL_DTYPES}
+    """A round's machine: one copy sample, and one matmul sample per dtype at the block's shapes
+    (the library's dense-MLP matmul, our kernel's lm_head; the peak square is measured once by
+    target 4)."""
+    shapes = {label: shape for label, shape in roofline.matmul_shapes(config, block_length).items()
+              if label in (f"small-{block_length}",
+                           f"{roofline.KERNEL_PREFIX}lm_head-{block_length}")}
     return roofline.MachineRoofline(
-        copy_gbps=roofline.measure_copy_gbps(copy_bytes, repeats=1), matmul_gflops=gflops,
-        shapes={f"small-{block_length}": (rows, inner, cols)},
-        threads=torch.get_num_threads(), load_average=os.getloadavg())
+        copy_gbps=roofline.measure_copy_gbps(copy_bytes, repeats=1),
+        matmul_gflops=roofline.measure_matmul_rates(shapes, repeats=1, min_sample_s=0.05),
+        shapes=shapes, threads=torch.get_num_threads(), load_average=os.getloadavg())
 
 
 def block_forward_target(models, prompts, args) -> list[dict]:
@@ -102,8 +103,7 @@ def block_forward_target(models, prompts, args) -> list[dict]:
                     start = time.perf_counter()
                     block_forward.replay(models[d], s, c)
                     times[d][i].append(1e3 * (time.perf_counter() - start))
-                    floors[d][i].append(block_forward.floor_ms(costs[d][i], machine, d,
-                                                               s.block_length))
+                    floors[d][i].append(block_forward.floor_ms(costs[d][i], machine, d))
     results = []
     for d in models:
         ratios = [statistics.median(t / f for t, f in zip(ts, fs))
@@ -117,13 +117,13 @@ def block_forward_target(models, prompts, args) -> list[dict]:
             "bytes_mb": statistics.median(c.total_bytes for c in costs[d]) / 1e6,
             "gflop": statistics.median(c.total_flops for c in costs[d]) / 1e9,
             "experts_mb": statistics.median(c.bytes["experts"] for c in costs[d]) / 1e6})
-    label = f"small-{args.block_length}"
     print(f"  machine over {len(machines)} rounds (min / median / max): copy "
           + "/".join(f"{f(m.copy_gbps for m in machines):.1f}"
-                     for f in (min, statistics.median, max)) + " GB/s; matmul " + "; ".join(
-              f"{k} " + "/".join(f"{f(m.matmul_gflops[k][label] for m in machines):.0f}"
-                                 for f in (min, statistics.median, max))
-              for k in machines[0].matmul_gflops) + f" GFLOP/s ({label}); load "
+                     for f in (min, statistics.median, max)) + " GB/s; matmul GFLOP/s " + "; ".join(
+              f"{k} {label} " + "/".join(f"{f(m.matmul_gflops[k][label] for m in machines):.0f}"
+                                         for f in (min, statistics.median, max))
+              for k in machines[0].matmul_gflops for label in machines[0].shapes)
+          + "; floors at each round's fastest; load "
           + " ".join(f"{x:.1f}" for x in machines[0].load_average))
     return results
 
@@ -191,17 +191,11 @@ def batch_target(model, prompts, args) -> dict:
 
 
 def best_matmul_gflops(config, dtype, block_length: int) -> float:
-    """The fastest matmul rate measured here for dtype: the library at the peak square and at
-    the block's shape, and dmax.skinny_linear at the lm_head's (on some CPUs, e.g. MKL on AMD,
-    the hand kernel outruns the library)."""
-    rates = [roofline.measure_matmul_gflops(*roofline.PEAK_SHAPE, dtype, repeats=1),
-             roofline.measure_matmul_gflops(*roofline.matmul_shapes(config, block_length)[
-                 f"small-{block_length}"], dtype, repeats=1)]
-    if has_op("skinny_linear"):
-        rates.append(roofline.measure_matmul_gflops(
-            block_length, config.hidden_size, config.vocab_size, dtype, repeats=1,
-            linear=torch.ops.dmax.skinny_linear))
-    return max(rates)
+    """The fastest matmul rate measured here for dtype, at every shape of the roofline (the
+    library's and our kernel's): the throughput target 1's floors take too."""
+    rates = roofline.measure_matmul_rates(roofline.matmul_shapes(config, block_length), [dtype],
+                                          repeats=1)
+    return max(rates[dtype_name(dtype)].values())
 
 
 def batch_ceilings(model, prompts, kwargs, alone_wall_s: float) -> dict:
