@@ -220,14 +220,26 @@ struct KahanLanes {
   }
 };
 
+// Pushes the lanes of group buf[j, j + kGroup) above the k-th best (vkth) into the top-k, in id
+// order (base: the id of buf[0]); vkth follows the k-th best. The rare path of passes 1 and 2.
+inline void push_group_hits(const float* buf, int64_t j, int64_t base, TopK& top, Vec& vkth) {
+  for (int64_t t = j; t < j + kGroup; t += kW) {
+    for (uint32_t h = lanes_greater(Vec::loadu(buf + t), vkth); h; h &= h - 1) {
+      const int l = __builtin_ctz(h);
+      top.push(buf[t + l], base + t + l);
+    }
+    vkth = Vec(top.val[top.k - 1]);
+  }
+}
+
 // Pass 1 over the whole groups of a block from offset j, once the top-k is full: each vector is
 // converted into buf, folded into its own running max (vmax[u]: kUnroll independent chains),
-// compared with the k-th best logit (a hit, rare, goes through TopK::push in scalar code), and
+// compared with the k-th best logit when kHits (a hit, rare, goes through push_group_hits), and
 // the group goes on the live list when a lane is not below floor. x points at the block, whose
 // first logit has id base; remaining = V - base. Returns the offset of the first group left.
 // (A function of its own: written inline in the row loop, GCC kept n_live and vmax in memory
 // and this loop ran 2-3x slower.)
-template <typename T>
+template <bool kHits, typename T>
 int64_t scan_groups(const T* x, int64_t base, float* buf, int64_t j, int64_t n, int64_t remaining,
                     const Vec& floor, TopK& top, Vec* vmax_out, int32_t* live, int& n_live_out) {
   // A later block is fetched from memory while this one computes (software prefetch: the
@@ -247,19 +259,11 @@ int64_t scan_groups(const T* x, int64_t base, float* buf, int64_t j, int64_t n, 
       v.store(buf + ju);
       vmax[u] = max_for_pass1(vmax[u], v);
       alive |= lanes_not_below(v, floor);
-      hit |= lanes_greater(v, vkth);
+      if constexpr (kHits) hit |= lanes_greater(v, vkth);
     }
     live[n_live] = static_cast<int32_t>(j);
     n_live += alive != 0;
-    if (hit) {  // reloaded from buf rather than kept (spilled) in registers
-      for (int64_t t = j; t < j + kGroup; t += kW) {
-        for (uint32_t h = lanes_greater(Vec::loadu(buf + t), vkth); h; h &= h - 1) {
-          const int l = __builtin_ctz(h);
-          top.push(buf[t + l], base + t + l);
-        }
-        vkth = Vec(top.val[top.k - 1]);
-      }
-    }
+    if (hit) push_group_hits(buf, j, base, top, vkth);  // reloaded rather than kept (spilled)
   }
   for (int u = 0; u < kUnroll; ++u) vmax_out[u] = vmax[u];
   n_live_out = n_live;
@@ -295,10 +299,15 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
     for (auto& v : vmax) v = Vec(-kInf);
     const Vec floor(m - skip);
     int n_live = 0;
+    // Once the k-th best is not below floor, no logit of a group off the live list can enter
+    // the top-k: the compares move to pass 2, over the live groups only (in id order too).
+    const bool hits_in_pass2 = top.full() && top.val[k - 1] >= m - skip;
     int64_t j = 0;
     for (;;) {
-      if (top.full())
-        j = scan_groups(x + b0, b0, buf, j, n, V - b0, floor, top, vmax, live, n_live);
+      if (hits_in_pass2)
+        j = scan_groups<false>(x + b0, b0, buf, j, n, V - b0, floor, top, vmax, live, n_live);
+      else if (top.full())
+        j = scan_groups<true>(x + b0, b0, buf, j, n, V - b0, floor, top, vmax, live, n_live);
       if (j >= npad) break;
       const int64_t end = std::min(j + kGroup, n);
       for (int64_t t = j; t < end; ++t) buf[t] = static_cast<float>(x[b0 + t]);
@@ -333,13 +342,18 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
       const Vec vm(m);
       KahanLanes sums;
       static_assert(kUnroll == 4, "pass 2 sums a group's terms pairwise");
+      Vec vkth(top.val[k - 1]);
       for (int i = 0; i < n_live; ++i) {
         const float* g = buf + live[i];
-        const Vec e0 = exp_nonpositive(Vec::loadu(g) - vm);
-        const Vec e1 = exp_nonpositive(Vec::loadu(g + kW) - vm);
-        const Vec e2 = exp_nonpositive(Vec::loadu(g + 2 * kW) - vm);
-        const Vec e3 = exp_nonpositive(Vec::loadu(g + 3 * kW) - vm);
-        sums.add((e0 + e1) + (e2 + e3));
+        const Vec v0 = Vec::loadu(g), v1 = Vec::loadu(g + kW), v2 = Vec::loadu(g + 2 * kW),
+                  v3 = Vec::loadu(g + 3 * kW);
+        sums.add((exp_nonpositive(v0 - vm) + exp_nonpositive(v1 - vm)) +
+                 (exp_nonpositive(v2 - vm) + exp_nonpositive(v3 - vm)));
+        // (The partial tail group went through pass 1's scalar path, which pushed every lane.)
+        if (hits_in_pass2 && live[i] + kGroup <= n &&
+            (lanes_greater(v0, vkth) | lanes_greater(v1, vkth) | lanes_greater(v2, vkth) |
+             lanes_greater(v3, vkth)))
+          push_group_hits(buf, live[i], b0, top, vkth);
       }
       s += sums.total();
     }
