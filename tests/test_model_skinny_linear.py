@@ -14,6 +14,7 @@ from dmax_ext.model import PRESETS, random_model
 from dmax_ext.model.modules import Linear
 from dmax_ext.reference import skinny_linear_reference
 from cpu_flags import FLAGS, HAS_BF16_DOT, needs_bf16_dot
+from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("skinny_linear"),
@@ -140,24 +141,16 @@ def test_empty_sides():
     assert ops.skinny_linear(*_case(0, 5, 4, torch.float32)).shape == (0, 5)
 
 
-def _spy(monkeypatch):
-    calls = []
-    real = ops.skinny_linear
-
-    def spy(x, weight):
-        calls.append((tuple(x.shape), tuple(weight.shape)))
-        return real(x, weight)
-    monkeypatch.setattr(ops, "skinny_linear", spy)
-    return calls
+def _shapes(calls, name="skinny_linear"):
+    return [(tuple(args[0].shape), tuple(args[1].shape)) for op, args in calls if op == name]
 
 
-def test_linear_uses_it_for_a_block_without_grad(monkeypatch):
-    calls = _spy(monkeypatch)
+def test_linear_uses_it_for_a_block_without_grad():
     torch.manual_seed(0)
     layer = Linear(24, 40)
     x = torch.randn(2, 16, 24)
     cap32, cap16 = Linear.native_max_rows(torch.float32), Linear.native_max_rows(torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), dmax_calls() as calls:
         fast = layer(x)                                  # 32 rows, float32: the native op
         at_cap = layer(torch.randn(cap32, 24))           # float32 up to its cap: native
         big = layer(torch.randn(cap32 + 1, 24))          # past it: F.linear
@@ -165,28 +158,31 @@ def test_linear_uses_it_for_a_block_without_grad(monkeypatch):
         bf16(torch.randn(cap16, 24).bfloat16())          # bfloat16 up to its own cap: native
         bf16(torch.randn(cap16 + 1, 24).bfloat16())      # past it: F.linear
         half = copy.deepcopy(layer).half()(x.half())     # float16: F.linear
-    assert calls == [((32, 24), (40, 24)), ((cap32, 24), (40, 24)), ((cap16, 24), (40, 24))]
+    assert _shapes(calls) == [((32, 24), (40, 24)), ((cap32, 24), (40, 24)),
+                              ((cap16, 24), (40, 24))]
     torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
     assert at_cap.shape == (cap32, 40) and big.shape == (cap32 + 1, 40)
     assert half.dtype == torch.float16
-    graded = layer(x)                                    # gradients wanted: F.linear
-    assert len(calls) == 3 and graded.grad_fn is not None
+    with dmax_calls() as calls:
+        graded = layer(x)                                # gradients wanted: F.linear
+    assert calls == [] and graded.grad_fn is not None
 
 
-def test_set_cpu_variants_off_runs_what_cuda_runs(monkeypatch):
-    calls = _spy(monkeypatch)
+def test_set_cpu_variants_off_runs_what_cuda_runs():
     model = random_model("tiny", dtype=torch.float32)
     ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))
     with torch.no_grad():
         model.set_cpu_variants(False)
-        off = model(input_ids=ids)
+        with dmax_calls() as calls:
+            off = model(input_ids=ids)
         assert calls == []
         model.set_cpu_variants(True)
-        on = model(input_ids=ids)
+        with dmax_calls() as calls:
+            on = model(input_ids=ids)
     n_moe = sum(map(model.config.is_moe_layer, range(model.config.num_hidden_layers)))
     # 3 layers: qkv, dense, gate, up, down (dense MLP or shared expert); a router per MoE layer;
     # then lm_head
-    assert len(calls) == 3 * 5 + n_moe + 1
+    assert len(_shapes(calls)) == 3 * 5 + n_moe + 1
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
 
 

@@ -10,6 +10,7 @@ from dmax_ext import ops
 from dmax_ext.model import PRESETS
 from dmax_ext.model.moe import MoeBlock, StackedExperts
 from cpu_flags import HAS_BF16_DOT
+from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("moe_experts"),
@@ -135,25 +136,20 @@ def test_model_moe_uses_it_without_grad_and_torch_with_grad():
         for p in block.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(2, 11, 64)
-    calls = []
-    real = ops.moe_experts
 
-    def spy(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-    ops.moe_experts = spy
-    try:
-        with torch.no_grad():
+    def experts(calls):
+        return [tuple(args[0].shape) for name, args in calls if name == "moe_experts"]
+    with torch.no_grad():
+        with dmax_calls() as calls:
             fast = block(x)
-            block.impl = "reference"
-            want = block(x)
-            block.impl = "auto"
-        assert calls == [(22, 64)]
-        torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+        block.impl = "reference"
+        want = block(x)
+        block.impl = "auto"
+    assert experts(calls) == [(22, 64)]
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+    with dmax_calls() as calls:
         graded = block(x)  # gradients wanted: the torch formulation
-        assert calls == [(22, 64)] and graded.grad_fn is not None
-    finally:
-        ops.moe_experts = real
+    assert experts(calls) == [] and graded.grad_fn is not None
 
 
 def test_opcheck_float32():

@@ -36,15 +36,18 @@ def _ops():
 
 
 def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None):
-    """dmax_ext.ops.<name> when it may serve x [..., H] with the parameter `weight`: on the CPU,
+    """torch.ops.dmax.<name> when it may serve x [..., H] with the parameter `weight`: on the CPU,
     at most max_rows rows (None: any), no gradient wanted (the native ops have no autograd), and
-    the loaded library has the op; else None."""
+    the loaded library has the op; else None. The op itself, not dmax_ext.ops' wrapper: the
+    model passes its own tensors, which need no Python argument checks (the C++ ops check
+    shapes, dtypes and devices themselves: a bad call raises), and the wrappers' checks cost
+    0.23 ms of a 8.3 ms bf16 block forward of llada2-small (docs/PERFORMANCE.md)."""
     if x.device.type != "cpu" or (max_rows is not None and x.numel() > max_rows * x.shape[-1]):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
-    ops = _ops()
-    return getattr(ops, name) if ops is not None and ops.has_op(name) else None
+    ops = _ops()  # loads the library and registers the ops' fake kernels
+    return getattr(torch.ops.dmax, name) if ops is not None and ops.has_op(name) else None
 
 
 class CpuVariant:
