@@ -1,14 +1,16 @@
 // dmax.logits_stats on the CPU: one pass over each row of V logits (compiled once per CPU
 // capability, see logits_stats_kernel.h). The row is read from memory once, in blocks of kBlock
 // logits converted to fp32 into an L1-resident buffer; each block then costs
-//   pass 1 (load + convert + block max + top-k candidates + which groups of logits can count),
-//   pass 2 (sum of exp(x - m) over those groups),
+//   pass 1 (load + convert + block max + which groups of 64 logits can count in the sum),
+//   pass 2 (sum of exp(x - m) over those groups; top-k candidates, found in pass 1 until the
+//           k-th best is known to lie in such a group),
 //   pass 3 (temperature > 0 only: Gumbel scores of the candidates that can still win),
 // with the running max m and sum s rescaled once per block (online softmax), so exp is evaluated
 // at most once per logit. Top-k and Gumbel candidates are found with vector compares against the
 // current k-th best / the current pruning threshold; the rare hits go through scalar code.
-// Speed (one row of 32768 logits, L2-resident, AMD EPYC Zen 4, docs/PERFORMANCE.md): 12.9 us
-// before the groups, exp_nonpositive and the mask compares; 6.7 us now, less on peaked rows.
+// Speed (one row of 32768 logits, L2-resident, 1 thread, the AMD EPYC (Zen 5 class) of
+// docs/PERFORMANCE.md's 2026-12-06 entries): 12.9 us before the groups, exp_nonpositive, the mask
+// compares and the top-k in pass 2; 5.5 us now with every group summed, less on peaked rows.
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
