@@ -168,6 +168,16 @@ def test_linear_uses_it_for_a_block_without_grad():
     assert calls == [] and graded.grad_fn is not None
 
 
+def test_row_caps_follow_the_cpu(monkeypatch):
+    """bf16 takes fewer rows where oneDNN has AMX (its bf16 GEMM outruns ours sooner)."""
+    from dmax_ext.model import modules
+    for amx, cap16 in ((False, 128), (True, 64)):
+        monkeypatch.setattr(modules, "has_amx_bf16", lambda amx=amx: amx)
+        assert Linear.native_max_rows(torch.bfloat16) == cap16
+        assert Linear.native_max_rows(torch.float32) == 1024
+        assert Linear.native_max_rows(torch.float16) == 0
+
+
 def test_set_cpu_variants_off_runs_what_cuda_runs():
     model = random_model("tiny", dtype=torch.float32)
     ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))

@@ -152,6 +152,15 @@ def test_model_moe_uses_it_without_grad_and_torch_with_grad():
     assert experts(calls) == [] and graded.grad_fn is not None
 
 
+def test_token_cap_follows_the_cpu(monkeypatch):
+    """bf16 calls past 64 tokens go to the library where oneDNN has AMX; else up to 1024."""
+    from dmax_ext.model import moe
+    for amx, cap16 in ((False, 1024), (True, 64)):
+        monkeypatch.setattr(moe, "has_amx_bf16", lambda amx=amx: amx)
+        assert moe.native_experts_max_tokens(torch.bfloat16) == cap16
+        assert moe.native_experts_max_tokens(torch.float32) == 1024
+
+
 def test_opcheck_float32():
     case = _case(6, 8, 32, 16, 2, torch.float32, seed=1)
     torch.library.opcheck(torch.ops.dmax.moe_experts.default, case)

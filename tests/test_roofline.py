@@ -63,6 +63,21 @@ def test_matmul_measurement_runs():
                                           min_sample_s=0.001) > 0
 
 
+def test_the_floor_takes_the_fastest_matmul_measured():
+    """The library's shapes and our kernel's (skinny_linear) are both measured; the floor's
+    throughput is the larger, a given shape's is its own."""
+    shapes = roofline.matmul_shapes(TINY, 8)
+    kernel = f"{roofline.KERNEL_PREFIX}lm_head-8"
+    assert shapes[kernel] == (8, TINY.hidden_size, TINY.vocab_size)
+    small = {label: (8, 16, 16) for label in ("small-8", kernel)}
+    rates = roofline.measure_matmul_rates(small, [torch.float32], repeats=1, min_sample_s=0.001)
+    assert set(rates["float32"]) == set(small) and min(rates["float32"].values()) > 0
+    machine = roofline.MachineRoofline(copy_gbps=1.0, shapes=shapes, threads=1, matmul_gflops={
+        "float32": {"small-8": 50.0, "peak": 80.0, kernel: 120.0}})
+    assert machine.flops_per_s(torch.float32) == 120e9
+    assert machine.flops_per_s(torch.float32, "small-8") == 50e9
+
+
 def test_step_ops_sees_the_four_step_ops_and_no_host_sync():
     counts = step_ops.count_step_ops()
     step = counts.ops_by_section["apply_step"]
