@@ -15,29 +15,30 @@ def _capturing() -> bool:
 
 
 class NativeOps:
-    """The dmax_ext.ops wrappers; while a CUDA graph is being captured, the ops themselves: a
-    wrapper's value checks read tensor data (a host sync, illegal during capture), and the eager
-    warm-up step just before the capture has run them on the same buffers."""
+    """The native ops. promote, spd_update and hybrid_embed run as torch.ops.dmax.* directly: a
+    step passes them its own buffers, whose shapes, dtypes, devices and id ranges their C++
+    checks (csrc/common/spd_checks.h) cover; the dmax_ext.ops wrappers' Python checks of the same
+    cost ~15 us a step on the CPU (docs/PERFORMANCE.md). logits_stats keeps its wrapper, which
+    turns a NaN row (the model's fault) into an error, except while a CUDA graph is being
+    captured: its value check reads tensor data (a host sync, illegal during capture), and the
+    eager warm-up step just before the capture has run it on the same buffers."""
 
     def __init__(self):
         from .. import ops
-        self._wrappers = {name: getattr(ops, name) for name in OP_NAMES}
-
-    def _call(self, name: str, *args):
-        op = getattr(torch.ops.dmax, name) if _capturing() else self._wrappers[name]
-        return op(*args)
+        self._logits_stats = ops.logits_stats
 
     def logits_stats(self, *args):
-        return self._call("logits_stats", *args)
+        op = torch.ops.dmax.logits_stats if _capturing() else self._logits_stats
+        return op(*args)
 
     def promote(self, *args):
-        return self._call("promote", *args)
+        return torch.ops.dmax.promote(*args)
 
     def spd_update(self, *args):
-        return self._call("spd_update", *args)
+        return torch.ops.dmax.spd_update(*args)
 
     def hybrid_embed(self, *args) -> None:
-        self._call("hybrid_embed", *args)
+        torch.ops.dmax.hybrid_embed(*args)
 
 
 class ReferenceOps:
