@@ -138,13 +138,20 @@ print(torch.backends.cpu.get_cpu_capability())
 gen = torch.Generator().manual_seed(0)
 for V, k, T, dtype, kind in [(5000, 8, 0.0, torch.bfloat16, "normal"), (37, 3, 0.0, torch.float16,
                              "ties"), (3001, 1, 0.9, torch.float32, "peaked"),
-                             (300, 8, 1.5, torch.float32, "neg_inf")]:
+                             (300, 8, 1.5, torch.float32, "neg_inf"),
+                             (9000, 4, 0.0, torch.bfloat16, "far_tail")]:
     x = random_logits(gen, 2, 3, V, dtype, kind)
     seeds = torch.tensor([4, 5])
     got = torch.ops.dmax.logits_stats(x, k, T, seeds)
     want = logits_stats_reference(x, k, T, seeds)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), (V, k, T)
     torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-7)
+# a NaN far below a peak, past the first block: still the row's error (conf NaN)
+x = torch.randn(1, 2, 9000)
+x[..., 0] = 60.0
+x[0, 1, 8777] = float("nan")
+conf = torch.ops.dmax.logits_stats(x, 2, 0.0, None)[1]
+assert not conf[0, 0].isnan() and conf[0, 1].isnan(), conf
 """
 
 
