@@ -30,7 +30,7 @@ def _case(m, n, k, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(32, 768, 512), (32, 512, 1408), (1, 12, 16), (5, 33, 40),
                                    (17, 100, 130), (64, 24, 256), (100, 37, 7),
-                                   (128, 70, 512), (1024, 20, 64)])
+                                   (128, 70, 512), (2048, 20, 64)])
 def test_matches_the_formula_within_naive_error(dtype, m, n, k):
     x, w = _case(m, n, k, dtype, seed=m + n + k)
     got = ops.skinny_linear(x, w)
@@ -174,7 +174,7 @@ def test_row_caps_follow_the_cpu(monkeypatch):
     for amx, cap16 in ((False, 128), (True, 64)):
         monkeypatch.setattr(modules, "has_amx_bf16", lambda amx=amx: amx)
         assert Linear.native_max_rows(torch.bfloat16) == cap16
-        assert Linear.native_max_rows(torch.float32) == 1024
+        assert Linear.native_max_rows(torch.float32) == 2048
         assert Linear.native_max_rows(torch.float16) == 0
 
 

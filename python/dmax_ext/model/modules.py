@@ -20,14 +20,15 @@ class Linear(CpuVariant, nn.Linear):
     native_max_rows(dtype): the most rows the kernel takes, past which the library's blocked
     GEMM is as fast or faster; 0: never (float16). Measured at llada2-small's widths, 1 thread.
     On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX): float32, MKL took 2-2.5x the
-    kernel's time at 32 to 512 rows and 1.5x at 1024 (a batch-8 decode feeds 256 to 512);
-    bfloat16, oneDNN was ~10% slower at 128 rows, even at 256 and ~20% faster at 1024. With
-    AMX (the Xeon of the earlier entries) oneDNN's bf16 GEMM took over past 64 rows."""
+    kernel's time at 32 to 512 rows and 1.2-1.7x at 1024 and 2048, while at 4096 the kernel lost
+    the [1408 -> 512] projection by 1.7x (a batch-8 decode feeds 256 to 512 rows); bfloat16,
+    oneDNN was ~10% slower at 128 rows, even at 256 and ~20% faster at 1024. With AMX (the Xeon
+    of the earlier entries) oneDNN's bf16 GEMM took over past 64 rows."""
 
     @staticmethod
     def native_max_rows(dtype: torch.dtype) -> int:
         if dtype == torch.float32:
-            return 1024
+            return 2048
         if dtype == torch.bfloat16:
             return 64 if has_amx_bf16() else 128
         return 0
