@@ -1,6 +1,5 @@
 """Two gloo ranks on CPU train exactly what one process trains with the same global batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,13 +8,8 @@ import torch.multiprocessing as mp
 from test_training_trainer import config
 from training_fixtures import synthetic_data, tiny_model
 
+from dmax_ext.distributed import free_port, shutdown_process_group
 from dmax_ext.training import Trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
@@ -23,13 +17,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = tiny_model()
-        trainer = Trainer(model, synthetic_data(16, 24), config(micro_batch=2, max_steps=2, fsdp=fsdp),
-                          out_dir)
-        trainer.train()
-        trainer.save_final()
-    finally:
-        dist.destroy_process_group()
+        _train_and_save(out_dir, fsdp)
+    finally:  # as the training CLI leaves: the trainer out of scope, then the group
+        shutdown_process_group()
+
+
+def _train_and_save(out_dir: str, fsdp: bool) -> None:
+    trainer = Trainer(tiny_model(), synthetic_data(16, 24),
+                      config(micro_batch=2, max_steps=2, fsdp=fsdp), out_dir)
+    trainer.train()
+    trainer.save_final()
 
 
 @pytest.mark.slow
@@ -38,7 +35,7 @@ def test_two_ranks_match_one_process(tmp_path, fsdp):
     from dmax_ext.model import load_model
     single = tiny_model()
     Trainer(single, synthetic_data(16, 24), config(micro_batch=4, max_steps=2), tmp_path / "one").train()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), fsdp), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two"), fsdp), nprocs=2)
     both = load_model(tmp_path / "two" / "final", dtype=torch.float32)
     for (name, a), b in zip(single.state_dict().items(), both.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -129,10 +129,19 @@ def train_config_from_args(args, config) -> TrainConfig:
 
 
 def run_train(args) -> int:
+    device, group = _init_distributed()
+    try:
+        return _train(args, device, group)
+    finally:  # the trainer (and its DDP / FSDP state) is out of scope here
+        if group is not None:
+            from ..distributed import shutdown_process_group
+            shutdown_process_group()
+
+
+def _train(args, device, group) -> int:
     from .data import load_training_data
     from .trainer import Trainer
 
-    device, group = _init_distributed()
     model = build_model(args, device)
     cfg = train_config_from_args(args, model.config)
     data = load_training_data(args.data, model.tokenizer, args.seq_len, model.config.eos_token_id)
