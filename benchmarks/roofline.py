@@ -63,10 +63,14 @@ class MachineRoofline:
     def bytes_per_s(self) -> float:
         return self.copy_gbps * 1e9
 
+    def fastest_shape(self, dtype: torch.dtype) -> str:
+        """The label of the fastest matmul measured in dtype: the floor's throughput."""
+        by_shape = self.matmul_gflops[dtype_name(dtype)]
+        return max(by_shape, key=by_shape.get)
+
     def flops_per_s(self, dtype: torch.dtype, shape: str | None = None) -> float:
         """The matmul throughput at `shape`; None: the fastest measured (the floor's)."""
-        by_shape = self.matmul_gflops[dtype_name(dtype)]
-        return (max(by_shape.values()) if shape is None else by_shape[shape]) * 1e9
+        return self.matmul_gflops[dtype_name(dtype)][shape or self.fastest_shape(dtype)] * 1e9
 
 
 def dtype_name(dtype: torch.dtype) -> str:

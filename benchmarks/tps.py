@@ -238,14 +238,12 @@ def main(argv=None) -> int:
     if verified is not None:
         print(f"verify (CUDA graphs == eager): {'ok' if verified else 'MISMATCH'}")
     if rooflined is not None:
+        import roofline
         machine, forward = rooflined
-        def fastest(by_shape):
-            label = max(by_shape, key=by_shape.get)
-            return f"{by_shape[label]:.0f} ({label})"
         print(f"roofline (this run, {machine.threads} threads): copy {machine.copy_gbps:.1f} GB/s; "
-              "fastest matmul (the floor's) "
-              + ", ".join(f"{d} {fastest(v)}" for d, v in machine.matmul_gflops.items())
-              + " GFLOP/s")
+              "fastest matmul (the floor's) " + ", ".join(
+                  f"{roofline.dtype_name(d)} {machine.flops_per_s(d) / 1e9:.0f} "
+                  f"({machine.fastest_shape(d)})" for d in roofline.MATMUL_DTYPES) + " GFLOP/s")
         print(f"{forward.line()} (batch {args.batch}, {model.dtype})")
     if args.out is not None:
         report = {"model": name, "device": device_label(device), "dtype": str(model.dtype),
