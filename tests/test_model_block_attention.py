@@ -57,6 +57,38 @@ def test_matches_float64_attention_within_sdpa_error(dtype, dims):
     assert_within_naive_error(got, exact, _sdpa(*case), f"{dtype} {dims}")
 
 
+_CAPABILITY_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_model_block_attention import _case, _sdpa
+from dmax_ext.reference import block_attention_reference
+from tolerances import assert_within_naive_error
+print(torch.backends.cpu.get_cpu_capability())
+for dtype in (torch.float32, torch.bfloat16):
+    for dims in (dict(), dict(slots=33), dict(dim=24, slots=17, length=9)):
+        case = _case(dtype, **dims)
+        got = torch.ops.dmax.block_attention(*case)
+        exact = block_attention_reference(*(t.double() if torch.is_tensor(t) and
+                                            t.is_floating_point() else t for t in case))
+        assert_within_naive_error(got, exact, _sdpa(*case), str(dtype) + str(dims))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_other_cpu_capabilities(capability):
+    """The kernel is compiled per capability; ATEN_CPU_CAPABILITY selects the copy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = "import dmax_ext\n" + _CAPABILITY_SCRIPT.format(tests=str(Path(__file__).parent))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == capability.upper()
+
+
 def test_a_query_that_may_attend_nothing_gets_zeros_and_its_neighbours_are_unaffected():
     q, keys, values, mask, scale = _case(torch.float32, slots=40, length=8)
     mask = mask.clone()
