@@ -4,16 +4,13 @@ dmax_ext.reference.logits_stats_reference: ids exactly, probabilities within tes
 Also: the counter-based RNG's PyTorch mirror, edge cases (ties, -inf, misaligned rows, NaN),
 Gumbel sampling statistics, opcheck, torch.compile, argument errors."""
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from cpu_flags import OTHER_CAPABILITIES, run_on_capability
 from sampling_cases import LOGIT_KINDS, random_logits
 from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, SANITIZER_RUN, Backend, example_count
 from tolerances import assert_probs_close
@@ -130,8 +127,7 @@ def test_full_vocabulary(backend_name, dtype):
 
 
 _CAPABILITY_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
+import torch
 from sampling_cases import random_logits
 from dmax_ext.reference import logits_stats_reference
 print(torch.backends.cpu.get_cpu_capability())
@@ -155,15 +151,10 @@ assert not conf[0, 0].isnan() and conf[0, 1].isnan(), conf
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", OTHER_CAPABILITIES)
 def test_other_cpu_capabilities(capability):
     """The CPU kernel is compiled per capability; ATEN_CPU_CAPABILITY selects the copy."""
-    script = "import dmax_ext\n" + _CAPABILITY_SCRIPT.format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] == capability.upper()
+    run_on_capability(capability, _CAPABILITY_SCRIPT)
 
 
 # -- edge cases ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dmax_ext.model import PRESETS
 from dmax_ext.model.attention import Attention, cached_attention_mask
 from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.reference import block_attention_reference
-from cpu_flags import HAS_BF16_DOT
+from cpu_flags import HAS_BF16_DOT, OTHER_CAPABILITIES, run_on_capability
 from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
@@ -58,8 +58,7 @@ def test_matches_float64_attention_within_sdpa_error(dtype, dims):
 
 
 _CAPABILITY_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
+import torch
 from test_model_block_attention import _case, _sdpa
 from dmax_ext.reference import block_attention_reference
 from tolerances import assert_within_naive_error
@@ -74,19 +73,10 @@ for dtype in (torch.float32, torch.bfloat16):
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", OTHER_CAPABILITIES)
 def test_other_cpu_capabilities(capability):
     """The kernel is compiled per capability; ATEN_CPU_CAPABILITY selects the copy."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = "import dmax_ext\n" + _CAPABILITY_SCRIPT.format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] == capability.upper()
+    run_on_capability(capability, _CAPABILITY_SCRIPT)
 
 
 def test_a_query_that_may_attend_nothing_gets_zeros_and_its_neighbours_are_unaffected():
