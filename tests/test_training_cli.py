@@ -94,3 +94,18 @@ def test_distill_writes_the_models_own_answers(tmp_path, capsys):
                        {"messages": [{"role": "user", "content": "3-1"},
                                      {"role": "assistant", "content": ""}]},
                        {"prompt": "4+4", "response": ""}]
+
+
+@pytest.mark.slow
+def test_train_on_two_ranks_as_torchrun_launches_it(workdir, tmp_path, capfd):
+    """Two local ranks with torchrun's environment (distributed.spawn_local): the CLI joins the
+    gloo group, trains data-parallel, writes the final model from rank 0 and leaves the group
+    (distributed.shutdown_process_group) before the process exits."""
+    from dmax_ext.distributed import spawn_local
+    args = [a if a != str(workdir / "run") else str(tmp_path / "run") for a in train_args(workdir)]
+    assert spawn_local(cli.main, 2, args) == 0
+    assert "world 2" in capfd.readouterr().out  # rank 0's summary: the two ranks trained together
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text()
+           .splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert load_model(tmp_path / "run" / "final", dtype=torch.float32).tokenizer is not None
