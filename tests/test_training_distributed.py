@@ -1,28 +1,17 @@
 """Two gloo ranks on CPU train exactly what one process trains with the same global batch."""
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_training_trainer import config
 from training_fixtures import synthetic_data, tiny_model
 
-from dmax_ext.distributed import free_port, shutdown_process_group
+from dmax_ext.distributed import init_tensor_parallel, spawn_local
 from dmax_ext.training import Trainer
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _train_and_save(out_dir, fsdp)
-    finally:  # as the training CLI leaves: the trainer out of scope, then the group
-        shutdown_process_group()
-
-
-def _train_and_save(out_dir: str, fsdp: bool) -> None:
+def _worker(out_dir: str, fsdp: bool) -> None:
+    """One rank, launched by spawn_local (torchrun's environment), which leaves the group after
+    this returns, the trainer out of scope."""
+    init_tensor_parallel("cpu")
     trainer = Trainer(tiny_model(), synthetic_data(16, 24),
                       config(micro_batch=2, max_steps=2, fsdp=fsdp), out_dir)
     trainer.train()
@@ -35,7 +24,7 @@ def test_two_ranks_match_one_process(tmp_path, fsdp):
     from dmax_ext.model import load_model
     single = tiny_model()
     Trainer(single, synthetic_data(16, 24), config(micro_batch=4, max_steps=2), tmp_path / "one").train()
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two"), fsdp), nprocs=2)
+    assert spawn_local(_worker, 2, str(tmp_path / "two"), fsdp) == 0
     both = load_model(tmp_path / "two" / "final", dtype=torch.float32)
     for (name, a), b in zip(single.state_dict().items(), both.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
