@@ -66,6 +66,41 @@ def test_ties_take_the_lowest_index_first():
     torch.testing.assert_close(weights[0], torch.full((3,), 1 / 3))
 
 
+def _route_by_sorting(logits, bias, n_group, topk_group, top_k, scaling):
+    """The selection rules as sorts with explicit tie-breaks (larger first, then lower index):
+    an independent statement of what the kernel's insertion selection must give."""
+    ids, weights = [], []
+    for row in torch.sigmoid(logits):  # the kernel's scores are torch.sigmoid's
+        biased = (row + bias).tolist()
+        per = len(biased) // n_group
+        group_score = [sum(sorted(biased[g * per:(g + 1) * per], reverse=True)[:2])
+                       for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
+        candidates = [e for g in sorted(kept) for e in range(g * per, (g + 1) * per)]
+        chosen = sorted(candidates, key=lambda e: (-biased[e], e))[:top_k]
+        ids.append(chosen)
+        w = [row[e].item() for e in chosen]
+        total = sum(w) + 1e-20 if top_k > 1 else 1.0
+        weights.append([v / total * scaling for v in w])
+    return torch.tensor(ids), torch.tensor(weights)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llada2-small"])
+def test_many_ties_select_as_sorting_does(preset):
+    # Logits on a coarse grid: most biased scores (and group sums) tie with others, so every
+    # tie-break of the group and expert selections is exercised.
+    config = PRESETS[preset]
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(-2, 3, (64, config.num_experts), generator=gen).float() / 2
+    bias = torch.randint(-1, 2, (config.num_experts,), generator=gen).float() / 8
+    args = (config.n_group, config.topk_group, config.num_experts_per_tok,
+            config.routed_scaling_factor)
+    ids, weights = ops.moe_route(logits, bias, *args)
+    want_ids, want_weights = _route_by_sorting(logits, bias, *args)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights.float(), rtol=4 * 2.0 ** -24, atol=0)
+
+
 def test_top_1_is_not_normalized():
     logits = torch.tensor([[0.3, -1.0, 2.0, 0.0]])
     ids, weights = ops.moe_route(logits, torch.zeros(4), 2, 1, 1, 2.5)

@@ -88,14 +88,18 @@ at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight
   const T* cos_p = cos.const_data_ptr<T>();
   const T* sin_p = sin.const_data_ptr<T>();
   T* out_p = out.mutable_data_ptr<T>();
-  at::parallel_for(0, B * L * G, row_grain(D), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(D);
-    for (int64_t r = begin; r < end; ++r) {  // r = (b * L + l) * G + g: the input's order
-      const int64_t g = r % G, bl = r / G, b = bl / L, l = bl % L;
-      norm_row(NormRow<T>{x_p + b * qk.stride(0) + l * qk.stride(1) + g * qk.stride(2),
-                          g < n_q_heads ? q_w : k_w, cos_p + bl * R, sin_p + bl * R, D, R,
-                          static_cast<float>(eps), scratch.data(),
-                          out_p + ((b * G + g) * L + l) * D});
+  const int64_t stride_b = qk.stride(0), stride_l = qk.stride(1), stride_g = qk.stride(2);
+  const float eps_f = static_cast<float>(eps);
+  at::parallel_for(0, B * L, std::max<int64_t>(1, row_grain(D) / G), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(D + R);
+    for (int64_t bl = begin; bl < end; ++bl) {  // bl = b * L + l: the input's order
+      const int64_t b = bl / L, l = bl % L;
+      const T* x_row = x_p + b * stride_b + l * stride_l;
+      T* out_row = out_p + b * G * L * D + l * D;
+      for (int64_t g = 0; g < G; ++g) {
+        norm_row(NormRow<T>{x_row + g * stride_g, g < n_q_heads ? q_w : k_w, cos_p + bl * R,
+                            sin_p + bl * R, D, R, eps_f, scratch.data(), out_row + g * L * D});
+      }
     }
   });
   return out;

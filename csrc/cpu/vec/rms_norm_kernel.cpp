@@ -43,15 +43,26 @@ void rms_norm_row(const NormRow<T>& row) {
     }
   }
   if (!rotary) return;
+  // The rotary on whole vectors (per-element bf16 conversions made it most of the op's time):
+  // rot = (-y[R/2:R], y[:R/2]) built in scratch[H, H + R), then one pass over the first R dims.
   const float* y = row.scratch;
+  float* rot = row.scratch + H;
   const int64_t R = row.R, half = R / 2;
-  for (int64_t j = 0; j < R; ++j) {
-    const float rot = j < half ? -y[j + half] : y[j - half];
-    const float a = static_cast<float>(static_cast<T>(y[j] * static_cast<float>(row.cos[j])));
-    const float b = static_cast<float>(static_cast<T>(rot * static_cast<float>(row.sin[j])));
-    row.out[j] = static_cast<T>(a + b);
+  for (int64_t j = 0; j < half; j += kW) {
+    const int64_t n = std::min(kW, half - j);
+    Vec::loadu(y + half + j, n).neg().store(rot + j, n);
+    Vec::loadu(y + j, n).store(rot + half + j, n);
   }
-  for (int64_t j = R; j < H; ++j) row.out[j] = static_cast<T>(y[j]);
+  for (int64_t j = 0; j < R; j += kW) {
+    const int64_t n = std::min(kW, R - j);
+    const Vec a = round_to<T>(Vec::loadu(y + j, n) * load_float(row.cos + j, n));
+    const Vec b = round_to<T>(Vec::loadu(rot + j, n) * load_float(row.sin + j, n));
+    store_from_float(a + b, row.out + j, n);
+  }
+  for (int64_t j = R; j < H; j += kW) {
+    const int64_t n = std::min(kW, H - j);
+    store_from_float(Vec::loadu(y + j, n), row.out + j, n);
+  }
 }
 
 template void rms_norm_row<float>(const NormRow<float>&);

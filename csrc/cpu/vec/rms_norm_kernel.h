@@ -21,7 +21,7 @@ struct NormRow {
   const T* sin;          // [R]
   int64_t H, R;
   float eps;
-  float* scratch;        // [H] float32 work space
+  float* scratch;        // [H + R] float32 work space (with a rotary)
   T* out;                // [H]
 };
 
