@@ -6,8 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <limits>
-#include <vector>
+#include <cstdint>
+#include <memory>
 
 #include "cpu/dispatch_float.h"
 #include "cpu/vec/block_attention_kernel.h"
@@ -58,10 +58,15 @@ at::Tensor mask_bias(const at::Tensor& mask, int64_t Sp) {
   const at::Tensor m = mask.contiguous();
   const bool* m_p = m.const_data_ptr<bool>();
   float* b_p = bias.mutable_data_ptr<float>();
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // Branch-free on the bits (0 = +0.0f, 0xFF800000 = -inf), which the compiler vectorizes: the
+  // per-element branch cost ~10 us a call at 32 x 320, a tenth of the op.
+  auto* bits = reinterpret_cast<uint32_t*>(b_p);
   for (int64_t r = 0; r < Bm * T; ++r) {
-    for (int64_t s = 0; s < S; ++s) b_p[r * Sp + s] = m_p[r * S + s] ? 0.f : kNegInf;
-    for (int64_t s = S; s < Sp; ++s) b_p[r * Sp + s] = kNegInf;
+    const bool* m_row = m_p + r * S;
+    uint32_t* b_row = bits + r * Sp;
+    for (int64_t s = 0; s < S; ++s)
+      b_row[s] = (static_cast<uint32_t>(m_row[s]) - 1u) & 0xFF800000u;
+    for (int64_t s = S; s < Sp; ++s) b_row[s] = 0xFF800000u;
   }
   return bias;
 }
@@ -84,7 +89,8 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
   const int64_t scratch = block_attention_scratch_floats(group * T_rows, S, D);
   const bool bf16_dot = block_attention_dot_shape<T>(D) && use_bf16_dot();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(scratch);
+    // Not zero-filled: the kernel writes every slot it reads (~200 KB per head at 320 slots).
+    std::unique_ptr<float[]> work(new float[scratch]);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KV, g = i % KV;
       head_kernel(AttentionHead<T>{
@@ -92,7 +98,7 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
           k_p + b * keys.stride(0) + g * keys.stride(1), keys.stride(2),
           v_p + b * values.stride(0) + g * values.stride(1), values.stride(2),
           bias_p + (mask.size(0) == 1 ? 0 : b) * T_rows * Sp, group, T_rows, S, D,
-          static_cast<float>(scale), work.data(), out_p + b * T_rows * H * D + g * group * D,
+          static_cast<float>(scale), work.get(), out_p + b * T_rows * H * D + g * group * D,
           H * D, bf16_dot});
     }
   });

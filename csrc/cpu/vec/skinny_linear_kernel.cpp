@@ -21,6 +21,7 @@
 #include "cpu/vec/bf16_dot_target.h"
 #include "cpu/vec/prefetch.h"
 #include "cpu/vec/skinny_linear_kernel.h"
+#include "cpu/vec/transpose.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {
 namespace {
@@ -75,33 +76,6 @@ inline void tile(const float* xt, int64_t ldx, const float* w, int64_t ldw, int6
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// r[i] = row i of a 16 x 16 float block -> r[c] = its column c (unpack, then two lane shuffles).
-inline void transpose_16x16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
-    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
-  }
-}
-
 // bfloat16 with AVX512-BF16 (vdpbf16ps: 16 lanes, each the sum of two bf16 products added in
 // float32 onto an accumulator). The float32 kernel's form with pairs of k for elements: the
 // activations packed as [ceil(K/2), Mp] pairs (x[m, 2p], x[m, 2p + 1]), one weight pair
