@@ -33,5 +33,9 @@ at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           int64_t n_q_heads, double eps);
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale);
+at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
+                         int64_t write_slot, int64_t span, at::TensorList weights,
+                         at::IntArrayRef dims, at::ArrayRef<double> scalars);
 
 }  // namespace dmax::cpu

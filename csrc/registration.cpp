@@ -13,6 +13,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kRmsNormSchema);
   m.def(dmax::kQkNormRotarySchema);
   m.def(dmax::kBlockAttentionSchema);
+  m.def(dmax::kDecoderLayerSchema);
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
@@ -27,4 +28,5 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("rms_norm", &dmax::cpu::rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
   m.impl("block_attention", &dmax::cpu::block_attention);
+  m.impl("decoder_layer", &dmax::cpu::decoder_layer);
 }

@@ -529,6 +529,19 @@ def _block_attention_fake(q, keys, values, mask, scale):
 FAKE_KERNELS["block_attention"] = _block_attention_fake
 
 
+# ---- decoder_layer: one decoder layer of a decoding block's cached forward (CPU only) ----------
+# The model's own op, with no wrapper here: model/native_layer.py packs its arguments from a
+# DecoderLayer whose modules would all take their native forms, and the C++ op and the ops it
+# calls check them. Its fake kernel lets a traced forward include it.
+
+def _decoder_layer_fake(x, cos, sin, mask, keys, values, write_slot, span, weights, dims,
+                        scalars):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+FAKE_KERNELS["decoder_layer"] = _decoder_layer_fake
+
+
 def register_fake_kernels(namespace: str) -> None:
     """Registers FAKE_KERNELS for the ops that `namespace` has ("dmax" here; the tests do it for
     "dmax_simt", whose ops share the schemas)."""

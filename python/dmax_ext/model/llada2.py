@@ -14,9 +14,13 @@ from .config import LLaDA2Config
 from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .moe import MoeBlock, resolve_impl
 from .native import CpuVariant
+from .native_layer import native_layer_forward
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CpuVariant, nn.Module):
+    """Its CPU variant: a cached forward with every module on its native form runs as one op
+    (native_layer.py); cpu_variant False runs the modules one by one."""
+
     def __init__(self, config: LLaDA2Config, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -26,6 +30,9 @@ class DecoderLayer(nn.Module):
                     else GatedMLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, x, cos, sin, mask, cache_kv=None, slots=None):
+        fused = native_layer_forward(self, x, cos, sin, mask, cache_kv, slots)
+        if fused is not None:
+            return fused
         h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -74,7 +81,7 @@ class LLaDA2MoeModel(nn.Module):
 
     def set_cpu_variants(self, enabled: bool) -> None:
         """The CPU-only native forms (model/native.py CpuVariant: projections, norms, q/k norm +
-        rotary, router, experts) on (the default) or off; off, the CPU dispatches what CUDA
+        rotary, router, experts, whole decoder layers) on (the default) or off; off, the CPU dispatches what CUDA
         runs (op traces that stand for a GPU step)."""
         for module in self.modules():
             if isinstance(module, CpuVariant):
