@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 #include <type_traits>
+#include <utility>
 
 #include "cpu/vec/bf16_dot_target.h"
 #include "cpu/vec/load_float.h"
@@ -28,16 +29,22 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
+// Register tiles of the float32 FMA form: kRows<T> routed rows x kVecs<T> vectors of columns.
+// AVX512: float32 weights 12 x 2 (24 accumulators: an expert's ~10 routed rows of a block in
+// one pass over each weight panel, where 6 x 4 took two or three; an llada2-small layer, cold
+// weights: see docs/PERFORMANCE.md), 16-bit weights 5 x 4 (their conversions need registers:
+// more rows made GCC spill). AVX2: 4 x 2 of 16 ymm registers.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kVecs = 4;  // kRows x 4 accumulators + 4 weight vectors of 32 zmm registers
-#else
-constexpr int kVecs = 2;  // kRows x 2 accumulators + 2 weight vectors of 16 ymm registers
-#endif
-// Rows per register tile. 16-bit weights: one tile row fewer on AVX512, else GCC spills the
-// accumulators (the conversions need registers of their own).
 template <class T>
-constexpr int kRows = std::is_same_v<T, float> ? (kVecs == 4 ? 6 : 4) : (kVecs == 4 ? 5 : 4);
-
+constexpr int kVecs = std::is_same_v<T, float> ? 2 : 4;
+template <class T>
+constexpr int kRows = std::is_same_v<T, float> ? 12 : 5;
+#else
+template <class T>
+constexpr int kVecs = 2;
+template <class T>
+constexpr int kRows = 4;
+#endif
 
 // Loads kW elements of T as float32 (no tail: the full-width path of the GEMM tiles). Returned by
 // value from intrinsics: at::vec::load_to_float's out-parameter made GCC spill the tiles'
@@ -118,24 +125,24 @@ inline void gemm_tile(const float* a, int64_t lda, const T* b, int64_t ldb, int6
     for (int v = 0; v < NV; ++v) acc[i][v].store(c + i * ldc + v * kW);
 }
 
+// Calls tile.template operator()<MB>() for MB = rows (1 <= rows < kMax): the rows left after
+// the full tiles, as one smaller tile with its own instantiation (its accumulators in registers).
+template <int kMax, class Tile>
+inline void remainder_tile(int64_t rows, Tile&& tile) {
+  [&]<int... N>(std::integer_sequence<int, N...>) {
+    ((rows == N + 1 ? (tile.template operator()<N + 1>(), 0) : 0), ...);
+  }(std::make_integer_sequence<int, kMax - 1>{});
+}
+
 template <class T, int NV>
 void gemm_rows(const float* a, int64_t lda, int64_t m, const T* b, int64_t ldb, int64_t K,
                float* c, int64_t ldc, bool accumulate, Prefetcher& pf) {
   int64_t i = 0;
   for (; i + kRows<T> <= m; i += kRows<T>)
     gemm_tile<T, kRows<T>, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
-  const float* ai = a + i * lda;
-  float* ci = c + i * ldc;
-  switch (m - i) {  // the remaining rows, as one smaller tile
-    case 1: gemm_tile<T, 1, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
-    case 2: gemm_tile<T, 2, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
-    case 3: gemm_tile<T, 3, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
-#if defined(CPU_CAPABILITY_AVX512)
-    case 4: gemm_tile<T, 4, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
-    case 5: gemm_tile<T, 5, NV>(ai, lda, b, ldb, K, ci, ldc, accumulate, pf); break;
-#endif
-    default: break;  // 0 (m - i < kRows<T>)
-  }
+  remainder_tile<kRows<T>>(m - i, [&]<int MB>() {
+    gemm_tile<T, MB, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
+  });
 }
 
 // The columns past the last full vector: plain loops (widths that are not multiples of kW).
@@ -163,7 +170,7 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
   constexpr int64_t kPanelBytes = 32 * 1024;
   const int64_t panel = std::max<int64_t>(1, kPanelBytes / (n * static_cast<int64_t>(sizeof(T))));
   const int64_t full = n / kW * kW;
-  const int64_t tiles = full / (kVecs * kW) + full % (kVecs * kW) / kW;
+  const int64_t tiles = full / (kVecs<T> * kW) + full % (kVecs<T> * kW) / kW;
   const int64_t steps_per_panel =
       std::max<int64_t>(1, tiles * ((m + kRows<T> - 1) / kRows<T>) * panel);
   for (int64_t k0 = 0; k0 < K; k0 += panel) {
@@ -181,8 +188,8 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
     }
     Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
     int64_t j = 0;
-    for (; j + kVecs * kW <= full; j += kVecs * kW)
-      gemm_rows<T, kVecs>(a + k0, K, m, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
+    for (; j + kVecs<T> * kW <= full; j += kVecs<T> * kW)
+      gemm_rows<T, kVecs<T>>(a + k0, K, m, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
     for (; j < full; j += kW)
       gemm_rows<T, 1>(a + k0, K, m, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
   }
@@ -205,8 +212,12 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
 
 using Bits = uint16_t;  // a bf16 as its bits (c10::BFloat16's layout)
 constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
-constexpr int kDotBlocks = 2;     // blocks per tile: kDotRows x 4 accumulators + 4 weight vectors
-constexpr int kDotRows = 5;       // rows per register tile (6 made GCC spill the accumulators)
+// Tiles of 14 routed rows x one block (28 accumulators): an expert's routed rows of a block
+// (~10 on average, up to ~30) in one or two passes over each weight panel, where 5 rows x 2
+// blocks took two to six, each reloading and re-interleaving the panel (an llada2-small layer,
+// cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
+constexpr int kDotBlocks = 1;
+constexpr int kDotRows = 14;
 
 // Within each 128-bit lane the unpacks interleave the lane's 4 low (lo) or 4 high (hi) columns of
 // the two rows, so accumulator lane 4L + i holds column 8L + i (lo) or 8L + 4 + i (hi) of the
@@ -300,15 +311,9 @@ DMAX_BF16_DOT_TARGET void dot_rows(const Bits* a, int64_t lda, int64_t m, const 
   int64_t i = 0;
   for (; i + kDotRows <= m; i += kDotRows)
     dot_tile<kDotRows, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
-  const Bits* ai = a + i * lda;
-  float* ci = c + i * ldc;
-  switch (m - i) {  // the remaining rows, as one smaller tile
-    case 1: dot_tile<1, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
-    case 2: dot_tile<2, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
-    case 3: dot_tile<3, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
-    case 4: dot_tile<4, NB, kTail>(ai, lda, b, ldb, K, ci, ldc, accumulate, cols, pf); break;
-    default: break;  // 0 (m - i < kDotRows)
-  }
+  remainder_tile<kDotRows>(m - i, [&]<int MB>() {
+    dot_tile<MB, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
+  });
 }
 
 // c[:m, :n] = a[:m, :K] @ b[:K, :n] in dot products: gemm<T>'s panels and prefetch (see there),
