@@ -98,14 +98,29 @@ def test_bf16_widths_that_are_not_vector_multiples(bf16_dot, hidden, inter):
 
 
 def test_bf16_experts_with_none_one_or_many_rows(bf16_dot):
-    # 17 tokens x 2 slots over 6 experts: expert 0 takes every token's first slot (17 rows: 3 full
-    # row tiles and a partial one), expert 1 one row, expert 5 none.
+    # 17 tokens x 2 slots over 6 experts: expert 0 takes every token's first slot (17 rows: a full
+    # row tile and a partial one), expert 1 one row, expert 5 none.
     x, _, weights, gate_up, down = _case(17, 6, 72, 24, 2, torch.bfloat16, seed=9)
     ids = torch.stack([torch.zeros(17, dtype=torch.long),
                        torch.tensor([1] + [2, 3, 4] * 5 + [2])], dim=1)
     case = (x, ids, weights, gate_up, down)
     assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
                               f"bf16 dot={bf16_dot} skewed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,inter", [(200, 100), (256, 128), (517, 72)])
+def test_experts_of_one_or_two_rows_in_wide_strips(bf16_dot, dtype, hidden, inter):
+    # Experts with at most 2 routed rows run strips of 128 columns; widths past them end in
+    # 32-column blocks and a tail. 3 tokens x 3 slots over 8 experts: expert 0 takes tokens
+    # 0 and 1, the others one row or none.
+    if dtype != torch.bfloat16 and bf16_dot == "on":
+        pytest.skip("the dot-product form is bf16's")
+    x, _, weights, gate_up, down = _case(3, 8, hidden, inter, 3, dtype, seed=hidden)
+    ids = torch.tensor([[0, 1, 2], [0, 3, 4], [5, 6, 7]])
+    case = (x, ids, weights, gate_up, down)
+    assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
+                              f"{dtype} dot={bf16_dot} H={hidden} I={inter} wide strips")
 
 
 def test_bf16_dot_and_fma_forms_agree_to_a_rounding(monkeypatch):

@@ -45,6 +45,10 @@ constexpr int kVecs = 2;
 template <class T>
 constexpr int kRows = 4;
 #endif
+// Experts of at most kWideRows routed rows: strips of kWideVecs vectors (2 x 8 accumulators and
+// 8 weight vectors of 32 zmm; 2 x 4 and 4 of 16 ymm).
+constexpr int kWideRows = 2;
+constexpr int kWideVecs = kW == 16 ? 8 : 4;
 
 // Loads kW elements of T as float32 (no tail: the full-width path of the GEMM tiles). Returned by
 // value from intrinsics: at::vec::load_to_float's out-parameter made GCC spill the tiles'
@@ -170,7 +174,11 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
   constexpr int64_t kPanelBytes = 32 * 1024;
   const int64_t panel = std::max<int64_t>(1, kPanelBytes / (n * static_cast<int64_t>(sizeof(T))));
   const int64_t full = n / kW * kW;
-  const int64_t tiles = full / (kVecs<T> * kW) + full % (kVecs<T> * kW) / kW;
+  // One or two routed rows (a weight stream with little arithmetic): strips of kWideVecs
+  // vectors, so each weight row is read in a few passes (dot_gemm's wide strips).
+  const bool wide = m <= kWideRows;
+  const int64_t strip = (wide ? kWideVecs : kVecs<T>) * kW;
+  const int64_t tiles = full / strip + full % strip / kW;
   const int64_t steps_per_panel =
       std::max<int64_t>(1, tiles * ((m + kRows<T> - 1) / kRows<T>) * panel);
   for (int64_t k0 = 0; k0 < K; k0 += panel) {
@@ -188,6 +196,13 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
     }
     Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
     int64_t j = 0;
+    for (; wide && j + strip <= full; j += strip) {
+      if (m == 1) {
+        gemm_tile<T, 1, kWideVecs>(a + k0, K, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
+      } else {
+        gemm_tile<T, 2, kWideVecs>(a + k0, K, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
+      }
+    }
     for (; j + kVecs<T> * kW <= full; j += kVecs<T> * kW)
       gemm_rows<T, kVecs<T>>(a + k0, K, m, b + k0 * n + j, n, kn, c + j, n, accumulate, pf);
     for (; j < full; j += kW)
@@ -218,6 +233,7 @@ constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
 // cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
 constexpr int kDotBlocks = 1;
 constexpr int kDotRows = 14;
+constexpr int kWideBlocks = 4;  // blocks per tile for experts of at most kWideRows routed rows
 
 // Within each 128-bit lane the unpacks interleave the lane's 4 low (lo) or 4 high (hi) columns of
 // the two rows, so accumulator lane 4L + i holds column 8L + i (lo) or 8L + 4 + i (hi) of the
@@ -327,7 +343,11 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
   constexpr int64_t kPanelBytes = 64 * 1024;
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(Bits));
   const int64_t panel = std::max<int64_t>(2, kPanelBytes / row_bytes / 2 * 2);
-  const int64_t tiles = n / (kDotBlocks * kDotCols) + (n % (kDotBlocks * kDotCols) + kDotCols - 1) / kDotCols;
+  // An expert with one or two routed rows is a weight stream with little arithmetic: strips of
+  // kWideBlocks blocks read each weight row in 2-4 passes instead of one pass per 32 columns.
+  const bool wide = m <= kWideRows;
+  const int64_t strip = (wide ? kWideBlocks : kDotBlocks) * kDotCols;
+  const int64_t tiles = n / strip + (n % strip + kDotCols - 1) / kDotCols;
   const int64_t steps_per_panel =
       std::max<int64_t>(1, tiles * ((m + kDotRows - 1) / kDotRows) * (panel / 2));
   for (int64_t k0 = 0; k0 < K; k0 += panel) {
@@ -343,6 +363,13 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
     Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
     const Bits* bp = b + k0 * n;
     int64_t j = 0;
+    for (; wide && j + strip <= n; j += strip) {
+      if (m == 1) {
+        dot_tile<1, kWideBlocks, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+      } else {
+        dot_tile<2, kWideBlocks, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+      }
+    }
     for (; j + kDotBlocks * kDotCols <= n; j += kDotBlocks * kDotCols)
       dot_rows<kDotBlocks, false>(a + k0, lda, m, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
     for (; j + kDotCols <= n; j += kDotCols)
