@@ -59,16 +59,16 @@ def _mlp_weights(mlp) -> list[torch.Tensor]:
     return weights + (_mlp_weights(mlp.shared_experts) if mlp.shared_experts is not None else [])
 
 
-def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots):
-    """layer(x, cos, sin, mask, cache_kv, slots) as dmax.decoder_layer, or None where it does not
-    apply (no cache or an on-device write slot, gradients, another device or dtype, a module off
-    its native form, hooks): the caller then runs the modules."""
+def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | None:
+    """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots), or None
+    where it does not apply (no cache or an on-device write slot, gradients, another device or
+    dtype, a module off its native form, hooks, no such op in the loaded library)."""
     if cache_kv is None or mask is None or not isinstance(slots.fed, slice) \
             or x.dtype not in (torch.float32, torch.bfloat16) or _grad_wanted(layer, x):
         return None
     attention = layer.attention
-    op = native_op("decoder_layer", x, attention.query_key_value.weight)
-    if op is None or not _natives_apply(layer, x, x.shape[0] * x.shape[1]) or not _plain(layer):
+    if native_op("decoder_layer", x, attention.query_key_value.weight) is None \
+            or not _natives_apply(layer, x, x.shape[0] * x.shape[1]) or not _plain(layer):
         return None
     mlp = layer.mlp
     weights = [layer.input_layernorm.weight, attention.query_key_value.weight,
@@ -82,5 +82,12 @@ def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots):
                attention.query_layernorm.eps, attention.head_dim ** -0.5,
                mlp.gate.scaling if moe else 0.0]
     keys, values = cache_kv
-    return op(x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims,
-              [float(s) for s in scalars])
+    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims,
+            [float(s) for s in scalars])
+
+
+def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots) -> torch.Tensor | None:
+    """layer(x, cos, sin, mask, cache_kv, slots) as dmax.decoder_layer, or None where it does not
+    apply (decoder_layer_args): the caller then runs the modules."""
+    args = decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots)
+    return None if args is None else torch.ops.dmax.decoder_layer(*args)
