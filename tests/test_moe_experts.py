@@ -9,7 +9,7 @@ import torch
 from dmax_ext import ops
 from dmax_ext.model import PRESETS
 from dmax_ext.model.moe import MoeBlock, StackedExperts
-from cpu_flags import HAS_BF16_DOT
+from cpu_flags import HAS_BF16_DOT, OTHER_CAPABILITIES, run_on_capability
 from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
@@ -121,6 +121,30 @@ def test_experts_of_one_or_two_rows_in_wide_strips(bf16_dot, dtype, hidden, inte
     case = (x, ids, weights, gate_up, down)
     assert_within_naive_error(ops.moe_experts(*case), _exact(*case), _torch_formulation(*case),
                               f"{dtype} dot={bf16_dot} H={hidden} I={inter} wide strips")
+
+
+_CAPABILITY_SCRIPT = """
+import torch
+from test_moe_experts import _case, _exact, _torch_formulation
+from tolerances import assert_within_naive_error
+print(torch.backends.cpu.get_cpu_capability())
+wide = torch.tensor([[0, 1, 2], [0, 3, 4], [5, 6, 7]])  # experts of one and two rows
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for n_tokens, n_experts, hidden, inter, k in ((37, 16, 64, 32, 4), (9, 5, 40, 12, 3),
+                                                  (3, 8, 200, 100, 3)):
+        case = _case(n_tokens, n_experts, hidden, inter, k, dtype, seed=n_tokens)
+        if n_tokens == 3:
+            case = (case[0], wide, *case[2:])
+        assert_within_naive_error(torch.ops.dmax.moe_experts(*case), _exact(*case),
+                                  _torch_formulation(*case), f"{dtype} N={n_tokens}")
+"""
+
+
+@pytest.mark.parametrize("capability", OTHER_CAPABILITIES)
+def test_other_cpu_capabilities(capability):
+    """The kernel is compiled per capability (tiles of 4 rows x 2 vectors, strips of 4 vectors
+    on AVX2); ATEN_CPU_CAPABILITY selects the copy."""
+    run_on_capability(capability, _CAPABILITY_SCRIPT)
 
 
 def test_bf16_dot_and_fma_forms_agree_to_a_rounding(monkeypatch):
