@@ -88,6 +88,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   bool bf16_dot = false;
   if constexpr (std::is_same_v<T, c10::BFloat16>)
     bf16_dot = use_bf16_dot();
+  const bool nta_prefetch = use_nta_prefetch();
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;
@@ -106,7 +107,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
       const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
       expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
                                gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
-                               scratch.data(), bf16_dot});
+                               scratch.data(), bf16_dot, nta_prefetch});
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,

@@ -59,7 +59,7 @@ at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight) {
   std::unique_ptr<float[]> xt(new float[K * Mp]);
   pack(x.const_data_ptr<float>(), M, K, Mp, xt.get());
   const SkinnyLinearTask task{xt.get(), M, Mp, K, N, weight.const_data_ptr<float>(),
-                              out.mutable_data_ptr<float>()};
+                              out.mutable_data_ptr<float>(), use_nta_prefetch()};
   for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) { columns(task, begin, end); });
   return out;
 }
@@ -79,7 +79,7 @@ at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight)
                              reinterpret_cast<float*>(xt.get()));
   const SkinnyLinearBf16Task task{
       xt.get(), M, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
-      reinterpret_cast<uint16_t*>(out.mutable_data_ptr())};
+      reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), use_nta_prefetch()};
   for_column_tiles(N, K, 2, [&](int64_t begin, int64_t end) {
     AVX512::skinny_linear_bf16_columns(task, begin, end);
   });

@@ -25,12 +25,15 @@ namespace dmax::cpu {
 struct CpuFeatures {
   bool avx512_bf16 = false;
   bool amx_bf16 = false;
+  bool amd = false;  // vendor "AuthenticAMD"
 };
 
 inline CpuFeatures detect_cpu_features() {
   CpuFeatures f;
 #if defined(__x86_64__) || defined(_M_X64)
   unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d))  // the vendor string: EBX, EDX, ECX
+    f.amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     f.amx_bf16 = (d >> 22) & 1u;  // CPUID.(7,0):EDX[22]
     const bool avx512f = (b >> 16) & 1u;
@@ -65,6 +68,17 @@ inline bool use_bf16_dot() {
     wanted = true;
   }
   return wanted && at::get_cpu_capability() == "AVX512";
+}
+
+// Whether the weight-streaming kernels (skinny_linear, moe_experts) prefetch with prefetchnta
+// (prefetch.h): DMAX_CPU_PREFETCH=auto (default: on AMD CPUs, where it measured faster) | nta |
+// t1, read at every call (tests run both). The hint changes no result.
+inline bool use_nta_prefetch() {
+  const char* env = std::getenv("DMAX_CPU_PREFETCH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return cpu_features().amd;
+  TORCH_CHECK(std::strcmp(env, "nta") == 0 || std::strcmp(env, "t1") == 0,
+              "DMAX_CPU_PREFETCH must be auto, nta or t1, got '", env, "'");
+  return std::strcmp(env, "nta") == 0;
 }
 
 }  // namespace dmax::cpu

@@ -85,9 +85,9 @@ inline Vec load_full(const T* p) {
 // c[i, :NV kW] (+)= a[i, :K] @ b[:K, :NV kW] for i < MB: a float32 (row stride lda), b in T (row
 // stride ldb), c float32 (row stride ldc), accumulated onto c when `accumulate`. Full-width tiles
 // only: no branch on widths in the inner loop, so the MB x NV accumulators stay in registers.
-template <class T, int MB, int NV>
+template <class T, int MB, int NV, class Pf>
 inline void gemm_tile(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t K, float* c,
-                      int64_t ldc, bool accumulate, Prefetcher& prefetch) {
+                      int64_t ldc, bool accumulate, Pf& prefetch) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (!std::is_same_v<T, float>) {
     // Raw __m512 accumulators: with Vectorized<float> ones GCC spilled them to the stack for
@@ -138,9 +138,9 @@ inline void remainder_tile(int64_t rows, Tile&& tile) {
   }(std::make_integer_sequence<int, kMax - 1>{});
 }
 
-template <class T, int NV>
+template <class T, int NV, class Pf>
 void gemm_rows(const float* a, int64_t lda, int64_t m, const T* b, int64_t ldb, int64_t K,
-               float* c, int64_t ldc, bool accumulate, Prefetcher& pf) {
+               float* c, int64_t ldc, bool accumulate, Pf& pf) {
   int64_t i = 0;
   for (; i + kRows<T> <= m; i += kRows<T>)
     gemm_tile<T, kRows<T>, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
@@ -165,7 +165,7 @@ void gemm_tail(const float* a, int64_t m, int64_t K, const T* b, int64_t n, int6
 // consecutive rows (kPanelBytes): each panel is contiguous memory, read once from DRAM in order
 // and then from cache by every tile, so the weights stream like a copy. `then` (row-major, rows
 // of then_n, or nullptr): the matrix read next, whose first panel comes in during the last one.
-template <class T>
+template <class T, class Pf>
 void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
           const T* then, int64_t then_n) {
   // 32 KB: each panel row block is reused by every row tile while in L1 / L2, and the tiles
@@ -194,7 +194,7 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
       next = reinterpret_cast<const char*>(then);
       next_lines = (std::max<int64_t>(1, kPanelBytes / then_row) * then_row + 63) / 64;
     }
-    Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
+    Pf pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
     int64_t j = 0;
     for (; wide && j + strip <= full; j += strip) {
       if (m == 1) {
@@ -280,10 +280,10 @@ DMAX_BF16_DOT_INLINE void store_acc(float* c, __mmask32 cols, __m512 lo, __m512 
 // only the `cols` columns exist. K odd (the matrix's last panel): the last row pairs with zeros.
 // Not inlined into dot_rows: there GCC hoisted the permutation indices of load_acc / store_acc
 // out of the row-tile loop, and the 4 registers they kept made it spill the weights.
-template <int MB, int NB, bool kTail>
+template <int MB, int NB, bool kTail, class Pf>
 DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_tile(const Bits* a, int64_t lda, const Bits* b, int64_t ldb,
                                    int64_t K, float* c, int64_t ldc, bool accumulate,
-                                   __mmask32 cols, Prefetcher& prefetch) {
+                                   __mmask32 cols, Pf& prefetch) {
   static_assert(!kTail || NB == 1);
   __m512 lo[MB][NB], hi[MB][NB];
   for (int i = 0; i < MB; ++i)
@@ -320,10 +320,10 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_tile(const Bits* a, int6
     for (int v = 0; v < NB; ++v) store_acc<kTail>(c + i * ldc + v * kDotCols, cols, lo[i][v], hi[i][v]);
 }
 
-template <int NB, bool kTail>
+template <int NB, bool kTail, class Pf>
 DMAX_BF16_DOT_TARGET void dot_rows(const Bits* a, int64_t lda, int64_t m, const Bits* b,
                                    int64_t ldb, int64_t K, float* c, int64_t ldc, bool accumulate,
-                                   __mmask32 cols, Prefetcher& pf) {
+                                   __mmask32 cols, Pf& pf) {
   int64_t i = 0;
   for (; i + kDotRows <= m; i += kDotRows)
     dot_tile<kDotRows, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
@@ -335,6 +335,7 @@ DMAX_BF16_DOT_TARGET void dot_rows(const Bits* a, int64_t lda, int64_t m, const 
 // c[:m, :n] = a[:m, :K] @ b[:K, :n] in dot products: gemm<T>'s panels and prefetch (see there),
 // a bf16 with an even row stride lda >= K (zero at a[i, K] when K is odd). Panels of an even
 // number of rows, so every panel but the last starts a k pair.
+template <class Pf>
 DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_t K, const Bits* b,
                                    int64_t n, float* c, const Bits* then, int64_t then_n) {
   // 64 KB (float32 form: 32 KB): fewer panels, so fewer accumulator reloads and permutes, which
@@ -360,7 +361,7 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
       next = reinterpret_cast<const char*>(then);
       next_lines = (std::max<int64_t>(1, kPanelBytes / then_row) * then_row + 63) / 64;
     }
-    Prefetcher pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
+    Pf pf{next, next + 64 * next_lines, (next_lines + steps_per_panel - 1) / steps_per_panel};
     const Bits* bp = b + k0 * n;
     int64_t j = 0;
     for (; wide && j + strip <= n; j += strip) {
@@ -418,6 +419,7 @@ void store_outputs(const ExpertTask<T>& task, const float* y) {
 // moe_expert_ffn for bf16 in dot products: the routed rows copied as they are, the hidden stored
 // in bf16 (its values are bf16 already), each in rows of even length (zero-padded) so that the
 // k pairs of the last panel stay inside them.
+template <class Pf>
 void expert_ffn_bf16_dot(const ExpertTask<c10::BFloat16>& task) {
   using BF16 = c10::BFloat16;
   const int64_t m = task.m, H = task.H, I = task.I;
@@ -432,22 +434,21 @@ void expert_ffn_bf16_dot(const ExpertTask<c10::BFloat16>& task) {
     if (ldx > H) xs[i * ldx + H] = BF16(0.f);
   }
   const auto bits = [](const BF16* p) { return reinterpret_cast<const Bits*>(p); };
-  dot_gemm(bits(xs), ldx, m, H, bits(task.gate_up), 2 * I, gu, bits(task.down), H);
+  dot_gemm<Pf>(bits(xs), ldx, m, H, bits(task.gate_up), 2 * I, gu, bits(task.down), H);
   swiglu_rows<BF16>(gu, m, I, hidden, ldh);
   if (ldh > I)
     for (int64_t i = 0; i < m; ++i) hidden[i * ldh + I] = BF16(0.f);
-  dot_gemm(bits(hidden), ldh, m, I, bits(task.down), H, y, bits(task.next_gate_up), 2 * I);
+  dot_gemm<Pf>(bits(hidden), ldh, m, I, bits(task.down), H, y, bits(task.next_gate_up), 2 * I);
   store_outputs(task, y);
 }
 #endif
 
-}  // namespace
-
-template <class T>
-void moe_expert_ffn(const ExpertTask<T>& task) {
+// moe_expert_ffn with the prefetch hint Pf (prefetch.h).
+template <class T, class Pf>
+void expert_ffn(const ExpertTask<T>& task) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (task.bf16_dot) return expert_ffn_bf16_dot(task);
+    if (task.bf16_dot) return expert_ffn_bf16_dot<Pf>(task);
   }
 #endif
   const int64_t m = task.m, H = task.H, I = task.I;
@@ -462,10 +463,21 @@ void moe_expert_ffn(const ExpertTask<T>& task) {
       load_float(src + j, n).store(xs + i * H + j, n);
     }
   }
-  gemm<T>(xs, m, H, task.gate_up, 2 * I, gu, task.down, H);
+  gemm<T, Pf>(xs, m, H, task.gate_up, 2 * I, gu, task.down, H);
   swiglu_rows<T>(gu, m, I, hidden, I);
-  gemm<T>(hidden, m, I, task.down, H, y, task.next_gate_up, 2 * I);
+  gemm<T, Pf>(hidden, m, I, task.down, H, y, task.next_gate_up, 2 * I);
   store_outputs(task, y);
+}
+
+}  // namespace
+
+template <class T>
+void moe_expert_ffn(const ExpertTask<T>& task) {
+  if (task.nta_prefetch) {
+    expert_ffn<T, NtaPrefetcher>(task);
+  } else {
+    expert_ffn<T, Prefetcher>(task);
+  }
 }
 
 template <class T>

@@ -26,6 +26,8 @@ struct ExpertTask {
   // bf16 only, honoured by the AVX512 copy: the GEMMs in AVX512-BF16 dot products (the caller
   // decides once per op call from cpu_features.h's use_bf16_dot()).
   bool bf16_dot = false;
+  // prefetchnta instead of prefetcht1 for the weight stream (cpu_features.h's use_nta_prefetch()).
+  bool nta_prefetch = false;
 };
 
 // out[n] = T(sum_j weights[n, j] * y[n, j]) for n in [begin, end): each product rounded to float32,

@@ -8,17 +8,27 @@
 
 namespace dmax::cpu::CPU_CAPABILITY {
 
-struct Prefetcher {
+template <int kLocality>
+struct BasicPrefetcher {
   const char* next;
   const char* end;
   int64_t lines_per_step;
 
-  // Into L2 (prefetcht1), not L1: the panel or tile being computed on stays in L1 (llada2-small's
-  // experts: 2.8 -> 2.4 ms per layer with cold weights, float32).
   inline void step() {
     for (int64_t q = 0; q < lines_per_step && next < end; ++q, next += 64)
-      __builtin_prefetch(next, 0, 2);
+      __builtin_prefetch(next, 0, kLocality);
   }
 };
+
+// Into L2 (prefetcht1), not L1: the panel or tile being computed on stays in L1 (llada2-small's
+// experts: 2.8 -> 2.4 ms per layer with cold weights, float32, on the Xeon of the earlier
+// entries). The kernels are instantiated for both hints, the op entry points choose
+// (cpu_features.h's use_nta_prefetch()); a hint read at run time inside the tile loops cost
+// the float32 forward more than prefetchnta gained.
+using Prefetcher = BasicPrefetcher<2>;
+// prefetchnta, on AMD CPUs: llada2-small's block forward 3.4% (bf16) and 4.7% (float32) faster,
+// in 37 and 36 of 40 interleaved pairs, on the Zen 5 class EPYC of docs/PERFORMANCE.md
+// (2026-12-06 08:13 entry).
+using NtaPrefetcher = BasicPrefetcher<0>;
 
 }  // namespace dmax::cpu::CPU_CAPABILITY

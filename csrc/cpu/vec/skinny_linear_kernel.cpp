@@ -44,9 +44,9 @@ constexpr int64_t kSumBlock = 128;
 // The rows are addressed as groups of three from one pointer each (base, base + K, base + 2K):
 // twelve row pointers do not fit the general registers next to the loop's own, and GCC reloaded
 // them from the stack at every step.
-template <int NV>
+template <int NV, class Pf>
 inline void tile(const float* xt, int64_t ldx, const float* w, int64_t ldw, int64_t K,
-                 float* c, bool accumulate, Prefetcher& prefetch) {
+                 float* c, bool accumulate, Pf& prefetch) {
   static_assert(kTileRows % 3 == 0);
   constexpr int kGroups = kTileRows / 3;
   Vec acc[kTileRows][NV];
@@ -156,10 +156,10 @@ DMAX_BF16_DOT_TARGET inline void dot_step(typename V::F (&acc)[kTileRows][NV], c
 // order rounded once to bf16. Rows in groups of three per pointer, as in tile(). Not inlined:
 // with its three forms in one function GCC kept the 1-vector form's accumulators on the stack
 // (a store-to-load chain per step, M = 8 at 17 instead of 6 cycles a step).
-template <class V, int NV>
+template <class V, int NV, class Pf>
 DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt, int64_t ldx, const uint16_t* w,
                                        int64_t ldw, int64_t K, __m512i* c,
-                                       Prefetcher& prefetch) {
+                                       Pf& prefetch) {
   static_assert(kTileRows % 3 == 0 && NV >= 1 && NV * V::kLanes <= 32);
   typename V::F acc[kTileRows][NV];
   for (int i = 0; i < kTileRows; ++i)
@@ -229,7 +229,10 @@ void skinny_linear_pack(const float* x, int64_t M, int64_t K, int64_t Mp, float*
   for (int64_t k = 0; k < K; ++k) std::fill(xt + k * Mp + M, xt + (k + 1) * Mp, 0.f);
 }
 
-void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
+namespace {
+// skinny_linear_columns with the prefetch hint Pf (prefetch.h).
+template <class Pf>
+void columns_float(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
   const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
   // The last tile's rows, zero-padded to a whole tile.
   std::vector<float> rows;
@@ -246,7 +249,7 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
     const int64_t next_rows = std::clamp<int64_t>(end - n0 - r, 0, kTileRows);
     const char* next = reinterpret_cast<const char*>(task.weight + (n0 + r) * K);
     const int64_t lines = (next_rows * K * static_cast<int64_t>(sizeof(float)) + 63) / 64;
-    Prefetcher prefetch{next, next + 64 * lines, (lines + K - 1) / K};
+    Pf prefetch{next, next + 64 * lines, (lines + K - 1) / K};
     for (int64_t m0 = 0; m0 < Mp; m0 += kMaxVecs * kW) {
       const int64_t nv = std::min<int64_t>(kMaxVecs, (Mp - m0) / kW);
       // Partial sums over blocks of kSumBlock terms, added up in order: a float32 sum's
@@ -270,9 +273,19 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
     }
   }
 }
+}  // namespace
+
+void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
+  if (task.nta_prefetch) {
+    columns_float<NtaPrefetcher>(task, begin, end);
+  } else {
+    columns_float<Prefetcher>(task, begin, end);
+  }
+}
 
 #if defined(CPU_CAPABILITY_AVX512)
 namespace {
+template <class Pf>
 DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
   const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
   std::vector<uint16_t> rows;  // the last tile's rows, zero-padded to a whole tile
@@ -292,7 +305,7 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
     const char* next = reinterpret_cast<const char*>(task.weight + (n0 + r) * K);
     const int64_t lines = (next_rows * K * static_cast<int64_t>(sizeof(uint16_t)) + 63) / 64;
     const int64_t steps = std::max<int64_t>(1, K / 2);
-    Prefetcher prefetch{next, next + 64 * lines, (lines + steps - 1) / steps};
+    Pf prefetch{next, next + 64 * lines, (lines + steps - 1) / steps};
     for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kW) {
       const int64_t rows_left = M - m0;
       if (rows_left > 2 * Ymm::kLanes) {
@@ -312,7 +325,11 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
 // Declared without the target attribute (GCC would take two differently targeted declarations
 // for function versions): the caller has checked the CPU.
 void skinny_linear_bf16_columns(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
-  columns_bf16(task, begin, end);
+  if (task.nta_prefetch) {
+    columns_bf16<NtaPrefetcher>(task, begin, end);
+  } else {
+    columns_bf16<Prefetcher>(task, begin, end);
+  }
 }
 #endif
 

@@ -14,6 +14,7 @@ struct SkinnyLinearTask {
   int64_t M, Mp, K, N;
   const float* weight;  // [N, K], row stride K
   float* out;           // [M, N], row stride N
+  bool nta_prefetch;    // prefetchnta for the weight stream (cpu_features.h's use_nta_prefetch())
 };
 
 // The same product for bfloat16 with AVX512-BF16 dot products (vdpbf16ps): pairs of bf16
@@ -24,6 +25,7 @@ struct SkinnyLinearBf16Task {
   int64_t M, Mp, K, N;
   const uint16_t* weight;   // [N, K] bf16 bits, row stride K
   uint16_t* out;            // [M, N] bf16 bits, row stride N
+  bool nta_prefetch;        // as SkinnyLinearTask's
 };
 
 #define DMAX_DECLARE_SKINNY_LINEAR(cap)                                                     \
