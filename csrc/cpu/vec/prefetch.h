@@ -28,7 +28,7 @@ struct BasicPrefetcher {
 using Prefetcher = BasicPrefetcher<2>;
 // prefetchnta, on AMD CPUs: llada2-small's block forward 3.4% (bf16) and 4.7% (float32) faster,
 // in 37 and 36 of 40 interleaved pairs, on the Zen 5 class EPYC of docs/PERFORMANCE.md
-// (2026-12-06 08:13 entry).
+// (2026-12-06 08:52 UTC entry).
 using NtaPrefetcher = BasicPrefetcher<0>;
 
 }  // namespace dmax::cpu::CPU_CAPABILITY
