@@ -233,7 +233,11 @@ constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
 // cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
 constexpr int kDotBlocks = 1;
 constexpr int kDotRows = 14;
-constexpr int kWideBlocks = 4;  // blocks per tile for experts of at most kWideRows routed rows
+// Blocks per tile for experts of one routed row (a whole gate_up row of llada2-small in one pass;
+// 64 one-row experts, cold: 0.81-0.83 -> 0.74-0.80 ms against 4, three alternated pairs) and of
+// two (8 would spill).
+constexpr int kWideBlocks1 = 8;
+constexpr int kWideBlocks2 = 4;
 
 // Within each 128-bit lane the unpacks interleave the lane's 4 low (lo) or 4 high (hi) columns of
 // the two rows, so accumulator lane 4L + i holds column 8L + i (lo) or 8L + 4 + i (hi) of the
@@ -345,9 +349,9 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(Bits));
   const int64_t panel = std::max<int64_t>(2, kPanelBytes / row_bytes / 2 * 2);
   // An expert with one or two routed rows is a weight stream with little arithmetic: strips of
-  // kWideBlocks blocks read each weight row in 2-4 passes instead of one pass per 32 columns.
+  // kWideBlocks1 / kWideBlocks2 blocks read each weight row in 1-4 passes, not one per 32 columns.
   const bool wide = m <= kWideRows;
-  const int64_t strip = (wide ? kWideBlocks : kDotBlocks) * kDotCols;
+  const int64_t strip = (wide ? (m == 1 ? kWideBlocks1 : kWideBlocks2) : kDotBlocks) * kDotCols;
   const int64_t tiles = n / strip + (n % strip + kDotCols - 1) / kDotCols;
   const int64_t steps_per_panel =
       std::max<int64_t>(1, tiles * ((m + kDotRows - 1) / kDotRows) * (panel / 2));
@@ -366,9 +370,9 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
     int64_t j = 0;
     for (; wide && j + strip <= n; j += strip) {
       if (m == 1) {
-        dot_tile<1, kWideBlocks, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+        dot_tile<1, kWideBlocks1, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
       } else {
-        dot_tile<2, kWideBlocks, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
+        dot_tile<2, kWideBlocks2, false>(a + k0, lda, bp + j, n, kn, c + j, n, accumulate, ~0u, pf);
       }
     }
     for (; j + kDotBlocks * kDotCols <= n; j += kDotBlocks * kDotCols)
