@@ -477,11 +477,7 @@ void expert_ffn(const ExpertTask<T>& task) {
 
 template <class T>
 void moe_expert_ffn(const ExpertTask<T>& task) {
-  if (task.nta_prefetch) {
-    expert_ffn<T, NtaPrefetcher>(task);
-  } else {
-    expert_ffn<T, Prefetcher>(task);
-  }
+  with_prefetcher(task.nta_prefetch, [&]<class Pf>() { expert_ffn<T, Pf>(task); });
 }
 
 template <class T>

@@ -26,9 +26,20 @@ struct BasicPrefetcher {
 // (cpu_features.h's use_nta_prefetch()); a hint read at run time inside the tile loops cost
 // the float32 forward more than prefetchnta gained.
 using Prefetcher = BasicPrefetcher<2>;
-// prefetchnta, on AMD CPUs: llada2-small's block forward 3.4% (bf16) and 4.7% (float32) faster,
-// in 37 and 36 of 40 interleaved pairs, on the Zen 5 class EPYC of docs/PERFORMANCE.md
+// prefetchnta, on AMD CPUs: llada2-small's block forward 1-3% (bf16) and 3-5% (float32) faster,
+// in 30-37 of 40 interleaved pairs a run, on the Zen 5 class EPYC of docs/PERFORMANCE.md
 // (2026-12-06 08:52 UTC entry).
 using NtaPrefetcher = BasicPrefetcher<0>;
+
+// run.template operator()<Pf>() with the prefetcher the op entry point chose (`nta`): the
+// kernels' one switch from the run-time choice to their compile-time hint.
+template <class Run>
+inline void with_prefetcher(bool nta, Run&& run) {
+  if (nta) {
+    run.template operator()<NtaPrefetcher>();
+  } else {
+    run.template operator()<Prefetcher>();
+  }
+}
 
 }  // namespace dmax::cpu::CPU_CAPABILITY

@@ -276,11 +276,7 @@ void columns_float(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
 }  // namespace
 
 void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
-  if (task.nta_prefetch) {
-    columns_float<NtaPrefetcher>(task, begin, end);
-  } else {
-    columns_float<Prefetcher>(task, begin, end);
-  }
+  with_prefetcher(task.nta_prefetch, [&]<class Pf>() { columns_float<Pf>(task, begin, end); });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -325,11 +321,7 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
 // Declared without the target attribute (GCC would take two differently targeted declarations
 // for function versions): the caller has checked the CPU.
 void skinny_linear_bf16_columns(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
-  if (task.nta_prefetch) {
-    columns_bf16<NtaPrefetcher>(task, begin, end);
-  } else {
-    columns_bf16<Prefetcher>(task, begin, end);
-  }
+  with_prefetcher(task.nta_prefetch, [&]<class Pf>() { columns_bf16<Pf>(task, begin, end); });
 }
 #endif
 
