@@ -52,6 +52,7 @@ class Attention(CpuVariant, nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5  # of q . k (also dmax.decoder_layer's, native_layer.py)
         n_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         # Rows: all query heads, then all key heads, then all value heads (the checkpoint order).
         self.query_key_value = Linear(config.hidden_size, n_rows)
@@ -84,12 +85,11 @@ class Attention(CpuVariant, nn.Module):
         a block's 32 queries and its output already in this layout); else SDPA, which keeps the
         softmax in float32 for bf16 inputs, and whose enable_gqa maps query head j to kv head
         j // (n_heads / n_kv_heads) without materializing repeated keys."""
-        scale = self.head_dim ** -0.5
         if mask is not None:
             native = self.native("block_attention", q, q)
             if native is not None:
-                return native(q, k, v, mask, scale)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                return native(q, k, v, mask, self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 

@@ -81,8 +81,8 @@ class LLaDA2MoeModel(nn.Module):
 
     def set_cpu_variants(self, enabled: bool) -> None:
         """The CPU-only native forms (model/native.py CpuVariant: projections, norms, q/k norm +
-        rotary, router, experts, whole decoder layers) on (the default) or off; off, the CPU dispatches what CUDA
-        runs (op traces that stand for a GPU step)."""
+        rotary, router, experts, whole decoder layers) on (the default) or off; off, the CPU
+        dispatches what CUDA runs (op traces that stand for a GPU step)."""
         for module in self.modules():
             if isinstance(module, CpuVariant):
                 module.cpu_variant = enabled

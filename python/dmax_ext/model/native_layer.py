@@ -11,7 +11,10 @@ them (37 us a layer, ~3% of a bf16 block forward of llada2-small, before this).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch import nn
 from torch.nn.modules import module as nn_module
 
 from .modules import GatedMLP, Linear
@@ -21,13 +24,25 @@ from .native import CpuVariant, native_op
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+class _LayerParts(NamedTuple):
+    """A DecoderLayer's modules as the op needs them, read once per call."""
+    norm_in: nn.Module
+    attention: nn.Module
+    q_norm: nn.Module
+    k_norm: nn.Module
+    norm_post: nn.Module
+    mlp: nn.Module
+    router: nn.Module | None       # a MoE block's
+    modules: list                  # every module of the layer (hooks, CPU variants)
+    weights: list[torch.Tensor]    # the op's weights, in its order
+
+
 def _gated_mlp_parts(mlp) -> tuple[list, list[torch.Tensor]]:
     linears = [mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
     return linears, [m._parameters["weight"] for m in linears]
 
 
-def _layer_parts(layer):
-    """(the layer's modules, the op's weights in its order, the attention, the MLP)."""
+def _layer_parts(layer) -> _LayerParts:
     children = layer._modules
     attention, mlp = children["attention"], children["mlp"]
     parts = attention._modules
@@ -36,6 +51,7 @@ def _layer_parts(layer):
                                   parts["key_layernorm"], parts["dense"])
     modules = [layer, norm_in, attention, qkv, q_norm, k_norm, dense, norm_post, mlp]
     weights = [m._parameters["weight"] for m in (norm_in, qkv, q_norm, k_norm, dense, norm_post)]
+    router = None
     if isinstance(mlp, MoeBlock):
         router, experts = mlp._modules["gate"], mlp._modules["experts"]
         modules += [router, experts]
@@ -50,20 +66,22 @@ def _layer_parts(layer):
         linears, mlp_weights = _gated_mlp_parts(mlp)
         modules += linears
         weights += mlp_weights
-    return modules, weights, attention, mlp
+    return _LayerParts(norm_in, attention, q_norm, k_norm, norm_post, mlp, router, modules,
+                       weights)
 
 
-def _natives_apply(x: torch.Tensor, rows: int, modules, weights, attention, mlp) -> bool:
+def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
     """Whether each module would take its CPU native form for x ([B, T, H], rows = B T, on a
     cached forward): Linear (rows cap), RMSNorm and the q/k norms (the model dtype), the router
     (float32 rows cap), the experts (impl "auto", token cap); no hooks anywhere (nor global
     ones), every CPU variant on."""
     if rows > Linear.native_max_rows(x.dtype):
         return False
-    # The norms' weights: the op's weights 0, 2, 3, 5.
-    if any(weights[i].dtype != x.dtype for i in (0, 2, 3, 5)) \
-            or modules[4].eps != modules[5].eps:
+    norms = (parts.norm_in, parts.q_norm, parts.k_norm, parts.norm_post)
+    if any(n._parameters["weight"].dtype != x.dtype for n in norms) \
+            or parts.q_norm.eps != parts.k_norm.eps:
         return False
+    mlp = parts.mlp
     if isinstance(mlp, MoeBlock):
         if not (rows <= Linear.native_max_rows(torch.float32)
                 and rows <= native_experts_max_tokens(x.dtype)
@@ -73,7 +91,7 @@ def _natives_apply(x: torch.Tensor, rows: int, modules, weights, attention, mlp)
         return False
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    for m in modules:
+    for m in parts.modules:
         if m._forward_hooks or m._forward_pre_hooks \
                 or (isinstance(m, CpuVariant) and not m.cpu_variant):
             return False
@@ -87,19 +105,19 @@ def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | Non
     if cache_kv is None or mask is None or not isinstance(slots.fed, slice) \
             or x.dtype not in _DTYPES:
         return None
-    modules, weights, attention, mlp = _layer_parts(layer)
+    parts = _layer_parts(layer)
+    weights = parts.weights
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return None
     if native_op("decoder_layer", x, weights[1]) is None \
-            or not _natives_apply(x, x.shape[0] * x.shape[1], modules, weights, attention, mlp):
+            or not _natives_apply(x, x.shape[0] * x.shape[1], parts):
         return None
-    moe = isinstance(mlp, MoeBlock)
-    router = modules[9] if moe else None
-    dims = [attention.n_heads, attention.n_kv_heads, attention.head_dim,
-            router.n_group if moe else 0, router.topk_group if moe else 0,
-            router.top_k if moe else 0]
-    scalars = [float(modules[1].eps), float(modules[7].eps), float(modules[4].eps),
-               attention.head_dim ** -0.5, float(router.scaling) if moe else 0.0]
+    attention, router = parts.attention, parts.router
+    routing = ([router.n_group, router.topk_group, router.top_k] if router is not None
+               else [0, 0, 0])
+    dims = [attention.n_heads, attention.n_kv_heads, attention.head_dim, *routing]
+    scalars = [float(parts.norm_in.eps), float(parts.norm_post.eps), float(parts.q_norm.eps),
+               attention.scale, float(router.scaling) if router is not None else 0.0]
     keys, values = cache_kv
     return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims, scalars)
 
