@@ -6,6 +6,7 @@ import torch
 
 from dmax_ext import ops
 from cpu_flags import HAS_BF16_DOT
+from test_moe_experts import _case
 
 pytestmark = pytest.mark.skipif(not ops.has_op("moe_experts"),
                                 reason="the native library predates these ops: rebuild")
@@ -35,14 +36,9 @@ def test_moe_experts_same_under_either_hint(monkeypatch, dot, dtype):
     if dot == "on" and (dtype != torch.bfloat16 or not HAS_BF16_DOT):
         pytest.skip("the dot-product form: bf16 on CPUs with AVX512-BF16")
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", dot)
-    gen = torch.Generator().manual_seed(4)
-    n_tokens, n_experts, hidden, inter, k = 24, 12, 160, 48, 4
-    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
-    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n_tokens)])
-    ids[0, 0] = n_experts - 1  # and an expert of one row, and of many
-    weights = torch.rand(n_tokens, k, generator=gen)
-    gate_up = (torch.randn(n_experts, hidden, 2 * inter, generator=gen) / 12).to(dtype)
-    down = (torch.randn(n_experts, inter, hidden, generator=gen) / 7).to(dtype)
+    x, ids, weights, gate_up, down = _case(24, 12, 160, 48, 4, dtype, seed=4)
+    ids[ids == 11] = 10
+    ids[0] = torch.tensor([0, 1, 2, 11])  # expert 11: one row (a wide strip), the others many
     t1, nta = _both_hints(monkeypatch, lambda: ops.moe_experts(x, ids, weights, gate_up, down))
     assert torch.equal(t1, nta)
 
