@@ -14,6 +14,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kQkNormRotarySchema);
   m.def(dmax::kBlockAttentionSchema);
   m.def(dmax::kDecoderLayerSchema);
+  m.def(dmax::kCpuBf16DotSchema, &dmax::cpu::cpu_bf16_dot);  // no tensor: one kernel for all keys
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {

@@ -22,9 +22,15 @@ constexpr const char* kOnpolicyNoiseSchema =
 
 // CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
 // torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.
+// gate_up / down: [E, H, 2I] / [E, I, H], or both packed for the bf16 dot products
+// (ops.pack_moe_weights).
 constexpr const char* kMoeExpertsSchema =
     "moe_experts(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_up, "
     "Tensor down) -> Tensor";
+// CPU only: whether moe_experts (and skinny_linear) run bf16 GEMMs in AVX512-BF16 dot products
+// now (the CPU and DMAX_CPU_BF16_DOT, cpu_features.h), for which the model packs its experts'
+// weights (ops.pack_moe_weights). `dmax`.
+constexpr const char* kCpuBf16DotSchema = "cpu_bf16_dot() -> bool";
 // CPU only: x @ weight^T for a decoding block's few rows (the model's projections and lm_head
 // without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
 constexpr const char* kSkinnyLinearSchema = "skinny_linear(Tensor x, Tensor weight) -> Tensor";

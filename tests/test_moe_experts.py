@@ -1,7 +1,8 @@
 """dmax.moe_experts (CPU): against a float64 computation of the same formula within 2x the error of
 the torch formulation (model/moe.py, impl "reference"); at any routing skew and width (vector
-tails); bfloat16 in both GEMM forms (DMAX_CPU_BF16_DOT: float32 FMAs, AVX512-BF16 dot products);
-what the model's MoE picks; opcheck; argument errors."""
+tails); bfloat16 in both GEMM forms (DMAX_CPU_BF16_DOT: float32 FMAs, AVX512-BF16 dot products),
+from plain or packed weights (ops.pack_moe_weights: bitwise the same); what the model's MoE picks;
+opcheck; argument errors."""
 
 import pytest
 import torch
@@ -123,8 +124,39 @@ def test_experts_of_one_or_two_rows_in_wide_strips(bf16_dot, dtype, hidden, inte
                               f"{dtype} dot={bf16_dot} H={hidden} I={inter} wide strips")
 
 
+def test_pack_moe_weights_lays_out_pairs_of_rows_in_32_column_blocks():
+    w = torch.randn(3, 6, 64).bfloat16()
+    packed = ops.pack_moe_weights(w)
+    assert packed.shape == (3, 2, 3, 32, 2) and packed.is_contiguous()
+    for e, k, j in ((0, 0, 0), (1, 5, 63), (2, 2, 33), (2, 3, 31)):
+        assert packed[e, j // 32, k // 2, j % 32, k % 2] == w[e, k, j]
+    assert torch.equal(ops.unpack_moe_weights(packed), w)
+    assert ops.moe_weights_packable(w) and not ops.moe_weights_packable(w.float())
+    assert not ops.moe_weights_packable(w[:, :5]) and not ops.moe_weights_packable(w[..., :48])
+
+
+# (rows of the busiest expert, hidden, inter): one-row experts, a full 14-row tile and one row
+# past it, two full tiles; hidden and 2 * inter multiples of 32 (packable), inter odd / 16.
+@pytest.mark.parametrize("n_tokens,hidden,inter", [(1, 32, 16), (3, 64, 48), (14, 96, 16),
+                                                   (15, 64, 32), (29, 128, 64), (40, 512, 128)])
+def test_packed_weights_give_bitwise_the_plain_results(bf16_dot, n_tokens, hidden, inter):
+    # Packed weights feed the dot products the same pairs in the same order: equal bits. Without
+    # the dot products the op reads them unpacked: equal bits again.
+    x, ids, weights, gate_up, down = _case(n_tokens, 6, hidden, inter, 3, torch.bfloat16,
+                                           seed=n_tokens)
+    ids[:, 0] = 0  # expert 0 takes every token: n_tokens rows
+    plain = ops.moe_experts(x, ids, weights, gate_up, down)
+    packed = ops.moe_experts(x, ids, weights, ops.pack_moe_weights(gate_up),
+                             ops.pack_moe_weights(down))
+    assert torch.equal(packed, plain), f"dot={bf16_dot} N={n_tokens} H={hidden} I={inter}"
+    assert_within_naive_error(packed, _exact(x, ids, weights, gate_up, down),
+                              _torch_formulation(x, ids, weights, gate_up, down),
+                              f"packed dot={bf16_dot} N={n_tokens}")
+
+
 _CAPABILITY_SCRIPT = """
 import torch
+from dmax_ext import ops
 from test_moe_experts import _case, _exact, _torch_formulation
 from tolerances import assert_within_naive_error
 print(torch.backends.cpu.get_cpu_capability())
@@ -137,6 +169,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             case = (case[0], wide, *case[2:])
         assert_within_naive_error(torch.ops.dmax.moe_experts(*case), _exact(*case),
                                   _torch_formulation(*case), f"{dtype} N={n_tokens}")
+x, ids, weights, gate_up, down = _case(9, 5, 64, 32, 3, torch.bfloat16, seed=4)
+packed = torch.ops.dmax.moe_experts(x, ids, weights, ops.pack_moe_weights(gate_up),
+                                    ops.pack_moe_weights(down))  # read unpacked on this copy
+assert torch.equal(packed, torch.ops.dmax.moe_experts(x, ids, weights, gate_up, down))
 """
 
 
@@ -210,6 +246,13 @@ def test_opcheck_bf16(bf16_dot):
     torch.library.opcheck(torch.ops.dmax.moe_experts.default, case)
 
 
+def test_opcheck_packed(bf16_dot):
+    x, ids, weights, gate_up, down = _case(6, 8, 32, 16, 2, torch.bfloat16, seed=1)
+    torch.library.opcheck(torch.ops.dmax.moe_experts.default,
+                          (x, ids, weights, ops.pack_moe_weights(gate_up),
+                           ops.pack_moe_weights(down)))
+
+
 def test_bf16_dot_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", "yes")
     case = _case(4, 8, 32, 16, 2, torch.bfloat16)
@@ -227,6 +270,21 @@ def test_argument_errors():
         ops.moe_experts(x, ids[:3], weights, gate_up, down)
     with pytest.raises(ValueError, match="down must have shape"):
         ops.moe_experts(x, ids, weights, gate_up, down[:, :8])
+    x16, gate_up16, down16 = x.bfloat16(), gate_up.bfloat16(), down.bfloat16()
+    packed_gate_up, packed_down = ops.pack_moe_weights(gate_up16), ops.pack_moe_weights(down16)
+    with pytest.raises(TypeError, match="gate_up, packed, must be bfloat16"):
+        ops.moe_experts(x, ids, weights, packed_gate_up.float(), packed_down.float())
+    with pytest.raises(ValueError, match="down must have 5 dimensions"):
+        ops.moe_experts(x16, ids, weights, packed_gate_up, down16)
+    with pytest.raises(ValueError, match=r"down must have shape \(8, 16, 32\) packed"):
+        ops.moe_experts(x16, ids, weights, packed_gate_up, packed_down[:, :, :4])
+    with pytest.raises(ValueError, match=r"gate_up, packed, must be \[E, N / 32, K / 2, 32, 2\]"):
+        ops.moe_experts(x16, ids, weights, packed_gate_up.reshape(8, 1, 8, 64, 2), packed_down)
+    with pytest.raises(ValueError, match=r"w must be \[E, K, N\] with K even and N a multiple"):
+        ops.pack_moe_weights(gate_up16[..., :16])
+    # The op itself (no wrapper) checks them too: a packed gate_up with a plain down.
+    with pytest.raises(RuntimeError, match="with a packed gate_up, down must be packed"):
+        torch.ops.dmax.moe_experts(x16, ids, weights, packed_gate_up, down16)
     bad = ids.clone()
     bad[2, 1] = 8
     with pytest.raises(RuntimeError, match=r"expert_ids\[2, 1\] = 8 is outside \[0, 8\)"):

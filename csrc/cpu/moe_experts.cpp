@@ -31,16 +31,32 @@ void check_moe_experts_args(const at::Tensor& x, const at::Tensor& ids, const at
   TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat,
               "moe_experts: expert_weights must be float32 ", ids.sizes(), ", got ",
               weights.scalar_type(), " ", weights.sizes());
-  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) == x.size(1) && gate_up.size(2) % 2 == 0,
-              "moe_experts: gate_up must be [E, H, 2I] with H = ", x.size(1), ", got ",
-              gate_up.sizes());
-  TORCH_CHECK(down.dim() == 3 && down.size(0) == gate_up.size(0) &&
-                  down.size(1) == gate_up.size(2) / 2 && down.size(2) == x.size(1),
-              "moe_experts: down must be [E, I, H] = [", gate_up.size(0), ", ",
-              gate_up.size(2) / 2, ", ", x.size(1), "], got ", down.sizes());
   TORCH_CHECK(gate_up.scalar_type() == dtype && down.scalar_type() == dtype,
               "moe_experts: gate_up and down must have x's dtype ", dtype, ", got ",
               gate_up.scalar_type(), " and ", down.scalar_type());
+  const int64_t H = x.size(1);
+  if (gate_up.dim() == 5) {  // packed for the bf16 dot products (moe_experts_kernel.h)
+    TORCH_CHECK(dtype == at::kBFloat16, "moe_experts: packed gate_up / down are bfloat16 only, "
+                "got ", dtype);
+    TORCH_CHECK(H % 32 == 0 && gate_up.size(2) * 2 == H && gate_up.size(3) == 32 &&
+                    gate_up.size(4) == 2,
+                "moe_experts: a packed gate_up must be [E, 2I / 32, H / 2, 32, 2] with H = ", H,
+                " (a multiple of 32), got ", gate_up.sizes());
+    const int64_t I = gate_up.size(1) * 16;
+    TORCH_CHECK(down.dim() == 5 && down.size(0) == gate_up.size(0) && down.size(1) * 32 == H &&
+                    down.size(2) * 2 == I && down.size(3) == 32 && down.size(4) == 2,
+                "moe_experts: with a packed gate_up, down must be packed [E, H / 32, I / 2, 32, "
+                "2] = [", gate_up.size(0), ", ", H / 32, ", ", I / 2, ", 32, 2], got ",
+                down.sizes());
+  } else {
+    TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) == H && gate_up.size(2) % 2 == 0,
+                "moe_experts: gate_up must be [E, H, 2I] with H = ", H, ", got ",
+                gate_up.sizes());
+    TORCH_CHECK(down.dim() == 3 && down.size(0) == gate_up.size(0) &&
+                    down.size(1) == gate_up.size(2) / 2 && down.size(2) == H,
+                "moe_experts: down must be [E, I, H] = [", gate_up.size(0), ", ",
+                gate_up.size(2) / 2, ", ", H, "], got ", down.sizes());
+  }
   for (const auto* t : {&x, &ids, &weights, &gate_up, &down}) {
     TORCH_CHECK(t->device().is_cpu(), "moe_experts: the CPU kernel got a ", t->device(),
                 " tensor");
@@ -55,9 +71,22 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   static const auto combine_rows = DMAX_CPU_KERNEL(moe_combine_rows<T>);
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
-  const at::Tensor gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
+  // bf16 GEMMs in AVX512-BF16 dot products where the AVX512 copy runs and cpu_features.h says so
+  // (read per call: the switch is an environment variable the tests flip).
+  bool bf16_dot = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    bf16_dot = use_bf16_dot();
+  // Packed weights serve the dot products only; any other form reads them unpacked (a copy).
+  const bool packed = gate_up_in.dim() == 5 && bf16_dot;
+  const auto plain = [&](const at::Tensor& w) {
+    return w.dim() == 5 ? w.permute({0, 2, 4, 1, 3}).reshape({w.size(0), w.size(2) * 2, -1})
+                        : w.contiguous();
+  };
+  const at::Tensor gate_up = packed ? gate_up_in.contiguous() : plain(gate_up_in);
+  const at::Tensor down = packed ? down_in.contiguous() : plain(down_in);
   const int64_t N = x.size(0), H = x.size(1), k = ids.size(1);
-  const int64_t E = gate_up.size(0), I = gate_up.size(2) / 2;
+  const int64_t E = gate_up.size(0);
+  const int64_t I = packed ? gate_up.size(1) * 16 : gate_up.size(2) / 2;
   at::Tensor out = at::empty({N, H}, x.options());
   if (N == 0 || H == 0) return out;
   if (k == 0 || I == 0) return out.zero_();
@@ -83,11 +112,6 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   const T* x_p = x.const_data_ptr<T>();
   const T* gate_up_p = gate_up.const_data_ptr<T>();
   const T* down_p = down.const_data_ptr<T>();
-  // bf16 GEMMs in AVX512-BF16 dot products where the AVX512 copy runs and cpu_features.h says so
-  // (read per call: the switch is an environment variable the tests flip).
-  bool bf16_dot = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    bf16_dot = use_bf16_dot();
   const bool nta_prefetch = use_nta_prefetch();
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
@@ -107,7 +131,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
       const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
       expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
                                gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
-                               scratch.data(), bf16_dot, nta_prefetch});
+                               scratch.data(), bf16_dot, packed, nta_prefetch});
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,
@@ -119,6 +143,8 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
 }
 
 }  // namespace
+
+bool cpu_bf16_dot() { return use_bf16_dot(); }
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,

@@ -306,28 +306,78 @@ FAKE_KERNELS.update(logits_stats=_logits_stats_fake, onpolicy_noise=_onpolicy_no
 # ---- moe_experts: a MoE layer's routed experts for a decoding block (CPU only) -----------------
 
 
+MOE_PACK_COLUMNS = 32  # the columns of a packed block: one 512-bit load of bf16 pairs
+
+
+def moe_weights_packable(w: torch.Tensor) -> bool:
+    """Whether pack_moe_weights takes w: bfloat16 [E, K, N] with K even and N a multiple of 32."""
+    return (w.dtype == torch.bfloat16 and w.dim() == 3 and w.shape[1] % 2 == 0
+            and w.shape[2] % MOE_PACK_COLUMNS == 0)
+
+
+def _moe_weight_shape(name: str, w, dtype: torch.dtype, packed: bool) -> tuple[int, int, int]:
+    """[E, K, N] of an expert weight given plain (3 dims) or packed (pack_moe_weights)."""
+    check_tensor(name, w, dtypes=(dtype,), ndim=5 if packed else 3)
+    if not packed:
+        return tuple(w.shape)
+    if w.dtype != torch.bfloat16:
+        raise TypeError(f"{name}, packed, must be bfloat16 (the layout of its dot products), got "
+                        f"{w.dtype}")
+    e, blocks, pairs, cols, two = w.shape
+    if cols != MOE_PACK_COLUMNS or two != 2:
+        raise ValueError(f"{name}, packed, must be [E, N / {MOE_PACK_COLUMNS}, K / 2, "
+                         f"{MOE_PACK_COLUMNS}, 2], got {tuple(w.shape)}")
+    return (e, 2 * pairs, blocks * cols)
+
+
+def pack_moe_weights(w: torch.Tensor) -> torch.Tensor:
+    """A routed experts' weight [E, K, N] (gate_up [E, H, 2I] or down [E, I, H]) laid out for
+    moe_experts' AVX512-BF16 dot products: [E, N / 32, K / 2, 32, 2], element [e, j // 32, k // 2,
+    j % 32, k % 2] = w[e, k, j]. Each 32-column block is then one contiguous stream of (row k,
+    row k + 1) pairs, as vdpbf16ps reads them: no shuffles in the kernel, and a stream the
+    hardware prefetchers follow. The results are bitwise those of the unpacked weights. A new
+    tensor (the caller keeps w: the torch paths and training read that)."""
+    check_tensor("w", w, dtypes=(torch.bfloat16,), ndim=3)
+    if not moe_weights_packable(w):
+        raise ValueError(f"w must be [E, K, N] with K even and N a multiple of {MOE_PACK_COLUMNS}, "
+                         f"got {tuple(w.shape)}")
+    e, k, n = w.shape
+    return (w.reshape(e, k // 2, 2, n // MOE_PACK_COLUMNS, MOE_PACK_COLUMNS)
+            .permute(0, 3, 1, 4, 2).contiguous())
+
+
+def unpack_moe_weights(packed: torch.Tensor) -> torch.Tensor:
+    """pack_moe_weights' inverse: [E, N / 32, K / 2, 32, 2] -> [E, K, N] (contiguous)."""
+    shape = _moe_weight_shape("packed", packed, torch.bfloat16, packed=True)
+    return packed.permute(0, 2, 4, 1, 3).reshape(shape)
+
+
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """sum_j expert_weights[n, j] * FFN_{expert_ids[n, j]}(x[n]) for every token n: [N, H].
 
     x [N, H] float32 / bfloat16 / float16; expert_ids int64 [N, k] in [0, E); expert_weights
     float32 [N, k]; gate_up [E, H, 2I] (x @ gate_up[e] = [gate | up]) and down [E, I, H] in x's
-    dtype; FFN = SwiGLU. The routed rows of each busy expert run as one GEMM pair that reads the
-    expert's weights once, intermediates rounded to the model dtype as the torch formulation
-    does (dmax_ext.model.moe, impl "reference"), float32 accumulation and weighted sum, cast
-    once. CPU only, no autograd: the decoder's hot path (model/moe.py picks it)."""
+    dtype, or (bfloat16) both as pack_moe_weights lays them out; FFN = SwiGLU. The routed rows of
+    each busy expert run as one GEMM pair that reads the expert's weights once, intermediates
+    rounded to the model dtype as the torch formulation does (dmax_ext.model.moe, impl
+    "reference"), float32 accumulation and weighted sum, cast once. CPU only, no autograd: the
+    decoder's hot path (model/moe.py picks it)."""
     check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
     check_tensor("expert_ids", expert_ids, dtypes=(torch.int64,), ndim=2)
     if expert_ids.shape[0] != x.shape[0]:
         raise ValueError(f"expert_ids must have shape ({x.shape[0]}, k) (N of x), got "
                          f"{tuple(expert_ids.shape)}")
     _check_block("expert_weights", expert_weights, torch.float32, expert_ids.shape)
-    check_tensor("gate_up", gate_up, dtypes=(x.dtype,), ndim=3)
-    check_tensor("down", down, dtypes=(x.dtype,), ndim=3)
-    n_experts, hidden, two_i = gate_up.shape
+    packed = isinstance(gate_up, torch.Tensor) and gate_up.dim() == 5
+    n_experts, hidden, two_i = _moe_weight_shape("gate_up", gate_up, x.dtype, packed)
     if hidden != x.shape[1] or two_i % 2:
-        raise ValueError(f"gate_up must have shape (E, {x.shape[1]}, 2I), got {tuple(gate_up.shape)}")
-    check_shape("down", down, (n_experts, two_i // 2, hidden))
+        raise ValueError(f"gate_up must have shape (E, {x.shape[1]}, 2I), got "
+                         f"{(n_experts, hidden, two_i)}" + (" (packed)" if packed else ""))
+    expected = (n_experts, two_i // 2, hidden)
+    if _moe_weight_shape("down", down, x.dtype, packed) != expected:
+        raise ValueError(f"down must have shape {expected}" + (" packed" if packed else "")
+                         + f", got {tuple(down.shape)}")
     _check_same_device(x.device, expert_ids=expert_ids, expert_weights=expert_weights,
                        gate_up=gate_up, down=down)
     return torch.ops.dmax.moe_experts(x, expert_ids, expert_weights, gate_up, down)

@@ -19,13 +19,17 @@ struct ExpertTask {
   const int64_t* rows;      // [m]: the token row of each routed slot
   float* const* out_rows;   // [m]: where y[i] goes ([H] float32 each)
   int64_t m, H, I;
-  const T* gate_up;         // [H, 2I] of this expert, row-major
-  const T* down;            // [I, H] of this expert, row-major
+  // [H, 2I] and [I, H] of this expert, row-major; or, when `packed`, the same packed for the
+  // bf16 dot products: [2I / 32, H / 2, 32, 2] and [H / 32, I / 2, 32, 2], element
+  // [j / 32, k / 2, j % 32, k % 2] holding row k, column j (docs/ARCHITECTURE.md, moe_experts).
+  const T* gate_up;
+  const T* down;
   const T* next_gate_up;    // the gate_up of the expert this thread runs next, or nullptr
   float* scratch;           // m * (2 H + 3 I) floats of work space
   // bf16 only, honoured by the AVX512 copy: the GEMMs in AVX512-BF16 dot products (the caller
   // decides once per op call from cpu_features.h's use_bf16_dot()).
   bool bf16_dot = false;
+  bool packed = false;      // bf16 with bf16_dot only (the op entry point unpacks otherwise)
   // prefetchnta instead of prefetcht1 for the weight stream (cpu_features.h's use_nta_prefetch()).
   bool nta_prefetch = false;
 };

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
-from .native import CpuVariant, has_amx_bf16
+from .native import CpuVariant, has_amx_bf16, native_ops, packs_expert_weights
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -180,13 +180,37 @@ class StackedExperts(CpuVariant, nn.Module):
             views[f"{prefix}{e}.down_proj.weight"] = self.down_proj[e].t()
         return views
 
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as the CPU kernel (dmax.moe_experts) should read them now: a copy
+        packed for its bf16 dot products where packs_expert_weights says so (bitwise the same
+        results, a faster block forward: docs/PERFORMANCE.md), else the parameters. The copy is
+        made on first use and again whenever a parameter changes (an optimizer step, a load: its
+        version counter or storage moves), and lives as long as the module (a switch turned off
+        at run time leaves it); the parameters stay what training, the torch paths and
+        checkpoints read. For callers that run the kernel (no gradients wanted)."""
+        gate_up, down = self._parameters["gate_up_proj"], self._parameters["down_proj"]
+        ops = native_ops()
+        if ops is None or not (ops.moe_weights_packable(gate_up)
+                               and ops.moe_weights_packable(down)):
+            self.__dict__["_packed"] = None  # (a dtype change) the copy is not kept alive
+            return gate_up, down
+        if not packs_expert_weights(gate_up.nbytes + down.nbytes):
+            return gate_up, down  # a copy made before is kept, for when the switch comes back
+        key = (gate_up._version, down._version, gate_up.data_ptr(), down.data_ptr())
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
+                cached = (key, ops.pack_moe_weights(gate_up), ops.pack_moe_weights(down))
+            self.__dict__["_packed"] = cached
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
         native = (self.native("moe_experts", x, self.gate_up_proj,
                               native_experts_max_tokens(x.dtype)) if impl == "cpu" else None)
         if native is not None:
-            return native(x, ids, weights, self.gate_up_proj, self.down_proj)
+            return native(x, ids, weights, *self.kernel_weights())
         n, k = ids.shape
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)

@@ -4,6 +4,7 @@ native library, and runs its torch formulations wherever a kernel does not apply
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 
 import torch
@@ -26,8 +27,28 @@ def has_amx_bf16() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
+PACKED_EXPERTS_AUTO_MAX_BYTES = 256 * 2**20
+
+
+def packs_expert_weights(nbytes: int) -> bool:
+    """Whether a MoE layer's routed experts (nbytes of bfloat16 weights) should be read by the
+    CPU kernel from a packed copy (ops.pack_moe_weights): only while the kernel runs bf16 dot
+    products (torch.ops.dmax.cpu_bf16_dot: the CPU and DMAX_CPU_BF16_DOT), and as
+    DMAX_CPU_PACKED_EXPERTS says, read at every call: "auto" (default) packs a layer of at most
+    PACKED_EXPERTS_AUTO_MAX_BYTES (llada2-small's 24 MiB, not LLaDA2.0-mini's 1.5 GiB: the copy
+    doubles the experts' memory), "on" any layer, "off" none."""
+    mode = os.environ.get("DMAX_CPU_PACKED_EXPERTS", "auto") or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"DMAX_CPU_PACKED_EXPERTS must be auto, on or off, got {mode!r}")
+    if mode == "off" or (mode == "auto" and nbytes > PACKED_EXPERTS_AUTO_MAX_BYTES):
+        return False
+    ops = native_ops()
+    return ops is not None and ops.has_op("cpu_bf16_dot") and torch.ops.dmax.cpu_bf16_dot()
+
+
 @functools.cache
-def _ops():
+def native_ops():
+    """dmax_ext.ops (loading the native library), or None where it cannot be loaded."""
     try:
         from .. import ops
     except ImportError:
@@ -46,7 +67,7 @@ def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | 
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
-    ops = _ops()  # loads the library and registers the ops' fake kernels
+    ops = native_ops()  # loads the library and registers the ops' fake kernels
     return getattr(torch.ops.dmax, name) if ops is not None and ops.has_op(name) else None
 
 

@@ -33,8 +33,10 @@ class _LayerParts(NamedTuple):
     norm_post: nn.Module
     mlp: nn.Module
     router: nn.Module | None       # a MoE block's
+    experts: nn.Module | None      # a MoE block's routed experts
     modules: list                  # every module of the layer (hooks, CPU variants)
-    weights: list[torch.Tensor]    # the op's weights, in its order
+    weights: list[torch.Tensor]    # the op's weights, in its order (the parameters)
+    experts_at: int                # where the routed experts' gate_up, down sit in weights
 
 
 def _gated_mlp_parts(mlp) -> tuple[list, list[torch.Tensor]]:
@@ -51,12 +53,14 @@ def _layer_parts(layer) -> _LayerParts:
                                   parts["key_layernorm"], parts["dense"])
     modules = [layer, norm_in, attention, qkv, q_norm, k_norm, dense, norm_post, mlp]
     weights = [m._parameters["weight"] for m in (norm_in, qkv, q_norm, k_norm, dense, norm_post)]
-    router = None
+    router = experts = None
+    experts_at = -1
     if isinstance(mlp, MoeBlock):
         router, experts = mlp._modules["gate"], mlp._modules["experts"]
         modules += [router, experts]
-        weights += [router._parameters["weight"], router._buffers["expert_bias"],
-                    experts._parameters["gate_up_proj"], experts._parameters["down_proj"]]
+        weights += [router._parameters["weight"], router._buffers["expert_bias"]]
+        experts_at = len(weights)
+        weights += [experts._parameters["gate_up_proj"], experts._parameters["down_proj"]]
         shared = mlp._modules["shared_experts"]
         if shared is not None:
             linears, shared_weights = _gated_mlp_parts(shared)
@@ -66,8 +70,8 @@ def _layer_parts(layer) -> _LayerParts:
         linears, mlp_weights = _gated_mlp_parts(mlp)
         modules += linears
         weights += mlp_weights
-    return _LayerParts(norm_in, attention, q_norm, k_norm, norm_post, mlp, router, modules,
-                       weights)
+    return _LayerParts(norm_in, attention, q_norm, k_norm, norm_post, mlp, router, experts,
+                       modules, weights, experts_at)
 
 
 def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
@@ -118,6 +122,9 @@ def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | Non
     dims = [attention.n_heads, attention.n_kv_heads, attention.head_dim, *routing]
     scalars = [float(parts.norm_in.eps), float(parts.norm_post.eps), float(parts.q_norm.eps),
                attention.scale, float(router.scaling) if router is not None else 0.0]
+    if parts.experts is not None:  # as the kernel reads them (perhaps packed), past the checks
+        at = parts.experts_at
+        weights = [*weights[:at], *parts.experts.kernel_weights(), *weights[at + 2:]]
     keys, values = cache_kv
     return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims, scalars)
 
