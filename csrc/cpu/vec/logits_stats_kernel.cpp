@@ -2,16 +2,18 @@
 // capability, see logits_stats_kernel.h). The row is read from memory once, in blocks of kBlock
 // logits converted to fp32 into an L1-resident buffer; each block then costs
 //   pass 1 (load + convert + block max + which groups of 64 logits can count in the sum),
-//   pass 2 (sum of exp(x - m) over those groups; top-k candidates, found in pass 1 until the
-//           k-th best is known to lie in such a group),
+//   pass 2 (sum of exp(x - m) over those groups: on AVX512 over their logits that can count,
+//           packed together first; top-k candidates, found in pass 1 until the k-th best is
+//           known to lie in such a group),
 //   pass 3 (temperature > 0 only: Gumbel scores of the candidates that can still win),
 // with the running max m and sum s rescaled once per block (online softmax), so exp is evaluated
 // at most once per logit. Top-k and Gumbel candidates are found with vector compares against the
 // current k-th best / the current pruning threshold; the rare hits go through scalar code.
 // Speed (bf16 rows of 32768 logits through the op, in cache, 1 thread, the AMD EPYC (Zen 5 class)
 // of docs/PERFORMANCE.md's 06:11 entry): 12.5 us a row before the groups, exp_nonpositive, the
-// mask compares and the top-k in pass 2; 6.0 us now with every group summed, less on rows whose
-// tail lies far below the peak.
+// mask compares and the top-k in pass 2; 6.0 us with every group summed, less on rows whose
+// tail lies far below the peak. Rows of a decode of llada2-small's benchmark weights (most groups
+// live, 5-11% of the logits): 4.9 -> 3.5 us with pass 2's packing (2026-12-06).
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -257,6 +259,9 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
                       int64_t* topk_ids, float* topk_probs) {
   alignas(64) float buf[kBlock + kGroup];
   int32_t live[kBlock / kGroup + 1];  // offsets in buf of the groups pass 2 sums
+#if defined(CPU_CAPABILITY_AVX512)
+  alignas(64) float dense[kBlock + kGroup + kW];  // pass 2's packed logits (+ a store's overrun)
+#endif
   TopK top(k);
   float m = -kInf;  // running max
   double s = 0.0;   // running sum of exp(x - m): fp32 lanes per block, combined in double
@@ -317,6 +322,30 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
       KahanLanes sums;
       static_assert(kUnroll == 4, "pass 2 sums a group's terms pairwise");
       Vec vkth(top.val[k - 1]);
+#if defined(CPU_CAPABILITY_AVX512)
+      // The live groups' logits that can count (x >= m - skip, m now the max with this block's,
+      // or NaN) packed together (vcompressps), then exp over those only: a confident head's
+      // row has most groups live but only 5-11% of its logits (llada2-small's benchmark
+      // weights), and the exp is most of pass 2's arithmetic.
+      const Vec vfloor(m - skip);
+      int64_t nd = 0;
+      for (int i = 0; i < n_live; ++i) {
+        const float* g = buf + live[i];
+        uint32_t hit = 0;
+        for (int u = 0; u < kUnroll; ++u) {
+          const Vec v = Vec::loadu(g + u * kW);
+          const __mmask16 keep = static_cast<__mmask16>(lanes_not_below(v, vfloor));
+          _mm512_storeu_ps(dense + nd, _mm512_maskz_compress_ps(keep, v));
+          nd += __builtin_popcount(keep);
+          hit |= lanes_greater(v, vkth);
+        }
+        // (The partial tail group went through pass 1's scalar path, which pushed every lane.)
+        if (hits_in_pass2 && hit && live[i] + kGroup <= n)
+          push_group_hits(buf, live[i], b0, top, vkth);
+      }
+      for (int64_t q = nd; q % kW; ++q) dense[q] = -kInf;  // a whole last vector (exp: ~0)
+      for (int64_t q = 0; q < nd; q += kW) sums.add(exp_nonpositive(Vec::loadu(dense + q) - vm));
+#else
       for (int i = 0; i < n_live; ++i) {
         const float* g = buf + live[i];
         const Vec v0 = Vec::loadu(g), v1 = Vec::loadu(g + kW), v2 = Vec::loadu(g + 2 * kW),
@@ -329,6 +358,7 @@ void logits_stats_row(const T* x, int64_t V, int k, Gumbel* gumbel, int64_t* pre
              lanes_greater(v3, vkth)))
           push_group_hits(buf, live[i], b0, top, vkth);
       }
+#endif
       s += sums.total();
     }
     if (gumbel) gumbel_block(buf, npad, b0, *gumbel);
