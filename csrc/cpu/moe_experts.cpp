@@ -1,7 +1,7 @@
 // dmax.moe_experts on the CPU: the routed experts of a MoE layer for a few tokens (a decoding
 // block), fused: the N * k routed slots are counting-sorted by expert; every busy expert runs its
 // SwiGLU FFN on its rows once, reading its weights once (csrc/cpu/vec/moe_experts_kernel.cpp), in
-// parallel over experts, into a float32 [N, k, H] buffer; then each token's k outputs are
+// parallel over experts, into an [N, k, H] buffer in the model dtype; then each token's k outputs are
 // weighted and summed in slot order and cast once. Semantics: dmax_ext.model.moe (the torch
 // formulations, impl "reference"); no CUDA version (on CUDA the model runs torch._grouped_mm).
 #include <ATen/ATen.h>
@@ -107,8 +107,8 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   std::vector<int64_t> slots(N * k), fill(start.begin(), start.end() - 1);
   for (int64_t s = 0; s < N * k; ++s) slots[fill[id[s]]++] = s;
 
-  at::Tensor y = at::empty({N, k, H}, x.options().dtype(at::kFloat));
-  float* y_p = y.mutable_data_ptr<float>();
+  at::Tensor y = at::empty({N, k, H}, x.options());  // each slot's output, in T (exact)
+  T* y_p = y.mutable_data_ptr<T>();
   const T* x_p = x.const_data_ptr<T>();
   const T* gate_up_p = gate_up.const_data_ptr<T>();
   const T* down_p = down.const_data_ptr<T>();
@@ -116,7 +116,7 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;
-    std::vector<float*> out_rows;
+    std::vector<T*> out_rows;
     std::vector<float> scratch;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t e = busy[b], m = start[e + 1] - start[e];

@@ -480,7 +480,7 @@ void store_outputs(const ExpertTask<T>& task, const float* y) {
   for (int64_t i = 0; i < task.m; ++i) {
     for (int64_t j = 0; j < H; j += kW) {
       const int64_t n = std::min(kW, H - j);
-      round_to<T>(Vec::loadu(y + i * H + j, n)).store(task.out_rows[i] + j, n);
+      store_from_float(Vec::loadu(y + i * H + j, n), task.out_rows[i] + j, n);
     }
   }
 }
@@ -558,13 +558,13 @@ template <class T>
 void moe_combine_rows(const CombineTask<T>& task, int64_t begin, int64_t end) {
   const int64_t k = task.k, H = task.H;
   for (int64_t r = begin; r < end; ++r) {
-    const float* y = task.y + r * k * H;
+    const T* y = task.y + r * k * H;
     const float* w = task.weights + r * k;
     T* out = task.out + r * H;
     for (int64_t j = 0; j < H; j += kW) {
       const int64_t n = std::min(kW, H - j);
       Vec acc(0.f);
-      for (int64_t s = 0; s < k; ++s) acc = acc + Vec(w[s]) * Vec::loadu(y + s * H + j, n);
+      for (int64_t s = 0; s < k; ++s) acc = acc + Vec(w[s]) * load_float(y + s * H + j, n);
       if constexpr (std::is_same_v<T, float>) {
         acc.store(out + j, n);
       } else {

@@ -12,12 +12,12 @@ namespace dmax::cpu {
 // One expert's SwiGLU FFN on the m rows routed to it, i < m:
 //   [g | u] = r(x[rows[i]] @ gate_up),  h = r(r(silu(g)) * u),  y = r(h @ down)
 // with r() rounding to T, as the torch formulation rounds (GEMM outputs, silu and the product in
-// T); float32 accumulation. y goes to out_rows[i] as float32 (its values already in T).
+// T); float32 accumulation. y goes to out_rows[i] in T (exact: it is rounded to T).
 template <class T>
 struct ExpertTask {
   const T* x;               // [N, H], row stride H
   const int64_t* rows;      // [m]: the token row of each routed slot
-  float* const* out_rows;   // [m]: where y[i] goes ([H] float32 each)
+  T* const* out_rows;       // [m]: where y[i] goes ([H] each, in T: its values are T's)
   int64_t m, H, I;
   // [H, 2I] and [I, H] of this expert, row-major; or, when `packed`, the same packed for the
   // bf16 dot products: [2I / 32, H / 2, 32, 2] and [H / 32, I / 2, 32, 2], element
@@ -38,7 +38,7 @@ struct ExpertTask {
 // summed in slot order j = 0..k-1 (the torch formulation's float32 weighted sum, cast once).
 template <class T>
 struct CombineTask {
-  const float* y;           // [N, k, H] float32
+  const T* y;               // [N, k, H]: each routed slot's expert output
   const float* weights;     // [N, k]
   int64_t k, H;
   T* out;                   // [N, H]
