@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -100,8 +102,10 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
     ++start[id[s] + 1];
   }
   std::vector<int64_t> busy;
+  int64_t max_rows = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (start[e + 1]) busy.push_back(e);
+    max_rows = std::max(max_rows, start[e + 1]);
     start[e + 1] += start[e];
   }
   std::vector<int64_t> slots(N * k), fill(start.begin(), start.end() - 1);
@@ -115,23 +119,22 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   const bool nta_prefetch = use_nta_prefetch();
   // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
   at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> rows;
-    std::vector<T*> out_rows;
-    std::vector<float> scratch;
+    std::vector<int64_t> rows(max_rows);
+    std::vector<T*> out_rows(max_rows);
+    // Work space for the busiest expert, not zero-filled (a std::vector's resize fills: ~180 KB
+    // a call at 32 tokens, each kernel writes its part before reading it).
+    const std::unique_ptr<float[]> scratch(new float[max_rows * (2 * H + 3 * I)]);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t e = busy[b], m = start[e + 1] - start[e];
-      rows.resize(m);
-      out_rows.resize(m);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t s = slots[start[e] + i];
         rows[i] = s / k;
         out_rows[i] = y_p + s * H;
       }
-      scratch.resize(m * (2 * H + 3 * I));
       const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
       expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
                                gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
-                               scratch.data(), bf16_dot, packed, nta_prefetch});
+                               scratch.get(), bf16_dot, packed, nta_prefetch});
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,
