@@ -85,7 +85,8 @@ class EagerStep:
         with self.timer("forward"):
             logits = forward_block(model, cache, state, write_slot, config, span)
         with self.timer("ops"):
-            apply_step(ops, model, state, logits, config)
+            # Without static shapes the engine has taken converged rows out of the batch.
+            apply_step(ops, model, state, logits, config, all_live=not self.static_shapes)
 
     def reset(self) -> None:
         pass

@@ -209,8 +209,8 @@ class _Decoder:
                 with self.timer("forward"):
                     logits = forward_first(self.model, cache, state, prev_ids, write_slot,
                                            self.config.block_length)
-                with self.timer("ops"):
-                    apply_step(self.ops, self.model, state, logits, self.config)
+                with self.timer("ops"):  # a block's first step: no row has converged yet
+                    apply_step(self.ops, self.model, state, logits, self.config, all_live=True)
             else:
                 self.runner(self.ops, self.model, running_cache, running, write_slot, self.config)
             self.nfe += 1

@@ -104,24 +104,31 @@ def forward_block(model, cache, state: BlockState, write_slot: int | torch.Tenso
                                 block_length=config.block_length, span=span)
 
 
-def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: DecodeConfig) -> None:
+def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: DecodeConfig,
+               all_live: bool = False) -> None:
     """SPEC section 3 steps 2-6 (or the threshold baseline) for every row still running; rows
-    whose block has converged (state.done) keep their ids and embeddings. In place, no sync."""
+    whose block has converged (state.done) keep their ids and embeddings. In place, no sync.
+    all_live: no row of `state` has converged (a block's first step, and the eager steps, which
+    converged rows leave), so the masks that keep converged rows as they are are skipped: four
+    small ops of a step's ~15, ~40 us of a bf16 step of llada2-small after its forward has
+    pushed the dispatcher out of the caches (docs/PERFORMANCE.md)."""
     seeds = state.seeds + state.step if config.sampling else None
     pred, conf, topk_ids, topk_probs = ops.logits_stats(logits, config.top_k,
                                                         config.temperature, seeds)
-    live = ~state.done[:, None]
+    live = None if all_live else ~state.done[:, None]
     if config.mode == "spd":
         promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, True)
         new_ids, changed, converged = ops.spd_update(state.ids, state.active, promoted, pred, conf,
                                                      config.accept_threshold, config.mask_id)
         # A row that converged at this step may get new embeddings: they are never fed.
-        ops.hybrid_embed(state.embeds, model.embedding_weight, new_ids, state.active & live,
-                         changed & live, topk_ids, topk_probs, config.mask_id)
+        ops.hybrid_embed(state.embeds, model.embedding_weight, new_ids,
+                         state.active if all_live else state.active & live,
+                         changed if all_live else changed & live, topk_ids, topk_probs,
+                         config.mask_id)
     else:
         promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, False)
         new_ids = torch.where(promoted, pred, state.ids)
         converged = ~(new_ids == config.mask_id).logical_and_(state.active).any(dim=1)
-    state.ids.copy_(torch.where(live, new_ids, state.ids))
+    state.ids.copy_(new_ids if all_live else torch.where(live, new_ids, state.ids))
     state.done.logical_or_(converged)
     state.step.add_(1)
