@@ -1,8 +1,8 @@
 // dmax.moe_experts on the CPU: the routed experts of a MoE layer for a few tokens (a decoding
 // block), fused: the N * k routed slots are counting-sorted by expert; every busy expert runs its
 // SwiGLU FFN on its rows once, reading its weights once (csrc/cpu/vec/moe_experts_kernel.cpp), in
-// parallel over experts, into an [N, k, H] buffer in the model dtype; then each token's k outputs are
-// weighted and summed in slot order and cast once. Semantics: dmax_ext.model.moe (the torch
+// parallel over experts, into an [N, k, H] buffer in the model dtype; then each token's k outputs
+// are weighted and summed in slot order and cast once. Semantics: dmax_ext.model.moe (the torch
 // formulations, impl "reference"); no CUDA version (on CUDA the model runs torch._grouped_mm).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
