@@ -59,12 +59,19 @@ def main(argv=None) -> int:
             block_forward.replay(model, step, cache)
         return 1e3 * (time.perf_counter() - start) / len(steps)
 
-    with torch.inference_mode():
-        for setting in settings:  # warm-up: caches, packed copies, pages
-            forwards_ms(setting)
-        for r in range(args.rounds):
-            for setting in settings if r % 2 else settings[::-1]:
-                times[setting].append(forwards_ms(setting))
+    before = os.environ.get(args.variable)
+    try:
+        with torch.inference_mode():
+            for setting in settings:  # warm-up: caches, packed copies, pages
+                forwards_ms(setting)
+            for r in range(args.rounds):
+                for setting in settings if r % 2 else settings[::-1]:
+                    times[setting].append(forwards_ms(setting))
+    finally:  # the caller's environment as it was
+        if before is None:
+            os.environ.pop(args.variable, None)
+        else:
+            os.environ[args.variable] = before
     a, b = (statistics.median(times[s]) for s in settings)
     wins = sum(tb < ta for ta, tb in zip(times[args.a], times[args.b]))
     print(f"{args.preset} {args.dtype}, {torch.get_num_threads()} thread(s), "
