@@ -15,6 +15,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kBlockAttentionSchema);
   m.def(dmax::kDecoderLayerSchema);
   m.def(dmax::kCpuBf16DotSchema, &dmax::cpu::cpu_bf16_dot);  // no tensor: one kernel for all keys
+  m.def(dmax::kPackMoeWeightsSchema);
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
@@ -30,4 +31,5 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
   m.impl("block_attention", &dmax::cpu::block_attention);
   m.impl("decoder_layer", &dmax::cpu::decoder_layer);
+  m.impl("pack_moe_weights", &dmax::cpu::pack_moe_weights);
 }

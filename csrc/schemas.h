@@ -31,6 +31,9 @@ constexpr const char* kMoeExpertsSchema =
 // now (the CPU and DMAX_CPU_BF16_DOT, cpu_features.h), for which the model packs its experts'
 // weights (ops.pack_moe_weights). `dmax`.
 constexpr const char* kCpuBf16DotSchema = "cpu_bf16_dot() -> bool";
+// CPU only: moe_experts' gate_up / down laid out for its bf16 dot products (ops.pack_moe_weights;
+// reference: dmax_ext.reference.pack_moe_weights_reference). `dmax`.
+constexpr const char* kPackMoeWeightsSchema = "pack_moe_weights(Tensor w) -> Tensor";
 // CPU only: x @ weight^T for a decoding block's few rows (the model's projections and lm_head
 // without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
 constexpr const char* kSkinnyLinearSchema = "skinny_linear(Tensor x, Tensor weight) -> Tensor";

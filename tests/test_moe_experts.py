@@ -135,6 +135,27 @@ def test_pack_moe_weights_lays_out_pairs_of_rows_in_32_column_blocks():
     assert not ops.moe_weights_packable(w[:, :5]) and not ops.moe_weights_packable(w[..., :48])
 
 
+# (E, K, N): one block column and several, widths past the 16 (8) columns of a vector step,
+# llada2-small's gate_up and down; every bit pattern (NaN, inf, denormals) moves as it is.
+@pytest.mark.parametrize("shape", [(1, 2, 32), (3, 6, 64), (2, 10, 96), (4, 512, 256),
+                                   (4, 128, 512)])
+def test_pack_moe_weights_native_is_bitwise_the_reference(shape):
+    from dmax_ext.reference import pack_moe_weights_reference
+    gen = torch.Generator().manual_seed(shape[1])
+    w = torch.randint(0, 2**16, shape, generator=gen, dtype=torch.int32).to(torch.uint16)
+    w = w.view(torch.bfloat16)
+    want = pack_moe_weights_reference(w)
+    got = ops.pack_moe_weights(w)
+    assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    strided = torch.randn(shape[0], shape[2], shape[1]).bfloat16().transpose(1, 2)
+    assert torch.equal(ops.pack_moe_weights(strided), pack_moe_weights_reference(strided))
+
+
+def test_opcheck_pack_moe_weights():
+    torch.library.opcheck(torch.ops.dmax.pack_moe_weights.default,
+                          (torch.randn(2, 4, 64).bfloat16(),))
+
+
 # (rows of the busiest expert, hidden, inter): one-row experts, a full 14-row tile and one row
 # past it, two full tiles; hidden and 2 * inter multiples of 32 (packable), inter odd / 16.
 @pytest.mark.parametrize("n_tokens,hidden,inter", [(1, 32, 16), (3, 64, 48), (14, 96, 16),
@@ -169,7 +190,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             case = (case[0], wide, *case[2:])
         assert_within_naive_error(torch.ops.dmax.moe_experts(*case), _exact(*case),
                                   _torch_formulation(*case), f"{dtype} N={n_tokens}")
+from dmax_ext.reference import pack_moe_weights_reference
 x, ids, weights, gate_up, down = _case(9, 5, 64, 32, 3, torch.bfloat16, seed=4)
+for w in (gate_up, down, torch.randn(2, 6, 96).bfloat16()):  # the copy's packing kernel
+    assert torch.equal(ops.pack_moe_weights(w), pack_moe_weights_reference(w))
 packed = torch.ops.dmax.moe_experts(x, ids, weights, ops.pack_moe_weights(gate_up),
                                     ops.pack_moe_weights(down))  # read unpacked on this copy
 assert torch.equal(packed, torch.ops.dmax.moe_experts(x, ids, weights, gate_up, down))
@@ -282,9 +306,13 @@ def test_argument_errors():
         ops.moe_experts(x16, ids, weights, packed_gate_up.reshape(8, 1, 8, 64, 2), packed_down)
     with pytest.raises(ValueError, match=r"w must be \[E, K, N\] with K even and N a multiple"):
         ops.pack_moe_weights(gate_up16[..., :16])
-    # The op itself (no wrapper) checks them too: a packed gate_up with a plain down.
+    # The ops themselves (no wrapper) check them too: a packed gate_up with a plain down.
     with pytest.raises(RuntimeError, match="with a packed gate_up, down must be packed"):
         torch.ops.dmax.moe_experts(x16, ids, weights, packed_gate_up, down16)
+    with pytest.raises(RuntimeError, match="K even and N a multiple of 32"):
+        torch.ops.dmax.pack_moe_weights(gate_up16[:, :5])
+    with pytest.raises(RuntimeError, match="w must be bfloat16"):
+        torch.ops.dmax.pack_moe_weights(gate_up)
     bad = ids.clone()
     bad[2, 1] = 8
     with pytest.raises(RuntimeError, match=r"expert_ids\[2, 1\] = 8 is outside \[0, 8\)"):

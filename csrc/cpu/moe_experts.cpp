@@ -149,6 +149,28 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
 
 bool cpu_bf16_dot() { return use_bf16_dot(); }
 
+at::Tensor pack_moe_weights(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.scalar_type() == at::kBFloat16 && w_in.dim() == 3,
+              "pack_moe_weights: w must be bfloat16 [E, K, N], got ", w_in.scalar_type(), " ",
+              w_in.sizes());
+  TORCH_CHECK(w_in.size(1) % 2 == 0 && w_in.size(2) % kPackCols == 0,
+              "pack_moe_weights: w must be [E, K, N] with K even and N a multiple of ", kPackCols,
+              ", got ", w_in.sizes());
+  TORCH_CHECK(w_in.device().is_cpu(), "pack_moe_weights: the CPU kernel got a ", w_in.device(),
+              " tensor");
+  static const auto pack_pairs = DMAX_CPU_KERNEL(moe_pack_pairs);
+  const at::Tensor w = w_in.contiguous();
+  const int64_t E = w.size(0), K = w.size(1), N = w.size(2);
+  at::Tensor out = at::empty({E, N / kPackCols, K / 2, kPackCols, 2}, w.options());
+  const auto* w_p = reinterpret_cast<const uint16_t*>(w.const_data_ptr());
+  auto* out_p = reinterpret_cast<uint32_t*>(out.mutable_data_ptr());
+  // A pair row moves 4 N bytes: chunks of ~256 KB.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(N, 1));
+  at::parallel_for(0, E * (K / 2), grain,
+                   [&](int64_t begin, int64_t end) { pack_pairs(w_p, K, N, out_p, begin, end); });
+  return out;
+}
+
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,
                        const at::Tensor& down) {

@@ -201,9 +201,19 @@ def onpolicy_noise_reference(noisy_ids: torch.Tensor, sample_flags: torch.Tensor
     return torch.where(replace, chosen, noisy_ids)
 
 
-# ---- skinny_linear: a projection of a decoding block's few rows ---------------------------------
-# (moe_experts' reference is the model's own torch formulation: dmax_ext.model.moe, impl
+# ---- moe_experts' packed weights ----------------------------------------------------------------
+# (moe_experts' own reference is the model's torch formulation: dmax_ext.model.moe, impl
 # "reference".)
+
+
+def pack_moe_weights_reference(w: torch.Tensor) -> torch.Tensor:
+    """w [E, K, N] (K even, N a multiple of 32) -> [E, N / 32, K / 2, 32, 2], element
+    [e, j // 32, k // 2, j % 32, k % 2] = w[e, k, j] (ops.pack_moe_weights' layout)."""
+    e, k, n = w.shape
+    return w.reshape(e, k // 2, 2, n // 32, 32).permute(0, 3, 1, 4, 2).contiguous()
+
+
+# ---- skinny_linear: a projection of a decoding block's few rows ---------------------------------
 
 
 def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

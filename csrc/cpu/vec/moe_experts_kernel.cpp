@@ -392,6 +392,7 @@ DMAX_BF16_DOT_TARGET void dot_gemm(const Bits* a, int64_t lda, int64_t m, int64_
 // accumulators hold columns in order (no permutes). Lane by lane the same vdpbf16ps on the same
 // pairs in the same k order as dot_gemm: bitwise the same results.
 constexpr int64_t kPairBits = 2 * kDotCols;  // a block column's bf16s per k pair
+static_assert(kPackCols == kDotCols, "a packed block column is one dot-product block");
 
 // c[i, :32] = a[i, :2 pairs] @ the block column at b, for i < MB. One flat accumulator array,
 // pointers stepped, loops unrolled by pragma: written as dot_tile is, GCC kept a dead copy of
@@ -573,6 +574,43 @@ void moe_combine_rows(const CombineTask<T>& task, int64_t begin, int64_t end) {
         std::memcpy(out + j, tmp, n * sizeof(T));
       }
     }
+  }
+}
+
+void moe_pack_pairs(const uint16_t* w, int64_t K, int64_t N, uint32_t* out, int64_t begin,
+                    int64_t end) {
+  const int64_t pairs = K / 2;
+  for (int64_t r = begin; r < end; ++r) {  // r = e * pairs + p: rows 2p, 2p + 1 of expert e
+    const int64_t e = r / pairs, p = r % pairs;
+    const uint16_t* row0 = w + (e * K + 2 * p) * N;
+    const uint16_t* row1 = row0 + N;
+    uint32_t* dst = out + e * pairs * N + p * kPackCols;  // block column 0's pair p
+    int64_t j = 0;
+    // (row0[j], row1[j]) as one 32-bit lane, low half first: columns stay in order, so 16 (8)
+    // consecutive columns of a block column are one store.
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; j + 16 <= N; j += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(row0 + j)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(row1 + j)));
+      _mm512_storeu_si512(dst + j / kPackCols * pairs * kPackCols + j % kPackCols,
+                          _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    for (; j + 8 <= N; j += 8) {
+      const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(row0 + j)));
+      const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(row1 + j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(
+                              dst + j / kPackCols * pairs * kPackCols + j % kPackCols),
+                          _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)));
+    }
+#endif
+    for (; j < N; ++j)
+      dst[j / kPackCols * pairs * kPackCols + j % kPackCols] =
+          row0[j] | static_cast<uint32_t>(row1[j]) << 16;
   }
 }
 

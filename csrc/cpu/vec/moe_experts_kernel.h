@@ -44,8 +44,16 @@ struct CombineTask {
   T* out;                   // [N, H]
 };
 
+// ops.pack_moe_weights' layout: the columns of a block (ExpertTask's packed gate_up / down).
+constexpr int64_t kPackCols = 32;
+
 #define DMAX_DECLARE_MOE_EXPERT_FFN(cap)                                               \
   namespace cap {                                                                      \
+  /* out[e, j / 32, p, j % 32] = (w[e, 2p, j], w[e, 2p + 1, j]) as one uint32, low half      \
+     first, for the pair rows r = e * K / 2 + p in [begin, end): w bf16 bits [E, K, N],       \
+     K even, N % 32 == 0 */                                                            \
+  void moe_pack_pairs(const uint16_t* w, int64_t K, int64_t N, uint32_t* out, int64_t begin, \
+                      int64_t end);                                                    \
   template <class T>                                                                   \
   void moe_expert_ffn(const ExpertTask<T>& task);                                      \
   extern template void moe_expert_ffn<float>(const ExpertTask<float>&);                \
