@@ -7,7 +7,8 @@
 //  - float32 FMAs on weights converted in registers (bf16 -> f32 is a shift): every dtype;
 //  - bfloat16 on the AVX512 copy where cpu_features.h's use_bf16_dot() says so: AVX512-BF16 dot
 //    products (vdpbf16ps, 32 multiply-adds per instruction against 16 for an FMA: ~2x on cores
-//    with one 512-bit FMA pipe, AMD Zen 4), the routed rows and the SwiGLU hidden kept in bf16.
+//    with one 512-bit FMA pipe, AMD Zen 4), the routed rows and the SwiGLU hidden kept in bf16;
+//    from the weights as stored, or packed for them (ops.pack_moe_weights: packed_gemm).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -425,10 +426,10 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void packed_tile(const Bits* a, i
   }
 }
 
-// c[:m, :n] = a[:m, :K] @ b (packed, n % 32 == 0, K even), a block column at a time (one
-// stream: two block columns a pass, for experts of a few rows, measured 2% slower in the block
-// forward). While a block column is computed, the next one (or `then`'s first, packed likewise,
-// after the last) is prefetched: without it the forward was slower than dot_gemm's.
+// c[:m, :n] = a[:m, :K] @ b (packed, n % 32 == 0, K even), one block column (one stream) at a
+// time: two a pass, tried for experts of up to 6 rows, made the block forward 2% slower. While a
+// block column is computed, the next one (or `then`'s first, packed likewise, after the last)
+// is prefetched: without it the forward was slower than dot_gemm's.
 template <class Pf>
 DMAX_BF16_DOT_TARGET void packed_gemm(const Bits* a, int64_t lda, int64_t m, int64_t K,
                                       const Bits* b, int64_t n, float* c, const Bits* then,
