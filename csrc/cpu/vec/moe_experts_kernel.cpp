@@ -586,6 +586,10 @@ void moe_pack_pairs(const uint16_t* w, int64_t K, int64_t N, uint32_t* out, int6
     const uint16_t* row0 = w + (e * K + 2 * p) * N;
     const uint16_t* row1 = row0 + N;
     uint32_t* dst = out + e * pairs * N + p * kPackCols;  // block column 0's pair p
+    // Column j's place: its block column's pair p.
+    const auto at = [&](int64_t j) {
+      return dst + j / kPackCols * pairs * kPackCols + j % kPackCols;
+    };
     int64_t j = 0;
     // (row0[j], row1[j]) as one 32-bit lane, low half first: columns stay in order, so 16 (8)
     // consecutive columns of a block column are one store.
@@ -595,8 +599,7 @@ void moe_pack_pairs(const uint16_t* w, int64_t K, int64_t N, uint32_t* out, int6
           reinterpret_cast<const __m256i*>(row0 + j)));
       const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(row1 + j)));
-      _mm512_storeu_si512(dst + j / kPackCols * pairs * kPackCols + j % kPackCols,
-                          _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      _mm512_storeu_si512(at(j), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
 #elif defined(CPU_CAPABILITY_AVX2)
     for (; j + 8 <= N; j += 8) {
@@ -604,14 +607,12 @@ void moe_pack_pairs(const uint16_t* w, int64_t K, int64_t N, uint32_t* out, int6
           reinterpret_cast<const __m128i*>(row0 + j)));
       const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(
           reinterpret_cast<const __m128i*>(row1 + j)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(
-                              dst + j / kPackCols * pairs * kPackCols + j % kPackCols),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at(j)),
                           _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)));
     }
 #endif
     for (; j < N; ++j)
-      dst[j / kPackCols * pairs * kPackCols + j % kPackCols] =
-          row0[j] | static_cast<uint32_t>(row1[j]) << 16;
+      *at(j) = row0[j] | static_cast<uint32_t>(row1[j]) << 16;
   }
 }
 
