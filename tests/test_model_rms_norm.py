@@ -11,6 +11,7 @@ from dmax_ext.model.attention import Attention
 from dmax_ext.model.modules import RMSNorm, rotary_cos_sin, rotary_inv_freq
 from dmax_ext.reference import qk_norm_rotary_reference, rms_norm_reference
 from dmax_calls import dmax_calls
+from cpu_flags import OTHER_CAPABILITIES, run_on_capability
 from tolerances import assert_within_naive_error
 
 pytestmark = pytest.mark.skipif(not ops.has_op("rms_norm"),
@@ -19,7 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 32, 512), (3, 7, 40), (5, 1), (2, 3, 4, 64)])
+@pytest.mark.parametrize("shape", [(1, 32, 512), (3, 7, 40), (5, 1), (2, 3, 4, 64), (37, 48)])
 def test_rms_norm_matches_the_formula_within_naive_error(dtype, shape):
     gen = torch.Generator().manual_seed(sum(shape))
     x = (3 * torch.randn(shape, generator=gen)).to(dtype)
@@ -28,6 +29,35 @@ def test_rms_norm_matches_the_formula_within_naive_error(dtype, shape):
     assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
     assert_within_naive_error(got, rms_norm_reference(x.double(), w.double(), 1e-6),
                               rms_norm_reference(x, w, 1e-6), f"{dtype} {shape}")
+
+
+_CAPABILITY_SCRIPT = """
+import torch
+from test_model_rms_norm import _qk_case
+from dmax_ext.reference import qk_norm_rotary_reference, rms_norm_reference
+from tolerances import assert_within_naive_error
+print(torch.backends.cpu.get_cpu_capability())
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in ((1, 32, 512), (3, 7, 40), (37, 48)):
+        x = (3 * torch.randn(shape)).to(dtype)
+        w = torch.randn(shape[-1]).to(dtype)
+        assert_within_naive_error(torch.ops.dmax.rms_norm(x, w, 1e-6),
+                                  rms_norm_reference(x.double(), w.double(), 1e-6),
+                                  rms_norm_reference(x, w, 1e-6), f"{dtype} {shape}")
+    for dims in (dict(), dict(dim=64, rotary=32, heads=12, n_qk=10),
+                 dict(dim=32, rotary=32, heads=20, n_qk=18), dict(dim=20, rotary=20)):
+        case = _qk_case(dtype, **dims)
+        exact = qk_norm_rotary_reference(*(t.double() if torch.is_tensor(t) else t for t in case))
+        assert_within_naive_error(torch.ops.dmax.qk_norm_rotary(*case), exact,
+                                  qk_norm_rotary_reference(*case), f"{dtype} {dims}")
+"""
+
+
+@pytest.mark.parametrize("capability", OTHER_CAPABILITIES)
+def test_other_cpu_capabilities(capability):
+    """The kernels are compiled per capability (rows of whole vectors and the others take
+    different paths in each); ATEN_CPU_CAPABILITY selects the copy."""
+    run_on_capability(capability, _CAPABILITY_SCRIPT)
 
 
 def test_rms_norm_reads_strided_rows():
@@ -48,7 +78,9 @@ def _qk_case(dtype, batch=2, length=9, heads=7, n_qk=5, dim=24, rotary=12, seed=
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", [dict(), dict(dim=64, rotary=32, heads=12, n_qk=10),
-                                  dict(dim=20, rotary=20, length=1), dict(rotary=2)])
+                                  dict(dim=20, rotary=20, length=1), dict(rotary=2),
+                                  dict(dim=32, rotary=32, heads=20, n_qk=18),
+                                  dict(dim=128, rotary=64, heads=3, n_qk=3, length=33)])
 def test_qk_norm_rotary_matches_the_formula_within_naive_error(dtype, dims):
     case = _qk_case(dtype, **dims)
     got = ops.qk_norm_rotary(*case)

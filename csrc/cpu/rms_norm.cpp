@@ -56,7 +56,7 @@ int64_t row_grain(int64_t H) {
 
 template <class T>
 at::Tensor rms_norm_typed(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  static const auto norm_row = DMAX_CPU_KERNEL(rms_norm_row<T>);
+  static const auto norm_rows = DMAX_CPU_KERNEL(rms_norm_rows<T>);
   const int64_t H = x.size(-1);
   at::Tensor out = at::empty(x.sizes(), x.options());
   const std::vector<int64_t> offsets = row_offsets(x);
@@ -65,10 +65,13 @@ at::Tensor rms_norm_typed(const at::Tensor& x, const at::Tensor& weight, double 
   T* out_p = out.mutable_data_ptr<T>();
   at::parallel_for(0, static_cast<int64_t>(offsets.size()), row_grain(H),
                    [&](int64_t begin, int64_t end) {
+    std::vector<NormRow<T>> rows;
+    rows.reserve(end - begin);
     for (int64_t r = begin; r < end; ++r) {
-      norm_row(NormRow<T>{x_p + offsets[r], w_p, nullptr, nullptr, H, 0,
-                          static_cast<float>(eps), nullptr, out_p + r * H});
+      rows.push_back(NormRow<T>{x_p + offsets[r], w_p, nullptr, nullptr, H, 0,
+                               static_cast<float>(eps), nullptr, out_p + r * H});
     }
+    norm_rows(rows.data(), static_cast<int64_t>(rows.size()));
   });
   return out;
 }
@@ -77,7 +80,7 @@ template <class T>
 at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight,
                                 const at::Tensor& k_weight, const at::Tensor& cos_in,
                                 const at::Tensor& sin_in, int64_t n_q_heads, double eps) {
-  static const auto norm_row = DMAX_CPU_KERNEL(rms_norm_row<T>);
+  static const auto norm_rows = DMAX_CPU_KERNEL(rms_norm_rows<T>);
   const int64_t B = qk.size(0), L = qk.size(1), G = qk.size(2), D = qk.size(3);
   const int64_t R = cos_in.size(2);
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
@@ -91,15 +94,17 @@ at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight
   const int64_t stride_b = qk.stride(0), stride_l = qk.stride(1), stride_g = qk.stride(2);
   const float eps_f = static_cast<float>(eps);
   at::parallel_for(0, B * L, std::max<int64_t>(1, row_grain(D) / G), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(D + R);
+    std::vector<float> scratch(D + R);  // shared: the kernel writes its rows one after another
+    std::vector<NormRow<T>> heads(G);
     for (int64_t bl = begin; bl < end; ++bl) {  // bl = b * L + l: the input's order
       const int64_t b = bl / L, l = bl % L;
       const T* x_row = x_p + b * stride_b + l * stride_l;
       T* out_row = out_p + b * G * L * D + l * D;
       for (int64_t g = 0; g < G; ++g) {
-        norm_row(NormRow<T>{x_row + g * stride_g, g < n_q_heads ? q_w : k_w, cos_p + bl * R,
-                            sin_p + bl * R, D, R, eps_f, scratch.data(), out_row + g * L * D});
+        heads[g] = NormRow<T>{x_row + g * stride_g, g < n_q_heads ? q_w : k_w, cos_p + bl * R,
+                              sin_p + bl * R, D, R, eps_f, scratch.data(), out_row + g * L * D};
       }
+      norm_rows(heads.data(), G);  // a token's heads together: their scales overlap
     }
   });
   return out;

@@ -21,17 +21,17 @@ struct NormRow {
   const T* sin;          // [R]
   int64_t H, R;
   float eps;
-  float* scratch;        // [H + R] float32 work space (with a rotary)
+  float* scratch;        // [H + R] float32 work space (with a rotary; rows may share one)
   T* out;                // [H]
 };
 
 #define DMAX_DECLARE_RMS_NORM_ROW(cap)                                           \
   namespace cap {                                                                \
   template <class T>                                                             \
-  void rms_norm_row(const NormRow<T>& row);                                      \
-  extern template void rms_norm_row<float>(const NormRow<float>&);               \
-  extern template void rms_norm_row<c10::Half>(const NormRow<c10::Half>&);       \
-  extern template void rms_norm_row<c10::BFloat16>(const NormRow<c10::BFloat16>&); \
+  void rms_norm_rows(const NormRow<T>* rows, int64_t count);                     \
+  extern template void rms_norm_rows<float>(const NormRow<float>*, int64_t);      \
+  extern template void rms_norm_rows<c10::Half>(const NormRow<c10::Half>*, int64_t); \
+  extern template void rms_norm_rows<c10::BFloat16>(const NormRow<c10::BFloat16>*, int64_t); \
   }
 DMAX_DECLARE_RMS_NORM_ROW(DEFAULT)
 DMAX_DECLARE_RMS_NORM_ROW(AVX2)
