@@ -134,6 +134,39 @@ def test_router_stays_float32_under_autocast(moe):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_router_float_weight_is_the_parameter_or_a_copy_kept_until_it_changes():
+    router = Router(PRESETS["tiny"])
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+    assert router.float_weight() is router.weight  # float32: no copy
+    router = router.to(torch.bfloat16)
+    copy = router.float_weight()
+    assert copy.dtype == torch.float32 and torch.equal(copy, router.weight.float())
+    assert router.float_weight() is copy
+    with torch.no_grad():
+        router.weight.mul_(2)  # an optimizer step or a load writes in place
+    again = router.float_weight()
+    assert again is not copy and torch.equal(again, router.weight.float())
+    assert "_float_weight" not in router.state_dict()
+
+
+def test_bf16_router_routes_alike_with_and_without_gradients():
+    # Without gradients the projection reads the kept copy; with them, the parameter through
+    # autograd: the same routing, and a gradient reaches the weight.
+    router = Router(PRESETS["tiny"])
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+    router = router.to(torch.bfloat16)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    with torch.no_grad():
+        ids, weights = router(x)
+    got_ids, got_weights = router(x)  # (F.linear then, not the kernel: sums may differ by ulps)
+    assert torch.equal(got_ids, ids)
+    torch.testing.assert_close(got_weights.detach(), weights, rtol=1e-5, atol=1e-6)
+    got_weights.sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
 # ---- the CUDA MoE path ("grouped") must not read device data to the host -----------------------
 # A host read syncs the stream (twice per MoE layer with torch.bincount) and is an error during
 # CUDA-graph capture. Without a GPU: trace the ops the CPU run dispatches (step_ops.is_host_sync

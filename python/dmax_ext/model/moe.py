@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
-from .native import CpuVariant, has_amx_bf16, native_ops, packs_expert_weights
+from .native import CpuVariant, derived_copy, has_amx_bf16, native_ops, packs_expert_weights
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -42,12 +42,23 @@ class Router(CpuVariant, nn.Module):
         self.top_k = config.num_experts_per_tok
         self.scaling = config.routed_scaling_factor
 
+    def float_weight(self) -> torch.Tensor:
+        """The weight in float32, as the projection reads it without gradients: the parameter
+        itself when float32, else a copy kept until the parameter changes (derived_copy;
+        converting a bf16 llada2-small router's weight took ~5 us a layer and call)."""
+        weight = self._parameters["weight"]
+        if weight.dtype == torch.float32:
+            return weight
+        return derived_copy(self, "_float_weight", (weight,), lambda w: w.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k] int64, weights [N, k] float32)."""
         # float32 even under autocast (mixed-precision training): selection compares scores
         # that differ in the 3rd decimal, which bf16 would turn into ties.
         with torch.autocast(x.device.type, enabled=False):
-            x32, w32 = x.float(), self.weight.float()
+            wants_grad = torch.is_grad_enabled() and self.weight.requires_grad
+            x32 = x.float()
+            w32 = self.weight.float() if wants_grad else self.float_weight()
             # A block's rows on the CPU: the projections' kernel (MKL's [32, H] x [H, E] GEMM
             # cost ~50 us a call here, twice the kernel's).
             skinny = self.native("skinny_linear", x, self.weight,
@@ -196,13 +207,8 @@ class StackedExperts(CpuVariant, nn.Module):
             return gate_up, down
         if not packs_expert_weights(gate_up.nbytes + down.nbytes):
             return gate_up, down  # a copy made before is kept, for when the switch comes back
-        key = (gate_up._version, down._version, gate_up.data_ptr(), down.data_ptr())
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
-                cached = (key, ops.pack_moe_weights(gate_up), ops.pack_moe_weights(down))
-            self.__dict__["_packed"] = cached
-        return cached[1], cached[2]
+        return derived_copy(self, "_packed", (gate_up, down),
+                            lambda *w: tuple(ops.pack_moe_weights(t) for t in w))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 impl: str) -> torch.Tensor:

@@ -46,6 +46,20 @@ def packs_expert_weights(nbytes: int) -> bool:
     return ops is not None and ops.has_op("cpu_bf16_dot") and torch.ops.dmax.cpu_bf16_dot()
 
 
+def derived_copy(module: torch.nn.Module, slot: str, params: tuple[torch.Tensor, ...], make):
+    """make(*params), kept in module.__dict__[slot] (no parameter or buffer: not in the state
+    dict) and made again whenever a parameter's version counter or storage moves (an optimizer
+    step, a load). A write through .data moves neither and is not seen. Made outside inference
+    mode, so that it is usable everywhere; for callers that want no gradient through it."""
+    key = tuple((p._version, p.data_ptr()) for p in params)
+    cached = module.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, make(*params))
+        module.__dict__[slot] = cached
+    return cached[1]
+
+
 @functools.cache
 def native_ops():
     """dmax_ext.ops (loading the native library), or None where it cannot be loaded."""

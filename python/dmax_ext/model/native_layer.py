@@ -122,9 +122,10 @@ def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | Non
     dims = [attention.n_heads, attention.n_kv_heads, attention.head_dim, *routing]
     scalars = [float(parts.norm_in.eps), float(parts.norm_post.eps), float(parts.q_norm.eps),
                attention.scale, float(router.scaling) if router is not None else 0.0]
-    if parts.experts is not None:  # as the kernel reads them (perhaps packed), past the checks
+    if parts.experts is not None:  # as the kernels read them (perhaps copies), past the checks
         at = parts.experts_at
-        weights = [*weights[:at], *parts.experts.kernel_weights(), *weights[at + 2:]]
+        weights = [*weights[:at - 2], router.float_weight(), weights[at - 1],
+                   *parts.experts.kernel_weights(), *weights[at + 2:]]
     keys, values = cache_kv
     return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims, scalars)
 
