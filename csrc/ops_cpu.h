@@ -25,7 +25,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& expert_ids,
                        const at::Tensor& down);
 bool cpu_bf16_dot();
 at::Tensor pack_moe_weights(const at::Tensor& w);
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& residual = std::nullopt);
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits,
                                              const at::Tensor& expert_bias, int64_t n_group,
                                              int64_t topk_group, int64_t top_k, double scaling);

@@ -34,9 +34,11 @@ constexpr const char* kCpuBf16DotSchema = "cpu_bf16_dot() -> bool";
 // CPU only: moe_experts' gate_up / down laid out for its bf16 dot products (ops.pack_moe_weights;
 // reference: dmax_ext.reference.pack_moe_weights_reference). `dmax`.
 constexpr const char* kPackMoeWeightsSchema = "pack_moe_weights(Tensor w) -> Tensor";
-// CPU only: x @ weight^T for a decoding block's few rows (the model's projections and lm_head
-// without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
-constexpr const char* kSkinnyLinearSchema = "skinny_linear(Tensor x, Tensor weight) -> Tensor";
+// CPU only: x @ weight^T (+ residual, [M, N]: a residual stream's add, rounded after the
+// product as torch rounds them) for a decoding block's few rows (the model's projections and
+// lm_head without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
+constexpr const char* kSkinnyLinearSchema =
+    "skinny_linear(Tensor x, Tensor weight, Tensor? residual=None) -> Tensor";
 // CPU only: a MoE layer's router after its GEMM (the model's Router without gradients). `dmax`.
 constexpr const char* kMoeRouteSchema =
     "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "

@@ -13,7 +13,7 @@ from dmax_ext import ops
 from dmax_ext.model import PRESETS, random_model
 from dmax_ext.model.modules import Linear
 from dmax_ext.reference import skinny_linear_reference
-from cpu_flags import FLAGS, HAS_BF16_DOT, needs_bf16_dot
+from cpu_flags import FLAGS, HAS_BF16_DOT, OTHER_CAPABILITIES, needs_bf16_dot, run_on_capability
 from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
@@ -48,6 +48,66 @@ def test_16bit_is_the_library_product_transposed_exactly(m, n, monkeypatch):
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _case(m, n, 64, dtype, seed=m)
         assert torch.equal(ops.skinny_linear(x, w), (w @ x.t()).t())
+
+
+def _assert_same_values(got, want):
+    """Bitwise equal, NaNs aside (a NaN in the same place, whatever its payload: torch's own
+    bf16 conversions store 0xFFFF in vectors and 0x7FC0 in scalar code)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def _residual(m, n, dtype, seed):
+    # Values around the products' size, and every special one: a sum that overflows bf16 / fp16,
+    # infinities, a NaN (stored as the NaN torch stores).
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(m, n, generator=gen).to(dtype)
+    r.view(-1)[::7] = torch.finfo(dtype).max
+    r.view(-1)[3::11] = float("inf")
+    r.view(-1)[5::13] = float("-inf")
+    r.view(-1)[2::17] = float("nan")
+    return r
+
+
+@pytest.mark.parametrize("dtype,switch", [(torch.float32, "auto"), (torch.float16, "auto"),
+                                          (torch.bfloat16, "off"), (torch.bfloat16, "on")])
+@pytest.mark.parametrize("m,n,k", [(32, 512, 512), (1, 12, 16), (5, 33, 40), (17, 100, 131),
+                                   (33, 13, 64), (64, 24, 256), (100, 37, 7), (8, 20, 0)])
+def test_residual_is_bitwise_torchs_add_of_the_product(dtype, switch, m, n, k, monkeypatch):
+    # x + proj of a residual stream: the product rounded to the dtype, then the add rounded.
+    if switch == "on" and not HAS_BF16_DOT:
+        pytest.skip("the bf16 dot-product form needs AVX512-BF16")
+    monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
+    x, w = _case(m, n, k, dtype, seed=m + n + k)
+    r = _residual(m, n, dtype, seed=k)
+    want = r + ops.skinny_linear(x, w)
+    got = ops.skinny_linear(x, w, r)
+    assert got.dtype == dtype and got.shape == (m, n) and got.is_contiguous()
+    _assert_same_values(got, want)
+    strided = torch.zeros(m, 2 * n, dtype=dtype)[:, ::2]  # a view: read as its values
+    strided.copy_(r)
+    _assert_same_values(ops.skinny_linear(x, w, strided), want)
+
+
+_CAPABILITY_SCRIPT = """
+import torch
+from test_model_skinny_linear import _assert_same_values, _case, _residual
+from dmax_ext.reference import skinny_linear_reference
+print(torch.backends.cpu.get_cpu_capability())
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for m, n, k in ((32, 512, 512), (5, 33, 40), (17, 100, 131)):
+        x, w = _case(m, n, k, dtype, seed=m)
+        r = _residual(m, n, dtype, seed=k)
+        got = torch.ops.dmax.skinny_linear(x, w, r)
+        _assert_same_values(got, r + torch.ops.dmax.skinny_linear(x, w))
+        torch.testing.assert_close(got, skinny_linear_reference(x.double(), w.double(),
+                                   r.double()).to(dtype), rtol=0.05, atol=0.05, equal_nan=True)
+"""
+
+
+@pytest.mark.parametrize("capability", OTHER_CAPABILITIES)
+def test_other_cpu_capabilities(capability):
+    """The kernels are compiled per capability; ATEN_CPU_CAPABILITY selects the copy."""
+    run_on_capability(capability, _CAPABILITY_SCRIPT)
 
 
 def _dot(x, w, monkeypatch, switch="on"):
@@ -217,6 +277,8 @@ def test_set_cpu_variants_off_reaches_no_native_op(monkeypatch):
 def test_opcheck(dtype, switch, monkeypatch):
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
     torch.library.opcheck(torch.ops.dmax.skinny_linear.default, _case(6, 20, 24, dtype))
+    torch.library.opcheck(torch.ops.dmax.skinny_linear.default,
+                          (*_case(6, 20, 24, dtype), torch.randn(6, 20).to(dtype)))
 
 
 def test_argument_errors():
@@ -231,3 +293,9 @@ def test_argument_errors():
         ops.skinny_linear(x.double(), w.double())
     with pytest.raises(RuntimeError, match="skinny_linear: weight must be"):
         torch.ops.dmax.skinny_linear(x, w[:, :8])
+    with pytest.raises(ValueError, match=r"residual must have shape \(4, 8\)"):
+        ops.skinny_linear(x, w, torch.zeros(4, 7))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        ops.skinny_linear(x, w, torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"skinny_linear: residual must be Float \[4, 8\]"):
+        torch.ops.dmax.skinny_linear(x, w, torch.zeros(8, 4))

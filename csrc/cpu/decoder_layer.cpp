@@ -4,7 +4,8 @@
 // skinny_linear, qk_norm_rotary, the cache write, block_attention, moe_route, moe_experts, the
 // SwiGLU of the dense MLP / shared expert), so its output is bitwise the module path's. What it
 // removes is the interpreter between them: ~35 torch calls and ~13 module calls a layer, about a
-// tenth of a bf16 block forward of llada2-small. model/native_layer.py decides when it applies
+// tenth of a bf16 block forward of llada2-small; and most residual adds, which skinny_linear
+// makes as it stores a projection (the same roundings). model/native_layer.py decides when it applies
 // (every module would take its native form) and packs the arguments.
 // Semantics: DecoderLayer.forward with a KV cache (docs/ARCHITECTURE.md); no CUDA version (the
 // CUDA step is a captured graph, which has no interpreter to remove).
@@ -23,17 +24,22 @@ enum Weight : int64_t {
 enum Dim : int64_t { kHeads, kKvHeads, kHeadDim, kGroups, kTopkGroups, kTopK, kDims };
 enum Scalar : int64_t { kEps, kPostEps, kQkEps, kScale, kRoutedScaling, kScalars };
 
-// Linear.forward's native form: x [..., K] as rows, the product viewed back to [..., N].
-at::Tensor projection(const at::Tensor& x, const at::Tensor& weight) {
+// Linear.forward's native form: x [..., K] as rows, the product viewed back to [..., N]; with
+// `residual` ([..., N]), residual + the product, added by the kernel as it stores the product
+// (bitwise torch's add: one aten::add and its tensor fewer, ~3 us each).
+at::Tensor projection(const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& residual = at::Tensor()) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
-  return skinny_linear(x.reshape({-1, x.size(-1)}), weight).view(shape);
+  const at::Tensor rows = x.reshape({-1, x.size(-1)});
+  if (!residual.defined()) return skinny_linear(rows, weight).view(shape);
+  return skinny_linear(rows, weight, residual.reshape({rows.size(0), -1})).view(shape);
 }
 
-// GatedMLP.forward: down(silu(gate(x)) * up(x)).
+// GatedMLP.forward: down(silu(gate(x)) * up(x)) (+ residual, as projection's).
 at::Tensor gated_mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
-                     const at::Tensor& down) {
-  return projection(at::silu(projection(x, gate)) * projection(x, up), down);
+                     const at::Tensor& down, const at::Tensor& residual = at::Tensor()) {
+  return projection(at::silu(projection(x, gate)) * projection(x, up), down, residual);
 }
 
 }  // namespace
@@ -67,12 +73,12 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
   values.narrow(2, write_slot, length).copy_(qkv.narrow(2, n_qk, n_kv).transpose(1, 2));
   const at::Tensor attended = block_attention(qk.narrow(1, 0, n_heads), keys.narrow(2, 0, span),
                                               values.narrow(2, 0, span), mask, scalars[kScale]);
-  const at::Tensor h = x + projection(attended, weights[kDense]);
+  const at::Tensor h = projection(attended, weights[kDense], x);  // x + dense(attended)
 
   // The MLP on the post-attention norm.
   const at::Tensor normed = rms_norm(h, weights[kPostNorm], scalars[kPostEps]);
   const at::Tensor* w = weights.data() + kMlp;
-  if (n_mlp == 3) return h + gated_mlp(normed, w[0], w[1], w[2]);
+  if (n_mlp == 3) return gated_mlp(normed, w[0], w[1], w[2], h);  // h + mlp(normed)
   // MoeBlock.forward: the router in float32 (Router.forward), the routed experts, the shared one.
   const at::Tensor flat = normed.reshape({-1, normed.size(-1)});
   const at::Tensor logits = skinny_linear(flat.to(at::kFloat), w[0].to(at::kFloat));
@@ -80,7 +86,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                                               dims[kTopkGroups], dims[kTopK],
                                               scalars[kRoutedScaling]);
   at::Tensor out = moe_experts(flat, ids, route_weights, w[2], w[3]).view_as(normed);
-  if (n_mlp == 7) out = out + gated_mlp(normed, w[4], w[5], w[6]);
+  if (n_mlp == 7) out = gated_mlp(normed, w[4], w[5], w[6], out);  // routed + shared(normed)
   return h + out;
 }
 

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <memory>
+#include <optional>
 
 #include "cpu/vec/capability.h"
 #include "cpu/vec/cpu_features.h"
@@ -20,7 +21,8 @@
 namespace dmax::cpu {
 namespace {
 
-void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight) {
+void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& residual) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "skinny_linear: x must be float32, bfloat16 or float16, got ", dtype);
@@ -33,6 +35,15 @@ void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight) {
   for (const auto* t : {&x, &weight}) {
     TORCH_CHECK(t->device().is_cpu(), "skinny_linear: the CPU kernel got a ", t->device(),
                 " tensor");
+  }
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.scalar_type() == dtype && r.dim() == 2 && r.size(0) == x.size(0) &&
+                    r.size(1) == weight.size(0),
+                "skinny_linear: residual must be ", dtype, " [", x.size(0), ", ",
+                weight.size(0), "], got ", r.scalar_type(), " ", r.sizes());
+    TORCH_CHECK(r.device().is_cpu(), "skinny_linear: the CPU kernel got a ", r.device(),
+                " residual");
   }
 }
 
@@ -48,18 +59,26 @@ void for_column_tiles(int64_t N, int64_t K, int64_t element_bytes, const Columns
   });
 }
 
-at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight) {
+// The residual's elements (contiguous [M, N]) for the kernels' epilogues, or nullptr.
+template <class T>
+const T* residual_data(const at::Tensor& residual) {
+  return residual.defined() ? static_cast<const T*>(residual.const_data_ptr()) : nullptr;
+}
+
+at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& residual) {
   static const auto columns = DMAX_CPU_KERNEL(skinny_linear_columns);
   static const auto pack = DMAX_CPU_KERNEL(skinny_linear_pack);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
   const int64_t Mp = (M + 15) / 16 * 16;
   std::unique_ptr<float[]> xt(new float[K * Mp]);
   pack(x.const_data_ptr<float>(), M, K, Mp, xt.get());
   const SkinnyLinearTask task{xt.get(), M, Mp, K, N, weight.const_data_ptr<float>(),
-                              out.mutable_data_ptr<float>(), use_nta_prefetch()};
+                              out.mutable_data_ptr<float>(), use_nta_prefetch(),
+                              residual_data<float>(residual)};
   for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) { columns(task, begin, end); });
   return out;
 }
@@ -67,11 +86,12 @@ at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight) {
 #ifdef DMAX_CPU_CAPABILITY_AVX512
 // x's pairs of k transposed to [ceil(K/2), Mp] by the float32 pack (32-bit words, bits only),
 // an odd K padded with a zero column first; then the column tiles.
-at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& residual) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
   const at::Tensor xe = K % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
   const int64_t pairs = (K + 1) / 2, Mp = (M + 15) / 16 * 16;
   std::unique_ptr<uint32_t[]> xt(new uint32_t[pairs * Mp]);
@@ -79,7 +99,8 @@ at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight)
                              reinterpret_cast<float*>(xt.get()));
   const SkinnyLinearBf16Task task{
       xt.get(), M, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
-      reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), use_nta_prefetch()};
+      reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), use_nta_prefetch(),
+      residual_data<uint16_t>(residual)};
   for_column_tiles(N, K, 2, [&](int64_t begin, int64_t end) {
     AVX512::skinny_linear_bf16_columns(task, begin, end);
   });
@@ -91,7 +112,8 @@ at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight)
 // streams the weight without repacking it (llada2-small's lm_head, 32 rows of bf16: 2.7 ms
 // against 6.1 ms for x @ weight^T), then transposed back by a vectorized kernel (torch's copy
 // of the [V, 32] product took 0.8-1.9 ms of it).
-at::Tensor skinny_linear_16bit(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor skinny_linear_16bit(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& residual) {
   static const auto transpose = DMAX_CPU_KERNEL(transpose_16bit);
   const int64_t M = x.size(0), N = weight.size(0);
   const at::Tensor product = at::mm(weight, x.t()).contiguous();  // [N, M]
@@ -101,19 +123,21 @@ at::Tensor skinny_linear_16bit(const at::Tensor& x, const at::Tensor& weight) {
   auto* out_p = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
   at::parallel_for(0, N, std::max<int64_t>(64, (int64_t{1} << 16) / M),
                    [&](int64_t begin, int64_t end) { transpose(in_p, N, M, out_p, begin, end); });
-  return out;
+  return residual.defined() ? out.add_(residual) : out;
 }
 
 }  // namespace
 
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight) {
-  check_skinny_linear_args(x, weight);
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& residual) {
+  check_skinny_linear_args(x, weight, residual);
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  if (x.scalar_type() == at::kFloat) return skinny_linear_float(xc, wc);
+  const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
+  if (x.scalar_type() == at::kFloat) return skinny_linear_float(xc, wc, rc);
 #ifdef DMAX_CPU_CAPABILITY_AVX512
-  if (x.scalar_type() == at::kBFloat16 && use_bf16_dot()) return skinny_linear_bf16_dot(xc, wc);
+  if (x.scalar_type() == at::kBFloat16 && use_bf16_dot()) return skinny_linear_bf16_dot(xc, wc, rc);
 #endif
-  return skinny_linear_16bit(xc, wc);
+  return skinny_linear_16bit(xc, wc, rc);
 }
 
 }  // namespace dmax::cpu

@@ -405,23 +405,29 @@ FAKE_KERNELS.update(moe_experts=_moe_experts_fake, pack_moe_weights=_pack_moe_we
 # ---- skinny_linear: a projection of a decoding block's few rows (CPU only) ---------------------
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T (F.linear without bias): [M, N] in x's dtype.
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (F.linear without bias), plus residual if given: [M, N] in x's dtype.
 
     x [M, K] float32 / bfloat16 / float16 with few rows (a decoding block: 32 tokens); weight
     [N, K] in x's dtype. The weight is read once in place (the GEMM library packs it on every
     call), float32 products summed in k order in blocks of 128 terms, rounded once
-    (dmax_ext.reference.skinny_linear_reference). CPU only, no autograd: the model's projections
-    use it for a decoding block's rows (dmax_ext.model.modules.Linear picks it)."""
+    (dmax_ext.reference.skinny_linear_reference). residual [M, N] in x's dtype: added to the
+    rounded product and rounded again, bitwise `residual + x @ weight^T` in torch (a residual
+    stream's add, with no op and no tensor of its own). CPU only, no autograd: the model's
+    projections use it for a decoding block's rows (dmax_ext.model.modules.Linear picks it)."""
     check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
     check_tensor("weight", weight, dtypes=(x.dtype,), ndim=2, device=x.device)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have shape (N, {x.shape[1]}) (K of x), got "
                          f"{tuple(weight.shape)}")
-    return torch.ops.dmax.skinny_linear(x, weight)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), ndim=2, device=x.device)
+        check_shape("residual", residual, (x.shape[0], weight.shape[0]))
+    return torch.ops.dmax.skinny_linear(x, weight, residual)
 
 
-def _skinny_linear_fake(x, weight):
+def _skinny_linear_fake(x, weight, residual=None):
     torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
                  lambda: f"x [M, K] and weight [N, K] expected, got {x.shape} and {weight.shape}")
     return x.new_empty((x.shape[0], weight.shape[0]))

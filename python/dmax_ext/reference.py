@@ -216,10 +216,13 @@ def pack_moe_weights_reference(w: torch.Tensor) -> torch.Tensor:
 # ---- skinny_linear: a projection of a decoding block's few rows ---------------------------------
 
 
-def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T in x's dtype: F.linear without bias (the kernel sums in float32
-    and rounds once, as the GEMM libraries do; only the summation order differs)."""
-    return torch.nn.functional.linear(x, weight)
+    and rounds once, as the GEMM libraries do; only the summation order differs), then
+    residual + that product, rounded again, when a residual [M, N] is given."""
+    product = torch.nn.functional.linear(x, weight)
+    return product if residual is None else residual + product
 
 
 # ---- rms_norm / qk_norm_rotary: the model's own formulations ------------------------------------

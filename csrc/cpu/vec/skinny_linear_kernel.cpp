@@ -19,6 +19,7 @@
 #endif
 
 #include "cpu/vec/bf16_dot_target.h"
+#include "cpu/vec/load_float.h"
 #include "cpu/vec/prefetch.h"
 #include "cpu/vec/skinny_linear_kernel.h"
 #include "cpu/vec/transpose.h"
@@ -183,22 +184,44 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt
   }
 }
 
-// out[m0 + mm, n] = c[n, mm] for n < rows, mm < m_count: c 16 rows of 32 bf16 (16 pairs),
-// out bf16 with row stride ldo, from out's (m0, 0). The pairs transposed as a 16 x 16 float32
-// block (bits only), then each pair's low halves -> one out row, high halves -> the next.
+// 16 bf16 in the high halves of 32-bit lanes (the low halves zero) as float32.
+using BitsAsFloat = __m512;
+
+// Stores the lanes of `product` (bf16 values as float32), plus the bf16 residual row res when
+// there is one (the sum rounded to bf16 as torch rounds, load_float.h's round_to), to out's
+// `cols` lanes.
+DMAX_BF16_DOT_TARGET inline void store_row_bf16(BitsAsFloat product, const uint16_t* res,
+                                                __mmask16 cols, uint16_t* out) {
+  __m512i bits = _mm512_castps_si512(product);
+  if (res != nullptr) {
+    const __m512i r = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, res)),
+                                        16);
+    bits = _mm512_castps_si512(static_cast<__m512>(
+        round_to<c10::BFloat16>(Vec(_mm512_add_ps(product, _mm512_castsi512_ps(r))))));
+  }
+  _mm256_mask_storeu_epi16(out, cols, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// out[m0 + mm, n] = c[n, mm] (+ res[mm, n] when res) for n < rows, mm < m_count: c 16 rows of
+// 32 bf16 (16 pairs), out and res bf16 with row stride ldo, from their (m0, 0). The pairs
+// transposed as a 16 x 16 float32 block (bits only), then each pair's low halves -> one out row,
+// high halves -> the next.
 DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
                                                    int64_t m_count, uint16_t* out,
-                                                   int64_t ldo) {
+                                                   int64_t ldo, const uint16_t* res) {
   __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(c[i]);
   transpose_16x16(r);
   const __mmask16 cols = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t q = 0; 2 * q < m_count; ++q) {
     const __m512i pairs = _mm512_castps_si512(r[q]);
-    _mm256_mask_storeu_epi16(out + 2 * q * ldo, cols, _mm512_cvtepi32_epi16(pairs));
-    if (2 * q + 1 < m_count)
-      _mm256_mask_storeu_epi16(out + (2 * q + 1) * ldo, cols,
-                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+    const int64_t m = 2 * q;
+    store_row_bf16(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
+                   res == nullptr ? nullptr : res + m * ldo, cols, out + m * ldo);
+    if (m + 1 < m_count)
+      store_row_bf16(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)),
+                     res == nullptr ? nullptr : res + (m + 1) * ldo, cols, out + (m + 1) * ldo);
   }
 }
 #endif
@@ -268,7 +291,12 @@ void columns_float(const SkinnyLinearTask& task, int64_t begin, int64_t end) {
       for (int64_t m = m0; m < m_end; ++m) {
         float* o = task.out + m * N + n0;
         const float* ci = c + (m - m0);
-        for (int64_t i = 0; i < r; ++i) o[i] = ci[i * nv * kW];
+        if (task.residual == nullptr) {
+          for (int64_t i = 0; i < r; ++i) o[i] = ci[i * nv * kW];
+        } else {
+          const float* res = task.residual + m * N + n0;
+          for (int64_t i = 0; i < r; ++i) o[i] = ci[i * nv * kW] + res[i];
+        }
       }
     }
   }
@@ -312,7 +340,8 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
         tile_bf16<Ymm, 1>(task.xt + m0, Mp, w, K, K, c, prefetch);
       }
       store_transposed_bf16(c, r, std::min<int64_t>(rows_left, kMaxVecs * kW),
-                            task.out + m0 * N + n0, N);
+                            task.out + m0 * N + n0, N,
+                            task.residual == nullptr ? nullptr : task.residual + m0 * N + n0);
     }
   }
 }

@@ -15,6 +15,8 @@ struct SkinnyLinearTask {
   const float* weight;  // [N, K], row stride K
   float* out;           // [M, N], row stride N
   bool nta_prefetch;    // prefetchnta for the weight stream (cpu_features.h's use_nta_prefetch())
+  const float* residual = nullptr;  // [M, N], row stride N, added to the products (x + proj of
+                                    // a residual stream, one rounding each as torch has them)
 };
 
 // The same product for bfloat16 with AVX512-BF16 dot products (vdpbf16ps): pairs of bf16
@@ -26,6 +28,8 @@ struct SkinnyLinearBf16Task {
   const uint16_t* weight;   // [N, K] bf16 bits, row stride K
   uint16_t* out;            // [M, N] bf16 bits, row stride N
   bool nta_prefetch;        // as SkinnyLinearTask's
+  const uint16_t* residual = nullptr;  // as SkinnyLinearTask's: bf16(product + residual), the
+                                       // product rounded to bf16 first
 };
 
 #define DMAX_DECLARE_SKINNY_LINEAR(cap)                                                     \
