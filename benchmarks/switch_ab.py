@@ -41,23 +41,40 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class ReplayedSteps:
+    """The preset's benchmark model and `n_steps` later block steps of decoding prompt 0
+    (block_forward.capture_block_steps), each with a cache of its own, replayed on call: the
+    workload of this A/B and of build_ab.py's."""
+
+    def __init__(self, preset: str, dtype: torch.dtype, n_steps: int):
+        self.model = tps.synthetic_model(preset, "cpu", dtype)
+        prompt = tps.synthetic_prompts(self.model.config, 1)
+        self.steps = block_forward.spread(block_forward.capture_block_steps(
+            self.model, prompt, gen_length=256, block_length=32, threshold=0.5), n_steps)
+        self.caches = [self.model.new_cache(s.batch, s.write_slot + s.block_length)
+                       for s in self.steps]
+
+    def forward_ms(self, repeats: int = 1) -> float:
+        """The mean time of one block forward over `repeats` passes over the steps (call under
+        torch.inference_mode())."""
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for step, cache in zip(self.steps, self.caches):
+                block_forward.replay(self.model, step, cache)
+        return 1e3 * (time.perf_counter() - start) / (repeats * len(self.steps))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = tps.synthetic_model(args.preset, "cpu", getattr(torch, args.dtype))
-    prompt = tps.synthetic_prompts(model.config, 1)
-    steps = block_forward.spread(block_forward.capture_block_steps(
-        model, prompt, gen_length=256, block_length=32, threshold=0.5), args.steps)
-    caches = [model.new_cache(s.batch, s.write_slot + s.block_length) for s in steps]
+    replayed = ReplayedSteps(args.preset, getattr(torch, args.dtype), args.steps)
+    steps = replayed.steps
     settings = (args.a, args.b)
     times = {s: [] for s in settings}
 
     def forwards_ms(setting: str) -> float:
         os.environ[args.variable] = setting
-        start = time.perf_counter()
-        for step, cache in zip(steps, caches):
-            block_forward.replay(model, step, cache)
-        return 1e3 * (time.perf_counter() - start) / len(steps)
+        return replayed.forward_ms()
 
     before = os.environ.get(args.variable)
     try:
