@@ -187,13 +187,14 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt
 // 16 bf16 in the high halves of 32-bit lanes (the low halves zero) as float32.
 using BitsAsFloat = __m512;
 
-// Stores the lanes of `product` (bf16 values as float32), plus the bf16 residual row res when
-// there is one (the sum rounded to bf16 as torch rounds, load_float.h's round_to), to out's
-// `cols` lanes.
+// Stores the lanes of `product` (bf16 values as float32), plus the bf16 residual row res with
+// kResidual (the sum rounded to bf16 as torch rounds, load_float.h's round_to), to out's `cols`
+// lanes.
+template <bool kResidual>
 DMAX_BF16_DOT_TARGET inline void store_row_bf16(BitsAsFloat product, const uint16_t* res,
                                                 __mmask16 cols, uint16_t* out) {
   __m512i bits = _mm512_castps_si512(product);
-  if (res != nullptr) {
+  if constexpr (kResidual) {
     const __m512i r = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, res)),
                                         16);
     bits = _mm512_castps_si512(static_cast<__m512>(
@@ -202,10 +203,11 @@ DMAX_BF16_DOT_TARGET inline void store_row_bf16(BitsAsFloat product, const uint1
   _mm256_mask_storeu_epi16(out, cols, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
-// out[m0 + mm, n] = c[n, mm] (+ res[mm, n] when res) for n < rows, mm < m_count: c 16 rows of
-// 32 bf16 (16 pairs), out and res bf16 with row stride ldo, from their (m0, 0). The pairs
+// out[m0 + mm, n] = c[n, mm] (+ res[mm, n] with kResidual) for n < rows, mm < m_count: c 16 rows
+// of 32 bf16 (16 pairs), out and res bf16 with row stride ldo, from their (m0, 0). The pairs
 // transposed as a 16 x 16 float32 block (bits only), then each pair's low halves -> one out row,
 // high halves -> the next.
+template <bool kResidual>
 DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
                                                    int64_t m_count, uint16_t* out,
                                                    int64_t ldo, const uint16_t* res) {
@@ -217,11 +219,11 @@ DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t
   for (int64_t q = 0; 2 * q < m_count; ++q) {
     const __m512i pairs = _mm512_castps_si512(r[q]);
     const int64_t m = 2 * q;
-    store_row_bf16(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
-                   res == nullptr ? nullptr : res + m * ldo, cols, out + m * ldo);
+    store_row_bf16<kResidual>(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), res + m * ldo,
+                              cols, out + m * ldo);
     if (m + 1 < m_count)
-      store_row_bf16(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)),
-                     res == nullptr ? nullptr : res + (m + 1) * ldo, cols, out + (m + 1) * ldo);
+      store_row_bf16<kResidual>(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)),
+                                res + (m + 1) * ldo, cols, out + (m + 1) * ldo);
   }
 }
 #endif
@@ -309,7 +311,8 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
 
 #if defined(CPU_CAPABILITY_AVX512)
 namespace {
-template <class Pf>
+// kResidual: task.residual is added (a template parameter: the lm_head's stores stay as they were).
+template <class Pf, bool kResidual>
 DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
   const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
   std::vector<uint16_t> rows;  // the last tile's rows, zero-padded to a whole tile
@@ -339,9 +342,9 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
       } else {
         tile_bf16<Ymm, 1>(task.xt + m0, Mp, w, K, K, c, prefetch);
       }
-      store_transposed_bf16(c, r, std::min<int64_t>(rows_left, kMaxVecs * kW),
-                            task.out + m0 * N + n0, N,
-                            task.residual == nullptr ? nullptr : task.residual + m0 * N + n0);
+      store_transposed_bf16<kResidual>(c, r, std::min<int64_t>(rows_left, kMaxVecs * kW),
+                                       task.out + m0 * N + n0, N,
+                                       kResidual ? task.residual + m0 * N + n0 : nullptr);
     }
   }
 }
@@ -350,7 +353,13 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
 // Declared without the target attribute (GCC would take two differently targeted declarations
 // for function versions): the caller has checked the CPU.
 void skinny_linear_bf16_columns(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
-  with_prefetcher(task.nta_prefetch, [&]<class Pf>() { columns_bf16<Pf>(task, begin, end); });
+  with_prefetcher(task.nta_prefetch, [&]<class Pf>() {
+    if (task.residual != nullptr) {
+      columns_bf16<Pf, true>(task, begin, end);
+    } else {
+      columns_bf16<Pf, false>(task, begin, end);
+    }
+  });
 }
 #endif
 
