@@ -137,6 +137,25 @@ def test_bf16_dot_is_within_the_library_error(k, monkeypatch):
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n", [(32, 3001), (17, 2600), (64, 1037)])
+def test_bf16_dot_columns_split_over_threads_are_each_written_once(m, n, threads, monkeypatch):
+    """Wide weights (the lm_head's shape) go to the threads in chunks of column tiles; a tile's
+    stores may spill zeros into the next tile's columns, which that tile then writes: exact
+    small-integer products catch a chunk's edge left with those zeros."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-8, 9, (m, 512), generator=gen).bfloat16()
+    w = torch.randint(-8, 9, (n, 512), generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _dot(x, w, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, F.linear(x.double(), w.double()).bfloat16())
+
+
+@needs_bf16_dot
 @pytest.mark.parametrize("k", [1, 3, 33, 130, 512])
 def test_bf16_dot_places_every_element_exactly(k, monkeypatch):
     """Small integers: every product and sum is exact in float32, so each output is the float64

@@ -184,46 +184,72 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt
   }
 }
 
-// 16 bf16 in the high halves of 32-bit lanes (the low halves zero) as float32.
-using BitsAsFloat = __m512;
+// 16-bit lane indices for vpermw: the low halves of the 16 words of one vector, then their high
+// halves (kSplitHalves); the high halves of a's words, then of b's (kHighHalves, two sources).
+alignas(64) constexpr uint16_t kSplitHalves[32] = {
+    0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+alignas(64) constexpr uint16_t kHighHalves[32] = {
+    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+    33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
 
-// Stores the lanes of `product` (bf16 values as float32), plus the bf16 residual row res with
-// kResidual (the sum rounded to bf16 as torch rounds, load_float.h's round_to), to out's `cols`
-// lanes.
-template <bool kResidual>
-DMAX_BF16_DOT_TARGET inline void store_row_bf16(BitsAsFloat product, const uint16_t* res,
-                                                __mmask16 cols, uint16_t* out) {
-  __m512i bits = _mm512_castps_si512(product);
-  if constexpr (kResidual) {
-    const __m512i r = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, res)),
-                                        16);
-    bits = _mm512_castps_si512(static_cast<__m512>(
-        round_to<c10::BFloat16>(Vec(_mm512_add_ps(product, _mm512_castsi512_ps(r))))));
-  }
-  _mm256_mask_storeu_epi16(out, cols, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+// product (16 bf16 values as float32) + the bf16 row res (its `cols` lanes), rounded to bf16 as
+// torch rounds (load_float.h's round_to): the bf16s in the high halves of the words.
+DMAX_BF16_DOT_TARGET inline __m512i add_residual_bf16(__m512 product, const uint16_t* res,
+                                                      __mmask16 cols) {
+  const __m512i r = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, res)),
+                                      16);
+  return _mm512_castps_si512(static_cast<__m512>(
+      round_to<c10::BFloat16>(Vec(_mm512_add_ps(product, _mm512_castsi512_ps(r))))));
 }
 
 // out[m0 + mm, n] = c[n, mm] (+ res[mm, n] with kResidual) for n < rows, mm < m_count: c 16 rows
 // of 32 bf16 (16 pairs), out and res bf16 with row stride ldo, from their (m0, 0). The pairs
-// transposed as a 16 x 16 float32 block (bits only), then each pair's low halves -> one out row,
-// high halves -> the next.
+// transposed as a 16 x 16 float32 block (bits only), so word n of vector q holds (row 2q, row
+// 2q + 1) of column n; one vpermw puts each row's 16 bf16 in one half of a vector, each half
+// stored with a mask, or, when `wide`, whole: the 16 - rows columns past the tile's get zeros,
+// which the thread's next tile overwrites. On the Zen 5 of docs/PERFORMANCE.md, the masked
+// narrowing stores (vpmovdw to memory) took most of the lm_head's store time; plain stores made
+// it 2% faster (28 of 30 interleaved rounds).
 template <bool kResidual>
 DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t rows,
                                                    int64_t m_count, uint16_t* out,
-                                                   int64_t ldo, const uint16_t* res) {
+                                                   int64_t ldo, const uint16_t* res, bool wide) {
   __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(c[i]);
   transpose_16x16(r);
   const __mmask16 cols = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512i split = _mm512_load_si512(kSplitHalves);
+  const __m512i high_halves = _mm512_load_si512(kHighHalves);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t q = 0; 2 * q < m_count; ++q) {
     const __m512i pairs = _mm512_castps_si512(r[q]);
     const int64_t m = 2 * q;
-    store_row_bf16<kResidual>(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), res + m * ldo,
-                              cols, out + m * ldo);
-    if (m + 1 < m_count)
-      store_row_bf16<kResidual>(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)),
-                                res + (m + 1) * ldo, cols, out + (m + 1) * ldo);
+    const bool second = m + 1 < m_count;
+    __m512i two_rows;  // row m's 16 bf16, then row m + 1's
+    if constexpr (kResidual) {
+      const __m512i lo = add_residual_bf16(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
+                                           res + m * ldo, cols);
+      const __m512i hi = second ? add_residual_bf16(_mm512_castsi512_ps(
+                                                        _mm512_and_si512(pairs, high)),
+                                                    res + (m + 1) * ldo, cols)
+                                : _mm512_setzero_si512();
+      two_rows = _mm512_permutex2var_epi16(lo, high_halves, hi);
+    } else {
+      two_rows = _mm512_permutexvar_epi16(split, pairs);
+    }
+    if (wide) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * ldo),
+                          _mm512_castsi512_si256(two_rows));
+      if (second)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m + 1) * ldo),
+                            _mm512_extracti64x4_epi64(two_rows, 1));
+    } else {
+      _mm256_mask_storeu_epi16(out + m * ldo, cols, _mm512_castsi512_si256(two_rows));
+      if (second)
+        _mm256_mask_storeu_epi16(out + (m + 1) * ldo, cols,
+                                 _mm512_extracti64x4_epi64(two_rows, 1));
+    }
   }
 }
 #endif
@@ -344,7 +370,8 @@ DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t
       }
       store_transposed_bf16<kResidual>(c, r, std::min<int64_t>(rows_left, kMaxVecs * kW),
                                        task.out + m0 * N + n0, N,
-                                       kResidual ? task.residual + m0 * N + n0 : nullptr);
+                                       kResidual ? task.residual + m0 * N + n0 : nullptr,
+                                       !kResidual && n0 + 16 <= end);
     }
   }
 }
