@@ -1,6 +1,6 @@
 // Loading n (<= one vector) elements of float / Half / BFloat16 as a float32 vector (zero-filled
-// past n), storing one back, and rounding one to the element type: shared by the per-capability
-// CPU kernels (each copy compiles these in its CPU_CAPABILITY namespace; the vector width is the
+// past n), storing one back, rounding one to the element type, and storing two rounded ones as
+// one store: shared by the per-capability CPU kernels (each copy compiles these in its CPU_CAPABILITY namespace; the vector width is the
 // capability's).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #endif
 
+#include <cstdint>
 #include <type_traits>
 
 namespace dmax::cpu::CPU_CAPABILITY {
@@ -69,6 +70,34 @@ inline at::vec::Vectorized<float> round_to(const at::vec::Vectorized<float>& v) 
     at::vec::convert_from_float<T>(v, v).store(tmp, kWidth);
     return load_float(tmp, kWidth);
   }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 16-bit lane indices of vpermt2w: the high halves of a's 16 words, then of b's.
+alignas(64) inline constexpr uint16_t kHighHalvesOfTwo[32] = {
+    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+    33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+#endif
+
+// Stores a then b, 2 x kWidth float32 values that are values of T already (round_to<T>), as T at
+// p. bf16 on AVX512: the high halves of both gathered by one vpermt2w, one 512-bit store (a
+// narrowing store, vpmovdw to memory, is slow on the Zen 5 of docs/PERFORMANCE.md, and
+// store_from_float would round again).
+template <class T>
+inline void store_rounded_pair(const at::vec::Vectorized<float>& a,
+                               const at::vec::Vectorized<float>& b, T* p) {
+  constexpr int64_t kWidth = at::vec::Vectorized<float>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i both = _mm512_permutex2var_epi16(
+        _mm512_castps_si512(static_cast<__m512>(a)), _mm512_load_si512(kHighHalvesOfTwo),
+        _mm512_castps_si512(static_cast<__m512>(b)));
+    _mm512_storeu_si512(p, both);
+    return;
+  }
+#endif
+  store_from_float(a, p, kWidth);
+  store_from_float(b, p + kWidth, kWidth);
 }
 
 }  // namespace dmax::cpu::CPU_CAPABILITY

@@ -463,14 +463,23 @@ DMAX_BF16_DOT_TARGET void packed_gemm(const Bits* a, int64_t lda, int64_t m, int
 template <class T, class Out>
 void swiglu_rows(const float* gu, int64_t m, int64_t I, Out* hidden, int64_t ldh) {
   const Vec one(1.f);
+  const auto swiglu = [&](const float* g_row, int64_t j, int64_t n) {
+    const Vec g = round_to<T>(Vec::loadu(g_row + j, n));
+    const Vec u = round_to<T>(Vec::loadu(g_row + I + j, n));
+    const Vec silu = round_to<T>(g / (one + g.neg().exp()));  // torch's silu kernel
+    return round_to<T>(silu * u);
+  };
   for (int64_t i = 0; i < m; ++i) {
     const float* g_row = gu + i * 2 * I;
-    for (int64_t j = 0; j < I; j += kW) {
+    Out* h_row = hidden + i * ldh;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<T, Out>) {  // whole pairs of vectors: one store each
+      for (; j + 2 * kW <= I; j += 2 * kW)
+        store_rounded_pair(swiglu(g_row, j, kW), swiglu(g_row, j + kW, kW), h_row + j);
+    }
+    for (; j < I; j += kW) {
       const int64_t n = std::min(kW, I - j);
-      const Vec g = round_to<T>(Vec::loadu(g_row + j, n));
-      const Vec u = round_to<T>(Vec::loadu(g_row + I + j, n));
-      const Vec silu = round_to<T>(g / (one + g.neg().exp()));  // torch's silu kernel
-      store_from_float<Out>(round_to<T>(silu * u), hidden + i * ldh + j, n);
+      store_from_float<Out>(swiglu(g_row, j, n), h_row + j, n);
     }
   }
 }
@@ -480,9 +489,15 @@ template <class T>
 void store_outputs(const ExpertTask<T>& task, const float* y) {
   const int64_t H = task.H;
   for (int64_t i = 0; i < task.m; ++i) {
-    for (int64_t j = 0; j < H; j += kW) {
+    const float* y_row = y + i * H;
+    T* out = task.out_rows[i];
+    int64_t j = 0;
+    for (; j + 2 * kW <= H; j += 2 * kW)
+      store_rounded_pair(round_to<T>(Vec::loadu(y_row + j)), round_to<T>(Vec::loadu(y_row + j + kW)),
+                         out + j);
+    for (; j < H; j += kW) {
       const int64_t n = std::min(kW, H - j);
-      store_from_float(Vec::loadu(y + i * H + j, n), task.out_rows[i] + j, n);
+      store_from_float(Vec::loadu(y_row + j, n), out + j, n);
     }
   }
 }
@@ -563,17 +578,18 @@ void moe_combine_rows(const CombineTask<T>& task, int64_t begin, int64_t end) {
     const T* y = task.y + r * k * H;
     const float* w = task.weights + r * k;
     T* out = task.out + r * H;
-    for (int64_t j = 0; j < H; j += kW) {
-      const int64_t n = std::min(kW, H - j);
+    const auto weighted_sum = [&](int64_t j, int64_t n) {
       Vec acc(0.f);
       for (int64_t s = 0; s < k; ++s) acc = acc + Vec(w[s]) * load_float(y + s * H + j, n);
-      if constexpr (std::is_same_v<T, float>) {
-        acc.store(out + j, n);
-      } else {
-        T tmp[kW];
-        at::vec::convert_from_float<T>(acc, acc).store(tmp, kW);
-        std::memcpy(out + j, tmp, n * sizeof(T));
-      }
+      return acc;
+    };
+    int64_t j = 0;
+    for (; j + 2 * kW <= H; j += 2 * kW)
+      store_rounded_pair(round_to<T>(weighted_sum(j, kW)), round_to<T>(weighted_sum(j + kW, kW)),
+                         out + j);
+    for (; j < H; j += kW) {
+      const int64_t n = std::min(kW, H - j);
+      store_from_float(weighted_sum(j, n), out + j, n);
     }
   }
 }

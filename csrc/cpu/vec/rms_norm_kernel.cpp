@@ -28,17 +28,9 @@ inline Vec load_whole(const T* p) {
   return load_float(p, kW);
 }
 
-// v holds values of T already (round_to<T>): bf16 on AVX512 stores their high halves as they are
-// (store_from_float would round them again, ~10 more instructions a vector).
+// v holds values of T already (round_to<T>): stored as T (a pair of them: store_rounded_pair).
 template <class T>
 inline void store_whole(const Vec& v, T* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(static_cast<__m512>(v)), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
-    return;
-  }
-#endif
   store_from_float(v, p, kW);
 }
 
@@ -59,7 +51,7 @@ inline float inverse_rms(const T* x, int64_t H, float eps) {
 // in registers: N a template parameter so that the loops unroll and y[] is never memory.
 template <class T, int N>
 void rotary_head(const NormRow<T>& row, const Vec& inv_rms) {
-  Vec y[N];
+  Vec y[N], out[N];
   const int64_t rotary = row.R / kW, half = rotary / 2;
 #pragma GCC unroll 8
   for (int v = 0; v < N; ++v) {
@@ -72,11 +64,14 @@ void rotary_head(const NormRow<T>& row, const Vec& inv_rms) {
       const Vec rot = v < half ? y[v + half].neg() : y[v - half];
       const Vec a = round_to<T>(y[v] * load_whole(row.cos + v * kW));
       const Vec b = round_to<T>(rot * load_whole(row.sin + v * kW));
-      store_whole(round_to<T>(a + b), row.out + v * kW);
+      out[v] = round_to<T>(a + b);
     } else {
-      store_whole(y[v], row.out + v * kW);
+      out[v] = y[v];
     }
   }
+#pragma GCC unroll 8
+  for (int v = 0; v + 1 < N; v += 2) store_rounded_pair(out[v], out[v + 1], row.out + v * kW);
+  if constexpr (N % 2) store_whole(out[N - 1], row.out + (N - 1) * kW);
 }
 
 // write_row for rows of whole vectors (H % kW == 0) and, with a rotary, rotary halves of whole
@@ -86,10 +81,12 @@ template <class T>
 void write_whole_row(const NormRow<T>& row, const Vec& inv_rms) {
   const int64_t H = row.H;
   if (row.cos == nullptr) {
-    for (int64_t j = 0; j < H; j += kW) {
-      const Vec normed = round_to<T>(load_whole(row.x + j) * inv_rms);
-      store_whole(round_to<T>(load_whole(row.weight + j) * normed), row.out + j);
-    }
+    const auto normed = [&](int64_t j) {
+      return round_to<T>(load_whole(row.weight + j) * round_to<T>(load_whole(row.x + j) * inv_rms));
+    };
+    int64_t j = 0;
+    for (; j + 2 * kW <= H; j += 2 * kW) store_rounded_pair(normed(j), normed(j + kW), row.out + j);
+    if (j < H) store_whole(normed(j), row.out + j);
     return;
   }
   [&]<int... N>(std::integer_sequence<int, N...>) {

@@ -185,13 +185,10 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt
 }
 
 // 16-bit lane indices for vpermw: the low halves of the 16 words of one vector, then their high
-// halves (kSplitHalves); the high halves of a's words, then of b's (kHighHalves, two sources).
+// halves.
 alignas(64) constexpr uint16_t kSplitHalves[32] = {
     0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
     1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-alignas(64) constexpr uint16_t kHighHalves[32] = {
-    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-    33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
 
 // product (16 bf16 values as float32) + the bf16 row res (its `cols` lanes), rounded to bf16 as
 // torch rounds (load_float.h's round_to): the bf16s in the high halves of the words.
@@ -220,7 +217,7 @@ DMAX_BF16_DOT_TARGET inline void store_transposed_bf16(const __m512i* c, int64_t
   transpose_16x16(r);
   const __mmask16 cols = static_cast<__mmask16>((1u << rows) - 1);
   const __m512i split = _mm512_load_si512(kSplitHalves);
-  const __m512i high_halves = _mm512_load_si512(kHighHalves);
+  const __m512i high_halves = _mm512_load_si512(kHighHalvesOfTwo);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t q = 0; 2 * q < m_count; ++q) {
     const __m512i pairs = _mm512_castps_si512(r[q]);
