@@ -215,10 +215,14 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_value_tile(
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pa, (__m512bh)vv[j]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NV; ++j)
-      store_from_float(Vec(_mm512_mul_ps(acc[i][j], _mm512_set1_ps(inv[i]))),
-                       out[i] + d0 + j * 16, 16);
+  for (int i = 0; i < R; ++i) {
+    const auto scaled = [&](int j) {
+      return round_to<c10::BFloat16>(Vec(_mm512_mul_ps(acc[i][j], _mm512_set1_ps(inv[i]))));
+    };
+    int j = 0;
+    for (; j + 1 < NV; j += 2) store_rounded_pair(scaled(j), scaled(j + 1), out[i] + d0 + j * 16);
+    if (j < NV) store_from_float(scaled(j), out[i] + d0 + j * 16, 16);
+  }
 }
 
 // p rounded to bf16 pairs: pp[j] = (p[2j], p[2j+1]) for j < Sp / 2 (Sp a multiple of 32 or 16).
