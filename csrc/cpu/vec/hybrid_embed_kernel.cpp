@@ -53,7 +53,11 @@ void hybrid_embed_soft_row(const SoftRow<T>& row) {
   float target = p_mask * row.mask_norm;
   for (int64_t i = 0; i < k; ++i) target += row.probs[i] * std::sqrt(reduce_add(row_sq[i]));
   const Vec scale(target / (std::sqrt(reduce_add(h_sq)) + 1e-6f));
-  for (int64_t j = 0; j < H; j += kW) {
+  int64_t j = 0;
+  for (; j + 2 * kW <= H; j += 2 * kW)
+    store_rounded_pair(round_to<T>(Vec::loadu(row.scratch + j) * scale),
+                       round_to<T>(Vec::loadu(row.scratch + j + kW) * scale), row.out + j);
+  for (; j < H; j += kW) {
     const int64_t n = std::min(kW, H - j);
     store_from_float(Vec::loadu(row.scratch + j, n) * scale, row.out + j, n);
   }
