@@ -1,7 +1,7 @@
 // Loading n (<= one vector) elements of float / Half / BFloat16 as a float32 vector (zero-filled
 // past n), storing one back, rounding one to the element type, and storing two rounded ones as
-// one store: shared by the per-capability CPU kernels (each copy compiles these in its CPU_CAPABILITY namespace; the vector width is the
-// capability's).
+// one store: shared by the per-capability CPU kernels (each copy compiles these in its
+// CPU_CAPABILITY namespace; the vector width is the capability's).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 #if defined(CPU_CAPABILITY_AVX512)

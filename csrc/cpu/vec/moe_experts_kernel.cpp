@@ -493,8 +493,8 @@ void store_outputs(const ExpertTask<T>& task, const float* y) {
     T* out = task.out_rows[i];
     int64_t j = 0;
     for (; j + 2 * kW <= H; j += 2 * kW)
-      store_rounded_pair(round_to<T>(Vec::loadu(y_row + j)), round_to<T>(Vec::loadu(y_row + j + kW)),
-                         out + j);
+      store_rounded_pair(round_to<T>(Vec::loadu(y_row + j)),
+                         round_to<T>(Vec::loadu(y_row + j + kW)), out + j);
     for (; j < H; j += kW) {
       const int64_t n = std::min(kW, H - j);
       store_from_float(Vec::loadu(y_row + j, n), out + j, n);

@@ -28,12 +28,6 @@ inline Vec load_whole(const T* p) {
   return load_float(p, kW);
 }
 
-// v holds values of T already (round_to<T>): stored as T (a pair of them: store_rounded_pair).
-template <class T>
-inline void store_whole(const Vec& v, T* p) {
-  store_from_float(v, p, kW);
-}
-
 // 1 / sqrt(mean(x^2) + eps), summed vector by vector (zeros past H), then across the lanes.
 template <class T>
 inline float inverse_rms(const T* x, int64_t H, float eps) {
@@ -71,7 +65,7 @@ void rotary_head(const NormRow<T>& row, const Vec& inv_rms) {
   }
 #pragma GCC unroll 8
   for (int v = 0; v + 1 < N; v += 2) store_rounded_pair(out[v], out[v + 1], row.out + v * kW);
-  if constexpr (N % 2) store_whole(out[N - 1], row.out + (N - 1) * kW);
+  if constexpr (N % 2) store_from_float(out[N - 1], row.out + (N - 1) * kW, kW);
 }
 
 // write_row for rows of whole vectors (H % kW == 0) and, with a rotary, rotary halves of whole
@@ -86,7 +80,7 @@ void write_whole_row(const NormRow<T>& row, const Vec& inv_rms) {
     };
     int64_t j = 0;
     for (; j + 2 * kW <= H; j += 2 * kW) store_rounded_pair(normed(j), normed(j + kW), row.out + j);
-    if (j < H) store_whole(normed(j), row.out + j);
+    if (j < H) store_from_float(normed(j), row.out + j, kW);
     return;
   }
   [&]<int... N>(std::integer_sequence<int, N...>) {

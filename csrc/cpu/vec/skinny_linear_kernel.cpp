@@ -334,7 +334,8 @@ void skinny_linear_columns(const SkinnyLinearTask& task, int64_t begin, int64_t 
 
 #if defined(CPU_CAPABILITY_AVX512)
 namespace {
-// kResidual: task.residual is added (a template parameter: the lm_head's stores stay as they were).
+// kResidual: task.residual is added (a template parameter: no residual branch in the lm_head's
+// stores).
 template <class Pf, bool kResidual>
 DMAX_BF16_DOT_TARGET void columns_bf16(const SkinnyLinearBf16Task& task, int64_t begin, int64_t end) {
   const int64_t K = task.K, Mp = task.Mp, M = task.M, N = task.N;
