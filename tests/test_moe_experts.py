@@ -157,9 +157,11 @@ def test_opcheck_pack_moe_weights():
 
 
 # (rows of the busiest expert, hidden, inter): one-row experts, a full 14-row tile and one row
-# past it, two full tiles; hidden and 2 * inter multiples of 32 (packable), inter odd / 16.
+# past it (passes of 8 + 7), 16 (8 + 8), two full tiles (28), 29 (10 + 10 + 9), 40 (14 + 13 + 13);
+# hidden and 2 * inter multiples of 32 (packable), inter odd / 16.
 @pytest.mark.parametrize("n_tokens,hidden,inter", [(1, 32, 16), (3, 64, 48), (14, 96, 16),
-                                                   (15, 64, 32), (29, 128, 64), (40, 512, 128)])
+                                                   (15, 64, 32), (16, 64, 32), (28, 96, 48),
+                                                   (29, 128, 64), (40, 512, 128)])
 def test_packed_weights_give_bitwise_the_plain_results(bf16_dot, n_tokens, hidden, inter):
     # Packed weights feed the dot products the same pairs in the same order: equal bits. Without
     # the dot products the op reads them unpacked: equal bits again.

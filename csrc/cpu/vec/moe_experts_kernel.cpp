@@ -130,22 +130,28 @@ inline void gemm_tile(const float* a, int64_t lda, const T* b, int64_t ldb, int6
     for (int v = 0; v < NV; ++v) acc[i][v].store(c + i * ldc + v * kW);
 }
 
-// Calls tile.template operator()<MB>() for MB = rows (1 <= rows < kMax): the rows left after
-// the full tiles, as one smaller tile with its own instantiation (its accumulators in registers).
+// Calls tile.template operator()<MB>(i) for passes of MB rows from row i that cover rows
+// [0, m): as few passes as tiles of at most kMax rows allow, their sizes as even as can be. A
+// pass of few rows is bound by its multiply-adds' latency (few chains in flight), so 16 rows go
+// as 8 + 8, not 14 + 2 (llada2-small's bf16 block forward: 1.012x, 34 of 40 interleaved turns).
+// Each size has its own instantiation (its accumulators in registers); a row's sums do not
+// depend on the pass it is in.
 template <int kMax, class Tile>
-inline void remainder_tile(int64_t rows, Tile&& tile) {
-  [&]<int... N>(std::integer_sequence<int, N...>) {
-    ((rows == N + 1 ? (tile.template operator()<N + 1>(), 0) : 0), ...);
-  }(std::make_integer_sequence<int, kMax - 1>{});
+inline void row_passes(int64_t m, Tile&& tile) {
+  const int64_t passes = (m + kMax - 1) / kMax;
+  for (int64_t p = 0, i = 0; p < passes; ++p) {
+    const int64_t rows = m / passes + (p < m % passes);
+    [&]<int... N>(std::integer_sequence<int, N...>) {
+      ((rows == N + 1 ? (tile.template operator()<N + 1>(i), 0) : 0), ...);
+    }(std::make_integer_sequence<int, kMax>{});
+    i += rows;
+  }
 }
 
 template <class T, int NV, class Pf>
 void gemm_rows(const float* a, int64_t lda, int64_t m, const T* b, int64_t ldb, int64_t K,
                float* c, int64_t ldc, bool accumulate, Pf& pf) {
-  int64_t i = 0;
-  for (; i + kRows<T> <= m; i += kRows<T>)
-    gemm_tile<T, kRows<T>, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
-  remainder_tile<kRows<T>>(m - i, [&]<int MB>() {
+  row_passes<kRows<T>>(m, [&]<int MB>(int64_t i) {
     gemm_tile<T, MB, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, pf);
   });
 }
@@ -329,10 +335,7 @@ template <int NB, bool kTail, class Pf>
 DMAX_BF16_DOT_TARGET void dot_rows(const Bits* a, int64_t lda, int64_t m, const Bits* b,
                                    int64_t ldb, int64_t K, float* c, int64_t ldc, bool accumulate,
                                    __mmask32 cols, Pf& pf) {
-  int64_t i = 0;
-  for (; i + kDotRows <= m; i += kDotRows)
-    dot_tile<kDotRows, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
-  remainder_tile<kDotRows>(m - i, [&]<int MB>() {
+  row_passes<kDotRows>(m, [&]<int MB>(int64_t i) {
     dot_tile<MB, NB, kTail>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc, accumulate, cols, pf);
   });
 }
@@ -445,10 +448,7 @@ DMAX_BF16_DOT_TARGET void packed_gemm(const Bits* a, int64_t lda, int64_t m, int
     const char* from = reinterpret_cast<const char*>(next);
     Pf pf{from, from + 64 * lines, (lines + steps - 1) / steps};
     float* cj = c + jb * kDotCols;
-    int64_t i = 0;
-    for (; i + kDotRows <= m; i += kDotRows)
-      packed_tile<kDotRows>(a + i * lda, lda, bj, pairs, cj + i * n, n, pf);
-    remainder_tile<kDotRows>(m - i, [&]<int MB>() {
+    row_passes<kDotRows>(m, [&]<int MB>(int64_t i) {
       packed_tile<MB>(a + i * lda, lda, bj, pairs, cj + i * n, n, pf);
     });
   }
