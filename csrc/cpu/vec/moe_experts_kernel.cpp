@@ -234,8 +234,9 @@ void gemm(const float* a, int64_t m, int64_t K, const T* b, int64_t n, float* c,
 
 using Bits = uint16_t;  // a bf16 as its bits (c10::BFloat16's layout)
 constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
-// Tiles of 14 routed rows x one block (28 accumulators): an expert's routed rows of a block
-// (~10 on average, up to ~30) in one or two passes over each weight panel, where 5 rows x 2
+// Tiles of up to 14 routed rows x one block (28 accumulators; row_passes splits an expert's rows
+// evenly): its routed rows of a block (~10 on average, up to ~30) in one or two passes over each
+// weight panel, where 5 rows x 2
 // blocks took two to six, each reloading and re-interleaving the panel (an llada2-small layer,
 // cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
 constexpr int kDotBlocks = 1;
