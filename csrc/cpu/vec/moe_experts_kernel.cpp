@@ -236,9 +236,8 @@ using Bits = uint16_t;  // a bf16 as its bits (c10::BFloat16's layout)
 constexpr int64_t kDotCols = 32;  // weight columns per 512-bit load (one block)
 // Tiles of up to 14 routed rows x one block (28 accumulators; row_passes splits an expert's rows
 // evenly): its routed rows of a block (~10 on average, up to ~30) in one or two passes over each
-// weight panel, where 5 rows x 2
-// blocks took two to six, each reloading and re-interleaving the panel (an llada2-small layer,
-// cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
+// weight panel, where 5 rows x 2 blocks took two to six, each reloading and re-interleaving the
+// panel (an llada2-small layer, cold weights: 0.62 -> 0.47 ms, docs/PERFORMANCE.md).
 constexpr int kDotBlocks = 1;
 constexpr int kDotRows = 14;
 // Blocks per tile for experts of one routed row (a whole gate_up row of llada2-small in one pass;
