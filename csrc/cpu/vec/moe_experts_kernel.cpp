@@ -305,8 +305,9 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_tile(const Bits* a, int6
         lo[i][v] = hi[i][v] = _mm512_setzero_ps();
       }
     }
+  Pf pf = prefetch;  // a local copy (prefetch.h)
   for (int64_t kk = 0; kk < K; kk += 2) {
-    prefetch.step();
+    pf.step();
     const Bits* row = b + kk * ldb;
     const bool pair = kk + 1 < K;
     __m512i wl[NB], wh[NB];
@@ -327,6 +328,7 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void dot_tile(const Bits* a, int6
       }
     }
   }
+  prefetch = pf;
   for (int i = 0; i < MB; ++i)
     for (int v = 0; v < NB; ++v) store_acc<kTail>(c + i * ldc + v * kDotCols, cols, lo[i][v], hi[i][v]);
 }
@@ -409,19 +411,31 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void packed_tile(const Bits* a, i
   __m512 acc[2 * MB];  // row i: columns 0..15, 16..31
 #pragma GCC unroll 32
   for (int q = 0; q < 2 * MB; ++q) acc[q] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p, b += kPairBits, a += 2) {
-    prefetch.step();
+  // The rows in groups of three from one pointer each (as skinny_linear's tiles address their
+  // weight rows): 14 row offsets did not fit the general registers, and GCC reloaded them from
+  // the stack at every step.
+  constexpr int kGroups = (MB + 2) / 3;
+  const char* base[kGroups];
+#pragma GCC unroll 8
+  for (int g = 0; g < kGroups; ++g) base[g] = reinterpret_cast<const char*>(a + 3 * g * lda);
+  const int64_t row_bytes = lda * static_cast<int64_t>(sizeof(Bits));
+  Pf pf = prefetch;  // a local copy (prefetch.h)
+  for (int64_t p = 0; p < pairs; ++p, b += kPairBits) {
+    pf.step();
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b + kDotCols);
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       int32_t two;  // a[i, 2p..2p+1]
-      std::memcpy(&two, a + i * lda, sizeof(two));
+      std::memcpy(&two, base[i / 3] + (i % 3) * row_bytes, sizeof(two));
       const __m512bh xa = (__m512bh)_mm512_set1_epi32(two);
       acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], w0, xa);
       acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], w1, xa);
     }
+#pragma GCC unroll 8
+    for (int g = 0; g < kGroups; ++g) base[g] += 2 * sizeof(Bits);
   }
+  prefetch = pf;
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) {
     _mm512_storeu_ps(c + i * ldc, acc[2 * i]);

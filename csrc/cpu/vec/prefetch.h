@@ -8,6 +8,10 @@
 
 namespace dmax::cpu::CPU_CAPABILITY {
 
+// A tile that is not inlined steps a local copy and hands it back at its end
+// (`Pf pf = prefetch; ... prefetch = pf;`): through the reference, GCC loaded and stored the
+// cursor at every multiply-add step (llada2-small's experts, weights in L3: 1-row experts 6.5 ->
+// 5.3 us, 32-row ones 29.4 -> 27.9 us).
 template <int kLocality>
 struct BasicPrefetcher {
   const char* next;

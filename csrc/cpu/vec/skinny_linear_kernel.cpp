@@ -170,10 +170,12 @@ DMAX_BF16_DOT_TARGET __attribute__((noinline)) void tile_bf16(const uint32_t* xt
     base[g] = reinterpret_cast<const char*>(w + 3 * g * ldw);
   const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(uint16_t));
   const int64_t pairs = K / 2;
+  Pf pf = prefetch;  // a local copy (prefetch.h)
   for (int64_t p = 0; p < pairs; ++p) {
-    prefetch.step();
+    pf.step();
     dot_step<V, NV, WeightPair>(acc, xt + p * ldx, base, row_bytes);
   }
+  prefetch = pf;
   if (K % 2) dot_step<V, NV, WeightLast>(acc, xt + pairs * ldx, base, row_bytes);
   for (int i = 0; i < kTileRows; ++i) {
     if constexpr (NV == 2) {
