@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,14 @@ class ForwardShape:
     n_tokens: int
     cache_slots: int
     n_logits: int
+
+
+def as_in_decode(model):
+    """The context decode() runs its forwards in, for timing them as decoding runs them:
+    model.frozen() (a build that predates it: nothing). Its state lasts as long as the block:
+    enter it around a run of forwards, not each one."""
+    frozen = getattr(model, "frozen", None)
+    return frozen() if frozen is not None else nullcontext()
 
 
 @contextmanager
@@ -132,7 +140,7 @@ def time_block_step_ms(model, step: BlockStep, repeats: int = 5, warmup: int = 1
     """Wall times (ms) of `repeats` forwards of `step`, on one cache allocated beforehand."""
     cache = model.new_cache(step.batch, step.write_slot + step.block_length)
     samples = []
-    with torch.inference_mode():
+    with torch.inference_mode(), as_in_decode(model):
         for i in range(warmup + repeats):
             start = time.perf_counter()
             replay(model, step, cache)

@@ -49,10 +49,11 @@ def worker(package: str, preset: str, dtype: str, n_steps: int, threads: int) ->
         raise SystemExit(f"dmax_ext came from {dmax_ext.__file__}, not {package}")
     sys.path.insert(1, str(HERE))
     import torch
+    import block_forward
     import switch_ab
     torch.set_num_threads(threads)
     replayed = switch_ab.ReplayedSteps(preset, getattr(torch, dtype), n_steps)
-    with torch.inference_mode():
+    with torch.inference_mode(), block_forward.as_in_decode(replayed.model):
         replayed.forward_ms()  # warm-up: caches, packed copies, pages
         print("ready", flush=True)
         for line in sys.stdin:

@@ -22,6 +22,7 @@ Models: tps.synthetic_model (the preset's benchmark weights) and tps.synthetic_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -91,7 +92,10 @@ def block_forward_target(models, prompts, args) -> list[dict]:
     times = {d: [[] for _ in steps[d]] for d in models}
     floors = {d: [[] for _ in steps[d]] for d in models}
     machines = []
-    with torch.inference_mode():
+    with contextlib.ExitStack() as decoding:
+        decoding.enter_context(torch.inference_mode())
+        for model in models.values():  # the forwards as decode() runs them
+            decoding.enter_context(block_forward.as_in_decode(model))
         for d in models:  # warm-up
             for s, c in zip(steps[d], caches[d]):
                 block_forward.replay(models[d], s, c)
@@ -257,13 +261,14 @@ def profile(models, prompts, args) -> None:
         caches = [model.new_cache(s.batch, s.write_slot + s.block_length) for s in steps]
         seconds: dict = {}
         with torch.inference_mode():
-            for s, c in zip(steps, caches):
-                block_forward.replay(model, s, c)
-            start = time.perf_counter()
-            for _ in range(args.repeats):
+            with block_forward.as_in_decode(model):  # ends before the hooks come
                 for s, c in zip(steps, caches):
                     block_forward.replay(model, s, c)
-            plain = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    for s, c in zip(steps, caches):
+                        block_forward.replay(model, s, c)
+                plain = time.perf_counter() - start
             # Hooks make each layer run its modules one by one (model/native_layer.py), which
             # the section timers need; the plain forward runs a layer as one op.
             handles = _section_hooks(model, seconds)

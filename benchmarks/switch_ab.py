@@ -74,7 +74,9 @@ def main(argv=None) -> int:
 
     def forwards_ms(setting: str) -> float:
         os.environ[args.variable] = setting
-        return replayed.forward_ms()
+        # A frozen model keeps what the switches chose (LLaDA2MoeModel.frozen): one per setting.
+        with block_forward.as_in_decode(replayed.model):
+            return replayed.forward_ms()
 
     before = os.environ.get(args.variable)
     try:

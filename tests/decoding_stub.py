@@ -8,6 +8,7 @@ FILLER. Every forward is recorded in model.calls.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,9 @@ class StubModel:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_weight[ids]
+
+    def frozen(self):  # decode() runs inside one (LLaDA2MoeModel.frozen); nothing to cache here
+        return contextlib.nullcontext(self)
 
     def new_cache(self, batch_size: int, max_slots: int) -> StubCache:
         self.caches.append(StubCache(batch_size, max_slots))

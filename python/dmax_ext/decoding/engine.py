@@ -107,7 +107,7 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     # the same inputs (cuda_graph.py); the CPU reads the exact spans.
     runner = (CudaGraphStep() if cuda_graphs
               else EagerStep(timer, bucket_spans=device.type == "cuda"))
-    with torch.inference_mode():
+    with torch.inference_mode(), model.frozen():  # the layers' op arguments packed once
         result = _Decoder(model, backend, config, runner, timer).run(prompts)
     if timing:
         result.forward_s, result.ops_s = timer.seconds["forward"], timer.seconds["ops"]

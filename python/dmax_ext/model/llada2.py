@@ -5,6 +5,8 @@ Module names follow the Hugging Face checkpoint (model.word_embeddings, model.la
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ from .config import LLaDA2Config
 from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .moe import MoeBlock, resolve_impl
 from .native import CpuVariant
-from .native_layer import native_layer_forward
+from .native_layer import native_layer_forward, planned_layer_forward
 
 
 class DecoderLayer(CpuVariant, nn.Module):
@@ -55,6 +57,7 @@ class LLaDA2MoeModel(nn.Module):
         # The largest matmul of a block forward (Linear: dmax.skinny_linear for a block's rows).
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tokenizer = None
+        self._frozen: _FrozenState | None = None  # inside frozen()
 
     # -- embeddings ----------------------------------------------------------------------------
     @property
@@ -87,6 +90,23 @@ class LLaDA2MoeModel(nn.Module):
             if isinstance(module, CpuVariant):
                 module.cpu_variant = enabled
 
+    @contextlib.contextmanager
+    def frozen(self):
+        """Inside, the caller promises that the model does not change: no parameter replaced or
+        updated, no hook added or removed, no CPU variant, MoE impl or DMAX_CPU_* switch
+        flipped. Cached forwards then reuse what depends only on the model and the call's
+        shape (_FrozenState): each layer's dmax.decoder_layer arguments, packed once per dtype,
+        device and row count, and the last forward's mask and rotary tables when its positions
+        and slots come again (a block's later steps). decode() runs inside one; re-entrant."""
+        if self._frozen is not None:
+            yield self
+            return
+        self._frozen = _FrozenState()
+        try:
+            yield self
+        finally:
+            self._frozen = None
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, block_length: int | None = None,
@@ -112,7 +132,8 @@ class LLaDA2MoeModel(nn.Module):
             mask = block_causal_mask(length, _positive(block_length), x.device)
         else:
             mask = None
-        return self._run(x, position_ids, mask)
+        cos, sin = self._rotary(position_ids, x)
+        return self._run(x, cos, sin, mask)
 
     def new_cache(self, batch_size: int, max_slots: int) -> KVCache:
         # A token's position is at most its slot, so this bound keeps every position in range.
@@ -164,11 +185,12 @@ class LLaDA2MoeModel(nn.Module):
                 or not 0 <= n_logits <= length:
             raise ValueError(f"n_logits must be an int in [0, {length}] (the fed tokens), "
                              f"got {n_logits!r}")
-        fed_slots = write_slot + torch.arange(length, device=x.device)
-        mask = cached_attention_mask(valid_from.to(x.device), fed_slots, span, block_length)
-        fed = fed_slots if isinstance(write_slot, torch.Tensor) else slice(write_slot,
-                                                                           write_slot + length)
-        return self._run(x, position_ids, mask, cache, CacheSlots(fed, span), n_logits)
+        if isinstance(write_slot, torch.Tensor):
+            fed = write_slot + torch.arange(length, device=x.device)
+        else:
+            fed = slice(write_slot, write_slot + length)
+        cos, sin, mask = self._step_inputs(x, position_ids, valid_from, fed, span, block_length)
+        return self._run(x, cos, sin, mask, cache, CacheSlots(fed, span), n_logits)
 
     # -- internals -----------------------------------------------------------------------------
     def _inputs(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -189,11 +211,38 @@ class LLaDA2MoeModel(nn.Module):
                              f"({self.config.max_position_embeddings}): the prompt plus generation "
                              "is longer than the model supports")
 
-    def _run(self, x, position_ids, mask, cache: KVCache | None = None,
+    def _step_inputs(self, x, position_ids, valid_from, fed, span: int, block_length: int):
+        """(cos, sin, mask) of a cached forward feeding x at the slots `fed` (a slice, or the
+        device's slot tensor); inside frozen() with a host write slot, the last forward's when
+        it had the same positions and slots (on the CPU only: comparing device tensors would
+        wait for the device)."""
+        frozen = self._frozen if isinstance(fed, slice) and x.device.type == "cpu" else None
+        if frozen is not None:
+            key = (fed.start, fed.stop, span, block_length, x.dtype, x.device)
+            kept = frozen.step_inputs(key, position_ids, valid_from)
+            if kept is not None:
+                return kept
+        fed_slots = (torch.arange(fed.start, fed.stop, device=x.device)
+                     if isinstance(fed, slice) else fed)
+        inputs = (*self._rotary(position_ids, x),
+                  cached_attention_mask(valid_from.to(x.device), fed_slots, span, block_length))
+        if frozen is not None:
+            frozen.keep_step_inputs(key, position_ids, valid_from, inputs)
+        return inputs
+
+    def _rotary(self, position_ids: torch.Tensor, x: torch.Tensor):
+        return rotary_cos_sin(position_ids.to(x.device), self._inv_freq(x.device), x.dtype)
+
+    def _run(self, x, cos, sin, mask, cache: KVCache | None = None,
              slots: CacheSlots | None = None, n_logits: int | None = None):
-        cos, sin = rotary_cos_sin(position_ids.to(x.device), self._inv_freq(x.device), x.dtype)
+        plans = (self._frozen.layer_plans
+                 if self._frozen is not None and cache is not None
+                 and not torch.is_grad_enabled() else None)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, slots)
+            cache_kv = cache.layer(i) if cache is not None else None
+            planned = (None if plans is None else
+                       planned_layer_forward(plans, i, layer, x, cos, sin, mask, cache_kv, slots))
+            x = layer(x, cos, sin, mask, cache_kv, slots) if planned is None else planned
         if n_logits is not None and n_logits < x.shape[1]:
             if n_logits == 0:
                 return None
@@ -206,6 +255,30 @@ class LLaDA2MoeModel(nn.Module):
         if device not in cached:
             cached[device] = rotary_inv_freq(self.config.rotary_dim, self.config.rope_theta, device)
         return cached[device]
+
+
+class _FrozenState:
+    """What a frozen model (LLaDA2MoeModel.frozen) keeps between cached forwards. In a decoding
+    forward of llada2-small, cold after the previous forward's kernels, packing the layers'
+    arguments took 28-49 us a layer and the mask and rotary tables ~100 us (docs/PERFORMANCE.md).
+    """
+
+    def __init__(self):
+        self.layer_plans: dict = {}  # native_layer.planned_layer_forward's
+        self._step = None            # (key, position_ids, valid_from, (cos, sin, mask))
+
+    def step_inputs(self, key: tuple, position_ids, valid_from):
+        """The kept (cos, sin, mask) if the last forward had this key (slots, span, block
+        length, dtype, device) and these positions and valid_from, else None. The tensors are
+        compared by value: the engine rewrites its buffers in place."""
+        step = self._step
+        if step is None or step[0] != key or not torch.equal(step[1], position_ids) \
+                or not torch.equal(step[2], valid_from):
+            return None
+        return step[3]
+
+    def keep_step_inputs(self, key: tuple, position_ids, valid_from, inputs: tuple) -> None:
+        self._step = (key, position_ids.clone(), valid_from.clone(), inputs)
 
 
 def _positive(block_length) -> int:

@@ -102,12 +102,12 @@ def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
     return True
 
 
-def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | None:
-    """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots), or None
-    where it does not apply (no cache or an on-device write slot, gradients, another device or
-    dtype, a module off its native form, hooks, no such op in the loaded library)."""
-    if cache_kv is None or mask is None or not isinstance(slots.fed, slice) \
-            or x.dtype not in _DTYPES:
+def layer_plan(layer, x) -> tuple | None:
+    """The arguments of dmax.decoder_layer that depend on the layer and not on the call, for an
+    input like x (its dtype, device, row count, gradient wanted): (weights, dims, scalars), or
+    None where the op does not apply (gradients, another device or dtype, a module off its
+    native form, hooks, no such op in the loaded library)."""
+    if x.dtype not in _DTYPES:
         return None
     parts = _layer_parts(layer)
     weights = parts.weights
@@ -126,8 +126,25 @@ def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | Non
         at = parts.experts_at
         weights = [*weights[:at - 2], router.float_weight(), weights[at - 1],
                    *parts.experts.kernel_weights(), *weights[at + 2:]]
+    return weights, dims, scalars
+
+
+def call_applies(cache_kv, mask, slots) -> bool:
+    """Whether a call with these may run as dmax.decoder_layer: a cached forward with a mask and
+    a host write slot (an on-device one is the CUDA graph's form)."""
+    return cache_kv is not None and mask is not None and isinstance(slots.fed, slice)
+
+
+def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | None:
+    """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots), or None
+    where it does not apply (call_applies, layer_plan)."""
+    if not call_applies(cache_kv, mask, slots):
+        return None
+    plan = layer_plan(layer, x)
+    if plan is None:
+        return None
     keys, values = cache_kv
-    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, weights, dims, scalars)
+    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, *plan)
 
 
 def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots) -> torch.Tensor | None:
@@ -135,3 +152,25 @@ def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots) -> torch.Ten
     apply (decoder_layer_args): the caller then runs the modules."""
     args = decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots)
     return None if args is None else torch.ops.dmax.decoder_layer(*args)
+
+
+_UNPLANNED = object()
+
+
+def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cache_kv, slots):
+    """native_layer_forward for layer `index` of a model that does not change between calls
+    (LLaDA2MoeModel.frozen): its layer_plan is made once per (index, dtype, device, rows) and
+    kept in `plans`. Packing the arguments at every call cost 28-49 us a layer in a decoding
+    forward of llada2-small (its data cold after the layer's kernels), against ~12 us in a loop
+    of calls alone (docs/PERFORMANCE.md). None where the op does not apply."""
+    if not call_applies(cache_kv, mask, slots):
+        return None
+    key = (index, x.dtype, x.device, x.shape[0] * x.shape[1])
+    plan = plans.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = plans[key] = layer_plan(layer, x)
+    if plan is None:
+        return None
+    keys, values = cache_kv
+    return torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, slots.fed.start,
+                                        slots.span, *plan)
