@@ -70,3 +70,20 @@ def test_one_flat_prompt_is_a_batch_of_one():
     nested = decode(StubModel(lambda block, step: None, 4), [[1, 2, 3]], gen_length=1,
                     block_length=4, ops="reference")
     assert flat.tokens == nested.tokens and len(flat.tokens) == 1
+
+
+@pytest.mark.parametrize("ops", ["native", "reference"])
+def test_an_undefined_softmax_stops_the_decode(ops):
+    """A NaN logit (the model's fault) is an error naming the position, not a silent decode: the
+    native step checks the softmax statistics' conf as the ops.logits_stats wrapper does."""
+    model = StubModel(lambda block, step: None, 4)
+    forward_cached = model.forward_cached
+
+    def poisoned(*args, **kwargs):
+        logits = forward_cached(*args, **kwargs)
+        if logits is not None:
+            logits[0, 2, 5] = math.nan
+        return logits
+    model.forward_cached = poisoned
+    with pytest.raises(ValueError, match=r"logits\[0, 2\] has a NaN or \+inf logit"):
+        decode(model, PROMPT, gen_length=4, block_length=4, ops=ops)

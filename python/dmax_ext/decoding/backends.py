@@ -1,6 +1,6 @@
-"""The ops a step calls, from either implementation: "native" (torch.ops.dmax through the
-dmax_ext.ops wrappers) or "reference" (dmax_ext.reference, the pure-PyTorch spec). Both expose
-the op schemas of docs/ARCHITECTURE.md ("Ops"), hybrid_embed writing in place."""
+"""The ops a step calls, from either implementation: "native" (torch.ops.dmax, see NativeOps)
+or "reference" (dmax_ext.reference, the pure-PyTorch spec). Both expose the op schemas of
+docs/ARCHITECTURE.md ("Ops"), hybrid_embed writing in place."""
 from __future__ import annotations
 
 import torch
@@ -10,26 +10,26 @@ from .params import OPS_BACKENDS
 OP_NAMES = ("logits_stats", "promote", "spd_update", "hybrid_embed")
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class NativeOps:
-    """The native ops. promote, spd_update and hybrid_embed run as torch.ops.dmax.* directly: a
-    step passes them its own buffers, whose shapes, dtypes, devices and id ranges their C++
-    checks (csrc/common/spd_checks.h) cover; the dmax_ext.ops wrappers' Python checks of the same
-    cost ~15 us a step on the CPU (docs/PERFORMANCE.md). logits_stats keeps its wrapper, which
-    turns a NaN row (the model's fault) into an error, except while a CUDA graph is being
-    captured: its value check reads tensor data (a host sync, illegal during capture), and the
-    eager warm-up step just before the capture has run it on the same buffers."""
+    """The native ops, as torch.ops.dmax.* directly: a step passes them its own buffers, whose
+    shapes, dtypes, devices and id ranges their C++ checks (csrc/common/spd_checks.h,
+    sampling_checks.h) cover; the dmax_ext.ops wrappers' Python checks of the same cost ~15 us
+    a step on the CPU for promote, spd_update and hybrid_embed, and ~30 us for logits_stats'
+    (docs/PERFORMANCE.md). logits_stats keeps the wrapper's one check of values on the CPU
+    (ops.check_softmax_defined: a NaN row, the model's fault, becomes an error); on CUDA, as
+    the wrapper, none (it would wait for the device, and a CUDA graph capture forbids it)."""
 
     def __init__(self):
         from .. import ops
-        self._logits_stats = ops.logits_stats
+        self._check_softmax_defined = ops.check_softmax_defined
 
-    def logits_stats(self, *args):
-        op = torch.ops.dmax.logits_stats if _capturing() else self._logits_stats
-        return op(*args)
+    def logits_stats(self, logits, *args):
+        if not logits.is_contiguous():  # a model may return a view (the op reads rows in place)
+            logits = logits.contiguous()
+        out = torch.ops.dmax.logits_stats(logits, *args)
+        if not logits.is_cuda:
+            self._check_softmax_defined(out[1])
+        return out
 
     def promote(self, *args):
         return torch.ops.dmax.promote(*args)
