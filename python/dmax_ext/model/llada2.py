@@ -259,8 +259,9 @@ class LLaDA2MoeModel(nn.Module):
 
 class _FrozenState:
     """What a frozen model (LLaDA2MoeModel.frozen) keeps between cached forwards. In a decoding
-    forward of llada2-small, cold after the previous forward's kernels, packing the layers'
-    arguments took 28-49 us a layer and the mask and rotary tables ~100 us (docs/PERFORMANCE.md).
+    forward of llada2-small, its code and data cold after the previous kernels, packing a
+    layer's arguments took 28-49 us (~12 us in a loop of calls alone) and the mask and rotary
+    tables ~100 us (docs/PERFORMANCE.md, 13:55 entry).
     """
 
     def __init__(self):

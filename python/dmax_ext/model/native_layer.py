@@ -135,16 +135,18 @@ def call_applies(cache_kv, mask, slots) -> bool:
     return cache_kv is not None and mask is not None and isinstance(slots.fed, slice)
 
 
+def _op_args(plan: tuple, x, cos, sin, mask, cache_kv, slots) -> tuple:
+    keys, values = cache_kv
+    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, *plan)
+
+
 def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | None:
     """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots), or None
     where it does not apply (call_applies, layer_plan)."""
     if not call_applies(cache_kv, mask, slots):
         return None
     plan = layer_plan(layer, x)
-    if plan is None:
-        return None
-    keys, values = cache_kv
-    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, *plan)
+    return None if plan is None else _op_args(plan, x, cos, sin, mask, cache_kv, slots)
 
 
 def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots) -> torch.Tensor | None:
@@ -159,10 +161,9 @@ _UNPLANNED = object()
 
 def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cache_kv, slots):
     """native_layer_forward for layer `index` of a model that does not change between calls
-    (LLaDA2MoeModel.frozen): its layer_plan is made once per (index, dtype, device, rows) and
-    kept in `plans`. Packing the arguments at every call cost 28-49 us a layer in a decoding
-    forward of llada2-small (its data cold after the layer's kernels), against ~12 us in a loop
-    of calls alone (docs/PERFORMANCE.md). None where the op does not apply."""
+    (LLaDA2MoeModel.frozen, whose _FrozenState says what this saves): its layer_plan is made
+    once per (index, dtype, device, rows) and kept in `plans`. None where the op does not
+    apply."""
     if not call_applies(cache_kv, mask, slots):
         return None
     key = (index, x.dtype, x.device, x.shape[0] * x.shape[1])
@@ -171,6 +172,4 @@ def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cac
         plan = plans[key] = layer_plan(layer, x)
     if plan is None:
         return None
-    keys, values = cache_kv
-    return torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, slots.fed.start,
-                                        slots.span, *plan)
+    return torch.ops.dmax.decoder_layer(*_op_args(plan, x, cos, sin, mask, cache_kv, slots))
