@@ -109,6 +109,39 @@ def test_bf16_experts_with_none_one_or_many_rows(bf16_dot):
                               f"bf16 dot={bf16_dot} skewed")
 
 
+def _skewed_case(n_tokens, n_experts, busy, dtype, seed):
+    """k = 4 slots a token over `busy` of the experts, skewed as a decoding block's routing: a
+    few experts take most rows (geometric weights), the rest one row or a few."""
+    x, _, weights, gate_up, down = _case(n_tokens, n_experts, 64, 32, 4, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pool = torch.randperm(n_experts, generator=gen)[:busy]
+    odds = 0.6 ** torch.arange(busy, dtype=torch.float64)
+    ids = torch.stack([pool[torch.multinomial(odds, min(4, busy), generator=gen)]
+                       for _ in range(n_tokens)])
+    return x, ids, weights[:, :ids.shape[1]].contiguous(), gate_up, down
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("n_tokens,busy", [(1, 1), (3, 2), (40, 24), (40, 64)])
+def test_threads_share_the_experts_each_once(bf16_dot, threads, n_tokens, busy):
+    """The busy experts are split over the threads by estimated work, and a thread done with its
+    share claims what the others have not started: whatever the thread count (more threads than
+    busy experts too) and the skew, every expert runs exactly once, so the output is bitwise the
+    one-thread output (the op's work buffer is not zero-filled: a skipped expert leaves garbage)."""
+    case = _skewed_case(n_tokens, 64, busy, torch.bfloat16, seed=n_tokens + busy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.moe_experts(*case)
+        torch.set_num_threads(threads)
+        for _ in range(3):  # the claims race differently from run to run
+            assert torch.equal(ops.moe_experts(*case), alone), f"{threads} threads"
+    finally:
+        torch.set_num_threads(before)
+    assert_within_naive_error(alone, _exact(*case), _torch_formulation(*case),
+                              f"bf16 dot={bf16_dot} skewed over {busy} experts")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden,inter", [(200, 100), (256, 128), (517, 72)])
 def test_experts_of_one_or_two_rows_in_wide_strips(bf16_dot, dtype, hidden, inter):

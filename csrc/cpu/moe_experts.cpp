@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -65,6 +66,70 @@ void check_moe_experts_args(const at::Tensor& x, const at::Tensor& ids, const at
   }
 }
 
+// The busy experts shared among the threads. An expert's time is roughly a fixed part (its
+// weights streamed from memory: ~9 us cold for llada2-small's, bf16) plus a part per row (~0.6
+// us), and a block's routing is uneven (~8 experts of 20-32 rows, ~15 of 1-9), so equal counts
+// of experts per thread left one waiting for the other (2 threads, the routing of a llada2-small
+// decode's later steps: 205 -> 196 us a layer with the shares below). So thread t starts at
+// the expert where a t-th of the estimated work begins and claims experts in id order
+// (consecutive experts are adjacent in memory: one stream per thread) up to the last; then it
+// claims the unclaimed ones below its start, downwards: the end of its neighbour's share, the
+// far end from where that neighbour works. Each expert runs once, on the thread that claims it;
+// the loads end within about one expert of each other whatever the routing. One thread claims
+// every expert in id order. Which thread runs an expert changes no result.
+class ExpertShares {
+ public:
+  ExpertShares(const std::vector<int64_t>& busy, const std::vector<int64_t>& start,
+               int64_t max_threads)
+      : n_(static_cast<int64_t>(busy.size())),
+        claimed_(new std::atomic<bool>[std::max<int64_t>(n_, 1)]) {
+    for (int64_t b = 0; b < n_; ++b) claimed_[b].store(false, std::memory_order_relaxed);
+    const int64_t threads = std::max<int64_t>(1, std::min(max_threads, n_));
+    std::vector<int64_t> cost(n_ + 1, 0);  // prefix sums of the estimated work, in rows
+    for (int64_t b = 0; b < n_; ++b) {
+      const int64_t e = busy[b];
+      cost[b + 1] = cost[b] + kFixedCostRows + start[e + 1] - start[e];
+    }
+    first_.assign(threads, 0);
+    for (int64_t t = 1, b = 0; t < threads; ++t) {
+      while (b < n_ && cost[b] * threads < cost[n_] * t) ++b;
+      first_[t] = b;
+    }
+  }
+  int64_t threads() const { return static_cast<int64_t>(first_.size()); }
+  // Calls run_expert(b, next) for each expert thread t claims (b: its index in busy; next: the
+  // index it is likely to claim next, for the prefetch of its weights, or -1).
+  template <class Fn>
+  void run(int64_t t, const Fn& run_expert) const {
+    const int64_t from = first_[t];
+    int64_t b = next_unclaimed_up(from);
+    while (b >= 0) {
+      const int64_t after = b + 1 < n_ ? b + 1 : (from > 0 ? from - 1 : -1);
+      run_expert(b, after);
+      b = next_unclaimed_up(b + 1);
+    }
+    for (b = next_unclaimed_down(from - 1); b >= 0; b = next_unclaimed_down(b - 1))
+      run_expert(b, b > 0 ? b - 1 : -1);
+  }
+
+ private:
+  static constexpr int64_t kFixedCostRows = 15;  // an expert's weight stream, in rows' time
+  bool claim(int64_t b) const { return !claimed_[b].exchange(true, std::memory_order_relaxed); }
+  int64_t next_unclaimed_up(int64_t b) const {
+    for (; b < n_; ++b)
+      if (claim(b)) return b;
+    return -1;
+  }
+  int64_t next_unclaimed_down(int64_t b) const {
+    for (; b >= 0; --b)
+      if (claim(b)) return b;
+    return -1;
+  }
+  int64_t n_;
+  std::unique_ptr<std::atomic<bool>[]> claimed_;
+  std::vector<int64_t> first_;
+};
+
 template <class T>
 at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
                              const at::Tensor& weights_in, const at::Tensor& gate_up_in,
@@ -117,24 +182,26 @@ at::Tensor moe_experts_typed(const at::Tensor& x_in, const at::Tensor& ids_in,
   const T* gate_up_p = gate_up.const_data_ptr<T>();
   const T* down_p = down.const_data_ptr<T>();
   const bool nta_prefetch = use_nta_prefetch();
-  // One expert per task: its weights (3 H I elements) dwarf the threads' start-up.
-  at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t begin, int64_t end) {
+  const ExpertShares shares(busy, start, at::get_num_threads());
+  at::parallel_for(0, shares.threads(), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows(max_rows);
     std::vector<T*> out_rows(max_rows);
     // Work space for the busiest expert, not zero-filled (a std::vector's resize fills: ~180 KB
     // a call at 32 tokens, each kernel writes its part before reading it).
     const std::unique_ptr<float[]> scratch(new float[max_rows * (2 * H + 3 * I)]);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t e = busy[b], m = start[e + 1] - start[e];
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t s = slots[start[e] + i];
-        rows[i] = s / k;
-        out_rows[i] = y_p + s * H;
-      }
-      const T* next_gate_up = b + 1 < end ? gate_up_p + busy[b + 1] * H * 2 * I : nullptr;
-      expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
-                               gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
-                               scratch.get(), bf16_dot, packed, nta_prefetch});
+    for (int64_t t = begin; t < end; ++t) {
+      shares.run(t, [&](int64_t b, int64_t next) {
+        const int64_t e = busy[b], m = start[e + 1] - start[e];
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t s = slots[start[e] + i];
+          rows[i] = s / k;
+          out_rows[i] = y_p + s * H;
+        }
+        const T* next_gate_up = next >= 0 ? gate_up_p + busy[next] * H * 2 * I : nullptr;
+        expert_ffn(ExpertTask<T>{x_p, rows.data(), out_rows.data(), m, H, I,
+                                 gate_up_p + e * H * 2 * I, down_p + e * I * H, next_gate_up,
+                                 scratch.get(), bf16_dot, packed, nta_prefetch});
+      });
     }
   });
   const CombineTask<T> combine{y_p, weights.const_data_ptr<float>(), k, H,
