@@ -51,21 +51,25 @@ void check_block_attention_args(const at::Tensor& q, const at::Tensor& keys,
   }
 }
 
+// One row of the bias: 0 where the mask is true, -inf where false, branch-free on the bits
+// (0 = +0.0f, 0xFF800000 = -inf). The restrict pointers let the compiler vectorize it: the
+// per-element branch cost ~10 us a call at 32 x 320, a tenth of the op, and the scalar form
+// without them ~4 us (2026-12-06), which the other threads waited on.
+void bias_row(const uint8_t* __restrict mask, uint32_t* __restrict bias, int64_t S) {
+  for (int64_t s = 0; s < S; ++s)
+    bias[s] = (static_cast<uint32_t>(mask[s] != 0) - 1u) & 0xFF800000u;
+}
+
 // bias[b, t, s] = 0 where mask[b, 0, t, s], else -inf; -inf for the padding slots s >= S.
 at::Tensor mask_bias(const at::Tensor& mask, int64_t Sp) {
   const int64_t Bm = mask.size(0), T = mask.size(2), S = mask.size(3);
   at::Tensor bias = at::empty({Bm, T, Sp}, mask.options().dtype(at::kFloat));
   const at::Tensor m = mask.contiguous();
-  const bool* m_p = m.const_data_ptr<bool>();
-  float* b_p = bias.mutable_data_ptr<float>();
-  // Branch-free on the bits (0 = +0.0f, 0xFF800000 = -inf), which the compiler vectorizes: the
-  // per-element branch cost ~10 us a call at 32 x 320, a tenth of the op.
-  auto* bits = reinterpret_cast<uint32_t*>(b_p);
+  const auto* m_p = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+  auto* bits = reinterpret_cast<uint32_t*>(bias.mutable_data_ptr<float>());
   for (int64_t r = 0; r < Bm * T; ++r) {
-    const bool* m_row = m_p + r * S;
     uint32_t* b_row = bits + r * Sp;
-    for (int64_t s = 0; s < S; ++s)
-      b_row[s] = (static_cast<uint32_t>(m_row[s]) - 1u) & 0xFF800000u;
+    bias_row(m_p + r * S, b_row, S);
     for (int64_t s = S; s < Sp; ++s) b_row[s] = 0xFF800000u;
   }
   return bias;
