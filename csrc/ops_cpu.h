@@ -34,6 +34,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
                           int64_t n_q_heads, double eps);
+at::Tensor swiglu(const at::Tensor& gate_up);
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale);
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

@@ -12,6 +12,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kMoeRouteSchema);
   m.def(dmax::kRmsNormSchema);
   m.def(dmax::kQkNormRotarySchema);
+  m.def(dmax::kSwigluSchema);
   m.def(dmax::kBlockAttentionSchema);
   m.def(dmax::kDecoderLayerSchema);
   m.def(dmax::kCpuBf16DotSchema, &dmax::cpu::cpu_bf16_dot);  // no tensor: one kernel for all keys
@@ -29,6 +30,7 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("moe_route", &dmax::cpu::moe_route);
   m.impl("rms_norm", &dmax::cpu::rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
+  m.impl("swiglu", &dmax::cpu::swiglu);
   m.impl("block_attention", &dmax::cpu::block_attention);
   m.impl("decoder_layer", &dmax::cpu::decoder_layer);
   m.impl("pack_moe_weights", &dmax::cpu::pack_moe_weights);

@@ -49,6 +49,9 @@ constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float 
 constexpr const char* kQkNormRotarySchema =
     "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
     "int n_q_heads, float eps) -> Tensor";
+// CPU only: silu(gate) * up over rows [gate | up] (the model's gated MLPs without gradients, after
+// their gate and up projections made as one). `dmax`.
+constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
 // CPU only: a decoding block's attention over the KV cache (the model's SDPA call), the output
 // [B, T, heads * D] as the output projection reads it. `dmax`.
 constexpr const char* kBlockAttentionSchema =

@@ -131,8 +131,8 @@ def test_argument_errors():
         torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 0, 8, weights[:9], [4, 2],
                                      [1e-6] * 5)
     with pytest.raises(RuntimeError, match="weights must be the attention's 6"):
-        torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 0, 8, weights[:8],
+        torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 0, 8, weights[:9],
                                      [4, 2, 16, 4, 2, 4], [1e-6] * 5)
     with pytest.raises(RuntimeError, match=r"the fed slots \[4, 12\) and the span 12 must lie"):
-        torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 4, 12, weights[:9],
+        torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 4, 12, weights[:8],
                                      [4, 2, 16, 4, 2, 4], [1e-6] * 5)

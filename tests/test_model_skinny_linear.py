@@ -269,9 +269,9 @@ def test_set_cpu_variants_off_runs_what_cuda_runs():
         with dmax_calls() as calls:
             on = model(input_ids=ids)
     n_moe = sum(map(model.config.is_moe_layer, range(model.config.num_hidden_layers)))
-    # 3 layers: qkv, dense, gate, up, down (dense MLP or shared expert); a router per MoE layer;
-    # then lm_head
-    assert len(_shapes(calls)) == 3 * 5 + n_moe + 1
+    # 3 layers: qkv, dense, gate|up (one product: GatedMLP), down (dense MLP or shared expert); a
+    # router per MoE layer; then lm_head
+    assert len(_shapes(calls)) == 3 * 4 + n_moe + 1
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
 
 

@@ -2,10 +2,10 @@
 // module on its CPU native form, as one op. It calls the same kernels, in the same order and on
 // the same views, as model/llada2.py's DecoderLayer does module by module (rms_norm,
 // skinny_linear, qk_norm_rotary, the cache write, block_attention, moe_route, moe_experts, the
-// SwiGLU of the dense MLP / shared expert), so its output is bitwise the module path's. What it
-// removes is the interpreter between them: ~35 torch calls and ~13 module calls a layer, about a
-// tenth of a bf16 block forward of llada2-small; and most residual adds, which skinny_linear
-// makes as it stores a projection (the same roundings). model/native_layer.py decides when it
+// dense MLP's / shared expert's fused gate|up and swiglu), so its output is bitwise the module
+// path's. What it removes is the interpreter between them: ~35 torch calls and ~13 module calls
+// a layer, about a tenth of a bf16 block forward of llada2-small; and most residual adds, which
+// skinny_linear makes as it stores a projection (the same roundings). model/native_layer.py decides when it
 // applies (every module would take its native form) and packs the arguments.
 // Semantics: DecoderLayer.forward with a KV cache (docs/ARCHITECTURE.md); no CUDA version (the
 // CUDA step is a captured graph, which has no interpreter to remove).
@@ -19,7 +19,7 @@ namespace {
 // The weights' order in the op's `weights` list (model/native_layer.py packs them).
 enum Weight : int64_t {
   kInputNorm, kQkv, kQueryNorm, kKeyNorm, kDense, kPostNorm,
-  kMlp,  // dense MLP: gate, up, down; MoE: router, expert_bias, gate_up, down[, shared gate, up, down]
+  kMlp,  // dense MLP: gate_up, down; MoE: router, expert_bias, gate_up, down[, shared gate_up, down]
 };
 enum Dim : int64_t { kHeads, kKvHeads, kHeadDim, kGroups, kTopkGroups, kTopK, kDims };
 enum Scalar : int64_t { kEps, kPostEps, kQkEps, kScale, kRoutedScaling, kScalars };
@@ -36,10 +36,11 @@ at::Tensor projection(const at::Tensor& x, const at::Tensor& weight,
   return skinny_linear(rows, weight, residual.reshape({rows.size(0), -1})).view(shape);
 }
 
-// GatedMLP.forward: down(silu(gate(x)) * up(x)) (+ residual, as projection's).
-at::Tensor gated_mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
-                     const at::Tensor& down, const at::Tensor& residual = at::Tensor()) {
-  return projection(at::silu(projection(x, gate)) * projection(x, up), down, residual);
+// GatedMLP.forward on its native form: down(swiglu(x @ gate_up^T)), gate_up the gate and up
+// weights stacked (+ residual, as projection's).
+at::Tensor gated_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                     const at::Tensor& residual = at::Tensor()) {
+  return projection(swiglu(projection(x, gate_up)), down, residual);
 }
 
 }  // namespace
@@ -54,9 +55,9 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
               static_cast<int64_t>(kScalars), " floats, got ", dims.size(), " and ",
               scalars.size());
   const int64_t n_mlp = static_cast<int64_t>(weights.size()) - kMlp;
-  TORCH_CHECK(n_mlp == 3 || n_mlp == 4 || n_mlp == 7,
-              "decoder_layer: weights must be the attention's 6 and a dense MLP's 3 or a MoE "
-              "block's 4 (+3 shared), got ", weights.size());
+  TORCH_CHECK(n_mlp == 2 || n_mlp == 4 || n_mlp == 6,
+              "decoder_layer: weights must be the attention's 6 and a dense MLP's 2 (gate_up, "
+              "down) or a MoE block's 4 (+2 shared), got ", weights.size());
   const int64_t batch = x.size(0), length = x.size(1);
   const int64_t n_heads = dims[kHeads], n_kv = dims[kKvHeads], head_dim = dims[kHeadDim];
   TORCH_CHECK(write_slot >= 0 && write_slot + length <= span && span <= keys.size(2),
@@ -78,7 +79,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
   // The MLP on the post-attention norm.
   const at::Tensor normed = rms_norm(h, weights[kPostNorm], scalars[kPostEps]);
   const at::Tensor* w = weights.data() + kMlp;
-  if (n_mlp == 3) return gated_mlp(normed, w[0], w[1], w[2], h);  // h + mlp(normed)
+  if (n_mlp == 2) return gated_mlp(normed, w[0], w[1], h);  // h + mlp(normed)
   // MoeBlock.forward: the router in float32 (Router.forward), the routed experts, the shared one.
   const at::Tensor flat = normed.reshape({-1, normed.size(-1)});
   const at::Tensor logits = skinny_linear(flat.to(at::kFloat), w[0].to(at::kFloat));
@@ -86,7 +87,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                                               dims[kTopkGroups], dims[kTopK],
                                               scalars[kRoutedScaling]);
   at::Tensor out = moe_experts(flat, ids, route_weights, w[2], w[3]).view_as(normed);
-  if (n_mlp == 7) out = gated_mlp(normed, w[4], w[5], w[6], out);  // routed + shared(normed)
+  if (n_mlp == 6) out = gated_mlp(normed, w[4], w[5], out);  // routed + shared(normed)
   return h + out;
 }
 

@@ -558,6 +558,31 @@ def _qk_norm_rotary_fake(qk, q_weight, k_weight, cos, sin, n_q_heads, eps):
 FAKE_KERNELS.update(rms_norm=_rms_norm_fake, qk_norm_rotary=_qk_norm_rotary_fake)
 
 
+# ---- swiglu: a gated MLP's silu(gate) * up (CPU only) -------------------------------------------
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2I] = [gate | up] (any strides), float32 / bfloat16 /
+    float16: [..., I] (contiguous), rounded as F.silu(gate) * up rounds it (silu's value, then
+    the product, each rounded to the dtype; the exp is torch's vectorized one)
+    (dmax_ext.reference.swiglu_reference). CPU only, no autograd: the model's gated MLPs use it
+    without gradients."""
+    check_tensor("gate_up", gate_up, dtypes=_FLOAT_DTYPES)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must be [..., 2I] (gate then up), got shape "
+                         f"{tuple(gate_up.shape)}")
+    return torch.ops.dmax.swiglu(gate_up)
+
+
+def _swiglu_fake(gate_up):
+    torch._check(gate_up.dim() >= 1 and gate_up.shape[-1] % 2 == 0,
+                 lambda: f"gate_up must be [..., 2I], got {gate_up.shape}")
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+FAKE_KERNELS["swiglu"] = _swiglu_fake
+
+
 # ---- block_attention: a decoding block's attention over the KV cache (CPU only) -----------------
 
 

@@ -246,6 +246,16 @@ def qk_norm_rotary_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight:
     return apply_rotary(torch.cat((q, k), dim=1), cos, sin)
 
 
+# ---- swiglu: a gated MLP's activation ----------------------------------------------------------
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] = [gate | up] -> silu(gate) * up, as the model's GatedMLP computes it
+    with gradients."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 # ---- block_attention: the model's SDPA call -----------------------------------------------------
 
 

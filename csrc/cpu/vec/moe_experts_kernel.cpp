@@ -24,6 +24,7 @@
 #include "cpu/vec/load_float.h"
 #include "cpu/vec/moe_experts_kernel.h"
 #include "cpu/vec/prefetch.h"
+#include "cpu/vec/swiglu.h"
 
 namespace dmax::cpu::CPU_CAPABILITY {
 namespace {
@@ -476,12 +477,9 @@ DMAX_BF16_DOT_TARGET void packed_gemm(const Bits* a, int64_t lda, int64_t m, int
 // products read) at row stride ldh.
 template <class T, class Out>
 void swiglu_rows(const float* gu, int64_t m, int64_t I, Out* hidden, int64_t ldh) {
-  const Vec one(1.f);
   const auto swiglu = [&](const float* g_row, int64_t j, int64_t n) {
-    const Vec g = round_to<T>(Vec::loadu(g_row + j, n));
-    const Vec u = round_to<T>(Vec::loadu(g_row + I + j, n));
-    const Vec silu = round_to<T>(g / (one + g.neg().exp()));  // torch's silu kernel
-    return round_to<T>(silu * u);
+    return swiglu_lanes<T>(round_to<T>(Vec::loadu(g_row + j, n)),
+                           round_to<T>(Vec::loadu(g_row + I + j, n)));
   };
   for (int64_t i = 0; i < m; ++i) {
     const float* g_row = gu + i * 2 * I;

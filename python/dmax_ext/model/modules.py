@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import CpuVariant, has_amx_bf16
+from .native import CpuVariant, derived_copy, has_amx_bf16, runs_hooks
 
 
 class Linear(CpuVariant, nn.Linear):
@@ -36,12 +36,16 @@ class Linear(CpuVariant, nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def native_form(self, x: torch.Tensor):
+        """dmax.skinny_linear where it serves x (the rows cap, no gradients, the CPU variant on),
+        else None."""
         max_rows = self.native_max_rows(x.dtype)
-        if max_rows:
-            native = self.native("skinny_linear", x, self.weight, max_rows)
-            if native is not None:
-                return native(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        return self.native("skinny_linear", x, self.weight, max_rows) if max_rows else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native_form(x)
+        if native is not None:
+            return native(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
         return super().forward(x)
 
 
@@ -91,8 +95,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Layer 0's dense MLP and the shared expert."""
+class GatedMLP(CpuVariant, nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Layer 0's dense MLP and the shared expert.
+
+    Where gate and up would both run dmax.skinny_linear (a decoding block's rows on the CPU,
+    without gradients) and carry no hooks, they run as one product with a copy of their weights
+    stacked (`gate_up_weight`: bitwise the two products, as each output column is summed alone),
+    and the activation as dmax.swiglu (rounded as F.silu(gate) * up): one projection and two
+    ops fewer a call, with their outputs (docs/PERFORMANCE.md). The layer op
+    (dmax.decoder_layer) runs the same."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -100,5 +111,25 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
 
+    def gate_up_weight(self) -> torch.Tensor:
+        """[2I, H]: the gate projection's weight rows, then the up projection's, as the fused
+        product reads them: a copy kept until either parameter changes (derived_copy)."""
+        gate = self.gate_proj._parameters["weight"]
+        up = self.up_proj._parameters["weight"]
+        return derived_copy(self, "_gate_up", (gate, up), lambda g, u: torch.cat([g, u]))
+
+    def fuses_gate_up(self, x: torch.Tensor) -> bool:
+        """Whether silu(gate(x)) * up(x) runs on the fused native forms (the class doc)."""
+        gate, up = self.gate_proj, self.up_proj
+        return (self.native("swiglu", x, gate.weight) is not None
+                and gate.native_form(x) is not None and up.native_form(x) is not None
+                and not runs_hooks(gate) and not runs_hooks(up))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fuses_gate_up(x):
+            rows = x.reshape(-1, x.shape[-1])
+            gate_up = torch.ops.dmax.skinny_linear(rows, self.gate_up_weight())
+            hidden = torch.ops.dmax.swiglu(gate_up).view(*x.shape[:-1], -1)
+        else:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden)

@@ -1,4 +1,4 @@
-"""The native kernels the model runs on the CPU (dmax_ext.ops: moe_experts, skinny_linear) for a
+"""The native kernels the model runs on the CPU (dmax_ext.ops: moe_experts, skinny_linear, ...) for a
 decoding block's few rows without gradients. Imported lazily: the model itself does not need the
 native library, and runs its torch formulations wherever a kernel does not apply."""
 from __future__ import annotations
@@ -49,9 +49,11 @@ def packs_expert_weights(nbytes: int) -> bool:
 def derived_copy(module: torch.nn.Module, slot: str, params: tuple[torch.Tensor, ...], make):
     """make(*params), kept in module.__dict__[slot] (no parameter or buffer: not in the state
     dict) and made again whenever a parameter's version counter or storage moves (an optimizer
-    step, a load). A write through .data moves neither and is not seen. Made outside inference
-    mode, so that it is usable everywhere; for callers that want no gradient through it."""
-    key = tuple((p._version, p.data_ptr()) for p in params)
+    step, a load). A write through .data moves neither and is not seen, nor any in-place write
+    to an inference tensor (made under inference_mode, e.g. a model loaded there), which has no
+    version counter: only its storage is compared. Made outside inference mode, so that it is
+    usable everywhere; for callers that want no gradient through it."""
+    key = tuple((None if p.is_inference() else p._version, p.data_ptr()) for p in params)
     cached = module.__dict__.get(slot)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
@@ -83,6 +85,15 @@ def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | 
         return None
     ops = native_ops()  # loads the library and registers the ops' fake kernels
     return getattr(torch.ops.dmax, name) if ops is not None and ops.has_op(name) else None
+
+
+def runs_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` runs forward hooks (its own, or global ones): a native form that
+    does its work without calling it would skip them (tensor parallelism's all_reduce, a
+    profiler's timers)."""
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 class CpuVariant:

@@ -15,11 +15,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 
 from .modules import GatedMLP, Linear
 from .moe import MoeBlock, native_experts_max_tokens, resolve_impl
-from .native import CpuVariant, native_op
+from .native import CpuVariant, native_op, runs_hooks
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -34,8 +33,10 @@ class _LayerParts(NamedTuple):
     mlp: nn.Module
     router: nn.Module | None       # a MoE block's
     experts: nn.Module | None      # a MoE block's routed experts
+    gated: nn.Module | None        # the GatedMLP (dense MLP or shared expert), last in weights
     modules: list                  # every module of the layer (hooks, CPU variants)
-    weights: list[torch.Tensor]    # the op's weights, in its order (the parameters)
+    weights: list[torch.Tensor]    # the parameters in the op's order, each GatedMLP's gate, up
+                                   # and down (layer_plan gives the op its stacked gate_up)
     experts_at: int                # where the routed experts' gate_up, down sit in weights
 
 
@@ -55,30 +56,29 @@ def _layer_parts(layer) -> _LayerParts:
     weights = [m._parameters["weight"] for m in (norm_in, qkv, q_norm, k_norm, dense, norm_post)]
     router = experts = None
     experts_at = -1
+    gated = mlp
     if isinstance(mlp, MoeBlock):
         router, experts = mlp._modules["gate"], mlp._modules["experts"]
         modules += [router, experts]
         weights += [router._parameters["weight"], router._buffers["expert_bias"]]
         experts_at = len(weights)
         weights += [experts._parameters["gate_up_proj"], experts._parameters["down_proj"]]
-        shared = mlp._modules["shared_experts"]
-        if shared is not None:
-            linears, shared_weights = _gated_mlp_parts(shared)
-            modules += [shared, *linears]
-            weights += shared_weights
-    else:
-        linears, mlp_weights = _gated_mlp_parts(mlp)
+        gated = mlp._modules["shared_experts"]
+        if gated is not None:
+            modules.append(gated)
+    if gated is not None:
+        linears, gated_weights = _gated_mlp_parts(gated)
         modules += linears
-        weights += mlp_weights
+        weights += gated_weights
     return _LayerParts(norm_in, attention, q_norm, k_norm, norm_post, mlp, router, experts,
-                       modules, weights, experts_at)
+                       gated, modules, weights, experts_at)
 
 
 def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
     """Whether each module would take its CPU native form for x ([B, T, H], rows = B T, on a
     cached forward): Linear (rows cap), RMSNorm and the q/k norms (the model dtype), the router
-    (float32 rows cap), the experts (impl "auto", token cap); no hooks anywhere (nor global
-    ones), every CPU variant on."""
+    (float32 rows cap), the experts (impl "auto", token cap), the GatedMLP's fused gate and up;
+    no hooks anywhere (nor global ones), every CPU variant on."""
     if rows > Linear.native_max_rows(x.dtype):
         return False
     norms = (parts.norm_in, parts.q_norm, parts.k_norm, parts.norm_post)
@@ -93,11 +93,8 @@ def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
             return False
     elif not isinstance(mlp, GatedMLP):
         return False
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return False
     for m in parts.modules:
-        if m._forward_hooks or m._forward_pre_hooks \
-                or (isinstance(m, CpuVariant) and not m.cpu_variant):
+        if runs_hooks(m) or (isinstance(m, CpuVariant) and not m.cpu_variant):
             return False
     return True
 
@@ -122,10 +119,13 @@ def layer_plan(layer, x) -> tuple | None:
     dims = [attention.n_heads, attention.n_kv_heads, attention.head_dim, *routing]
     scalars = [float(parts.norm_in.eps), float(parts.norm_post.eps), float(parts.q_norm.eps),
                attention.scale, float(router.scaling) if router is not None else 0.0]
-    if parts.experts is not None:  # as the kernels read them (perhaps copies), past the checks
+    # As the kernels read them (perhaps copies), past the checks.
+    if parts.experts is not None:
         at = parts.experts_at
         weights = [*weights[:at - 2], router.float_weight(), weights[at - 1],
                    *parts.experts.kernel_weights(), *weights[at + 2:]]
+    if parts.gated is not None:  # its gate and up as one product (GatedMLP)
+        weights = [*weights[:-3], parts.gated.gate_up_weight(), weights[-1]]
     return weights, dims, scalars
 
 
