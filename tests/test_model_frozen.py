@@ -23,8 +23,9 @@ def _model(preset="tiny", dtype=torch.float32):
 
 
 def _forwards(model, seed=0):
-    """A decode's kinds of cached forward on two rows with different valid_from: a prefill (no
-    logits), a first step over two blocks (half of the logits), later steps at the same slots
+    """A decode's kinds of cached forward on two rows with different valid_from: a first step
+    over two blocks (half of the logits) and the second block's next step, later steps at the
+    same slots
     (embeddings as SPD feeds them), with positions rewritten in place between blocks, and a
     batch of one row. Returns every logits tensor and the caches."""
     gen = torch.Generator().manual_seed(seed)
@@ -39,6 +40,12 @@ def _forwards(model, seed=0):
                                         position_ids=torch.arange(2 * BLOCK).expand(2, -1),
                                         write_slot=0, valid_from=valid_from, block_length=BLOCK,
                                         n_logits=BLOCK))
+        # The block's second step: its own slots only, at the first step's span.
+        embeds = model.embed(torch.randint(0, vocab - 2, (2, BLOCK), generator=gen))
+        out.append(model.forward_cached(cache, inputs_embeds=embeds,
+                                        position_ids=torch.arange(BLOCK, 2 * BLOCK).expand(2, -1),
+                                        write_slot=BLOCK, valid_from=valid_from,
+                                        block_length=BLOCK))
         for block in (2, 3):
             positions.copy_(torch.arange(block * BLOCK, (block + 1) * BLOCK).expand(2, -1))
             for _ in range(3):
@@ -90,10 +97,10 @@ def test_arguments_packed_once_per_layer_and_row_count(monkeypatch):
     n_layers = model.config.num_hidden_layers
     # Two row counts (2 x 32; 2 x 16 and 1 x 32), each packed once per layer over both rounds.
     assert sorted(set(plans)) == [32, 64] and len(plans) == 2 * n_layers
-    assert [name for name, _ in calls].count("decoder_layer") == 2 * 8 * n_layers
+    assert [name for name, _ in calls].count("decoder_layer") == 2 * 9 * n_layers
     plans.clear()
     _forwards(model)  # outside: packed at every call again
-    assert len(plans) == 8 * n_layers
+    assert len(plans) == 9 * n_layers
 
 
 def test_mask_and_rotary_made_again_when_positions_or_slots_change(monkeypatch):
@@ -104,8 +111,9 @@ def test_mask_and_rotary_made_again_when_positions_or_slots_change(monkeypatch):
                         lambda valid_from, *a: made.append(valid_from.tolist()) or mask(valid_from, *a))
     with model.frozen():
         _forwards(model)
-    # The prefill, one per later block (its three steps share them: the second block's
-    # positions were written into the same tensor), the single row.
+    # The first step over two blocks (the second block's next step takes its last rows), one
+    # per later block (its three steps share them: the second block's positions were written
+    # into the same tensor), the single row.
     assert len(made) == 4
     made.clear()
     with model.frozen():
@@ -132,9 +140,9 @@ def test_hooks_set_before_it_are_honoured():
         frozen = _forwards(model)
     handle.remove()
     _assert_same(plain, frozen)
-    assert len(seen) == 2 * count == 2 * 8  # the hooked layer ran as a module every time
+    assert len(seen) == 2 * count == 2 * 9  # the hooked layer ran as a module every time
     n_layers = model.config.num_hidden_layers
-    assert [name for name, _ in calls].count("decoder_layer") == 8 * (n_layers - 1)
+    assert [name for name, _ in calls].count("decoder_layer") == 9 * (n_layers - 1)
 
 
 def test_reentrant_and_gone_at_its_end():

@@ -261,7 +261,8 @@ class _FrozenState:
     """What a frozen model (LLaDA2MoeModel.frozen) keeps between cached forwards. In a decoding
     forward of llada2-small, its code and data cold after the previous kernels, packing a
     layer's arguments took 28-49 us (~12 us in a loop of calls alone) and the mask and rotary
-    tables ~100 us (docs/PERFORMANCE.md, 13:55 entry).
+    tables ~100 us (docs/PERFORMANCE.md, 13:55 entry), ~120 us a forward that makes them again
+    (2026-12-06, 15:00), which a block's second step did before it took the first step's rows.
     """
 
     def __init__(self):
@@ -269,14 +270,28 @@ class _FrozenState:
         self._step = None            # (key, position_ids, valid_from, (cos, sin, mask))
 
     def step_inputs(self, key: tuple, position_ids, valid_from):
-        """The kept (cos, sin, mask) if the last forward had this key (slots, span, block
-        length, dtype, device) and these positions and valid_from, else None. The tensors are
-        compared by value: the engine rewrites its buffers in place."""
+        """The (cos, sin, mask) of a forward with this key (first and end fed slot, span, block
+        length, dtype, device), positions and valid_from, from the last forward's, else None.
+        The same key, positions and valid_from: its tables. The same but for a later first
+        slot (a block's second step after its first, which fed the previous block too): their
+        last rows, kept in turn. A fed slot's mask row depends only on the slot, the last fed
+        slot, the span and valid_from, and its rotary row only on its position, so both are the
+        rows the forward would make. The tensors are compared by value: the engine rewrites
+        its buffers in place."""
         step = self._step
-        if step is None or step[0] != key or not torch.equal(step[1], position_ids) \
+        if step is None or step[0][1:] != key[1:] or key[0] < step[0][0] \
                 or not torch.equal(step[2], valid_from):
             return None
-        return step[3]
+        offset = key[0] - step[0][0]
+        if not torch.equal(step[1][:, offset:], position_ids):
+            return None
+        if offset == 0:
+            return step[3]
+        cos, sin, mask = step[3]
+        tail = (cos[:, offset:].contiguous(), sin[:, offset:].contiguous(),
+                mask[:, :, offset:].contiguous())
+        self.keep_step_inputs(key, position_ids, valid_from, tail)
+        return tail
 
     def keep_step_inputs(self, key: tuple, position_ids, valid_from, inputs: tuple) -> None:
         self._step = (key, position_ids.clone(), valid_from.clone(), inputs)
