@@ -1,6 +1,6 @@
-"""The native kernels the model runs on the CPU (dmax_ext.ops: moe_experts, skinny_linear, ...) for a
-decoding block's few rows without gradients. Imported lazily: the model itself does not need the
-native library, and runs its torch formulations wherever a kernel does not apply."""
+"""The native kernels the model runs on the CPU (dmax_ext.ops: moe_experts, skinny_linear, ...)
+for a decoding block's few rows without gradients. Imported lazily: the model itself does not
+need the native library, and runs its torch formulations wherever a kernel does not apply."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import torch
+from torch.nn.modules import module as nn_module
 
 
 @functools.cache
@@ -91,7 +92,6 @@ def runs_hooks(module: torch.nn.Module) -> bool:
     """Whether calling `module` runs forward hooks (its own, or global ones): a native form that
     does its work without calling it would skip them (tensor parallelism's all_reduce, a
     profiler's timers)."""
-    from torch.nn.modules import module as nn_module
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
