@@ -145,6 +145,31 @@ def test_hooks_set_before_it_are_honoured():
     assert [name for name, _ in calls].count("decoder_layer") == 9 * (n_layers - 1)
 
 
+def test_final_norm_and_lm_head_called_directly_unless_hooked():
+    """Inside it the final norm and lm_head run as their ops without the module calls; a hook on
+    either keeps both modules, and runs."""
+    model = _model()
+    ran = []
+    for module in (model.lm_head, model.model.norm):
+        module.forward = lambda x, forward=module.forward: ran.append(1) or forward(x)
+    _forwards(model)
+    assert len(ran) == 2 * 9  # each of the 9 forwards gives logits
+    ran.clear()
+    with model.frozen(), dmax_calls() as calls:
+        _forwards(model)
+    names = [name for name, _ in calls]
+    assert ran == [] and names.count("rms_norm") == names.count("skinny_linear") == 9
+    for module in (model.lm_head, model.model.norm):
+        seen = []
+        handle = module.register_forward_hook(lambda *a: seen.append(1))
+        plain = _forwards(model)
+        with model.frozen():
+            frozen = _forwards(model)
+        handle.remove()
+        _assert_same(plain, frozen)
+        assert len(seen) == 2 * 9  # every forward gives logits: the module ran each time
+
+
 def test_reentrant_and_gone_at_its_end():
     model = _model()
     with model.frozen():
