@@ -84,23 +84,42 @@ def test_bitwise_the_forwards_without_it(preset, dtype):
     _assert_same(plain, again)
 
 
-def test_arguments_packed_once_per_layer_and_row_count(monkeypatch):
+def test_arguments_packed_once_per_layer(monkeypatch):
     model = _model()
     plans = []
     layer_plan = native_layer.layer_plan
     monkeypatch.setattr(native_layer, "layer_plan",
-                        lambda layer, x: plans.append(x.shape[0] * x.shape[1])
-                        or layer_plan(layer, x))
+                        lambda layer, x, **kw: plans.append(x.shape[0] * x.shape[1])
+                        or layer_plan(layer, x, **kw))
     with model.frozen(), dmax_calls() as calls:
         _forwards(model)
         _forwards(model)
     n_layers = model.config.num_hidden_layers
-    # Two row counts (2 x 32; 2 x 16 and 1 x 32), each packed once per layer over both rounds.
-    assert sorted(set(plans)) == [32, 64] and len(plans) == 2 * n_layers
+    # Two row counts (2 x 32; 2 x 16 and 1 x 32), the arguments packed once per layer over both
+    # rounds: they do not depend on the row count.
+    assert len(plans) == n_layers
     assert [name for name, _ in calls].count("decoder_layer") == 2 * 9 * n_layers
     plans.clear()
     _forwards(model)  # outside: packed at every call again
     assert len(plans) == 9 * n_layers
+
+
+def test_row_caps_decided_per_row_count(monkeypatch):
+    """The packed arguments serve every row count, but a count past a module's row cap keeps the
+    modules (here a projection cap of 40 rows: 2 x 16 and 1 x 32 fit, 2 x 32 do not)."""
+    from dmax_ext.model.modules import Linear
+    cap = Linear.native_max_rows
+    monkeypatch.setattr(Linear, "native_max_rows",
+                        staticmethod(lambda dtype: 40 if dtype == torch.float32 else cap(dtype)))
+    model = _model()
+    plain = _forwards(model)
+    with model.frozen(), dmax_calls() as calls:
+        frozen = _forwards(model)
+    _assert_same(plain, frozen)
+    fused_rows = [args[0].shape[0] * args[0].shape[1] for name, args in calls
+                  if name == "decoder_layer"]
+    # Every forward of 32 rows (2 x 16, and the single row's 1 x 32), not the first step's 64.
+    assert set(fused_rows) == {32} and len(fused_rows) == 8 * model.config.num_hidden_layers
 
 
 def test_mask_and_rotary_made_again_when_positions_or_slots_change(monkeypatch):

@@ -95,10 +95,11 @@ class LLaDA2MoeModel(nn.Module):
         """Inside, the caller promises that the model does not change: no parameter replaced or
         updated, no hook added or removed, no CPU variant, MoE impl or DMAX_CPU_* switch
         flipped. Cached forwards then reuse what depends only on the model and the call's
-        shape (_FrozenState): each layer's dmax.decoder_layer arguments, packed once per dtype,
-        device and row count, the final norm and lm_head called as their ops, and the last
-        forward's mask and rotary tables when its positions and slots come again (a block's
-        later steps). decode() runs inside one; re-entrant."""
+        shape (_FrozenState): each layer's dmax.decoder_layer arguments, packed once per dtype
+        and device (its row caps checked once per row count), the final norm and lm_head called
+        as their ops, and the last forward's mask and rotary tables when its positions and
+        slots come again (a block's later steps, or their tail: a block's second step after
+        its first). decode() runs inside one; re-entrant."""
         if self._frozen is not None:
             yield self
             return

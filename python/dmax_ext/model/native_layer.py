@@ -74,22 +74,27 @@ def _layer_parts(layer) -> _LayerParts:
                        gated, modules, weights, experts_at)
 
 
-def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
-    """Whether each module would take its CPU native form for x ([B, T, H], rows = B T, on a
-    cached forward): Linear (rows cap), RMSNorm and the q/k norms (the model dtype), the router
-    (float32 rows cap), the experts (impl "auto", token cap), the GatedMLP's fused gate and up;
-    no hooks anywhere (nor global ones), every CPU variant on."""
-    if rows > Linear.native_max_rows(x.dtype):
+def _rows_fit(mlp: nn.Module, dtype: torch.dtype, rows: int) -> bool:
+    """Whether a layer input of `rows` rows (B T) is within its modules' row caps: Linear's, and
+    a MoE block's router (float32) and experts' token cap."""
+    if rows > Linear.native_max_rows(dtype):
         return False
+    return not isinstance(mlp, MoeBlock) or (rows <= Linear.native_max_rows(torch.float32)
+                                             and rows <= native_experts_max_tokens(dtype))
+
+
+def _natives_apply(x: torch.Tensor, parts: _LayerParts) -> bool:
+    """Whether each module would take its CPU native form for an input like x ([B, T, H], on a
+    cached forward), its row count aside (_rows_fit): RMSNorm and the q/k norms (the model
+    dtype), the experts (impl "auto"), a dense MLP or shared expert a GatedMLP (its gate and up
+    fused); no hooks anywhere (nor global ones), every CPU variant on."""
     norms = (parts.norm_in, parts.q_norm, parts.k_norm, parts.norm_post)
     if any(n._parameters["weight"].dtype != x.dtype for n in norms) \
             or parts.q_norm.eps != parts.k_norm.eps:
         return False
     mlp = parts.mlp
     if isinstance(mlp, MoeBlock):
-        if not (rows <= Linear.native_max_rows(torch.float32)
-                and rows <= native_experts_max_tokens(x.dtype)
-                and resolve_impl(mlp.impl, x.device) == "cpu"):
+        if resolve_impl(mlp.impl, x.device) != "cpu":
             return False
     elif not isinstance(mlp, GatedMLP):
         return False
@@ -99,19 +104,21 @@ def _natives_apply(x: torch.Tensor, rows: int, parts: _LayerParts) -> bool:
     return True
 
 
-def layer_plan(layer, x) -> tuple | None:
+def layer_plan(layer, x, rows_checked: bool = True) -> tuple | None:
     """The arguments of dmax.decoder_layer that depend on the layer and not on the call, for an
     input like x (its dtype, device, row count, gradient wanted): (weights, dims, scalars), or
     None where the op does not apply (gradients, another device or dtype, a module off its
-    native form, hooks, no such op in the loaded library)."""
+    native form, hooks, no such op in the loaded library, too many rows). rows_checked=False:
+    whatever x's row count (they do not change the arguments: the caller checks _rows_fit)."""
     if x.dtype not in _DTYPES:
         return None
     parts = _layer_parts(layer)
     weights = parts.weights
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return None
-    if native_op("decoder_layer", x, weights[1]) is None \
-            or not _natives_apply(x, x.shape[0] * x.shape[1], parts):
+    if rows_checked and not _rows_fit(parts.mlp, x.dtype, x.shape[0] * x.shape[1]):
+        return None
+    if native_op("decoder_layer", x, weights[1]) is None or not _natives_apply(x, parts):
         return None
     attention, router = parts.attention, parts.router
     routing = ([router.n_group, router.topk_group, router.top_k] if router is not None
@@ -162,14 +169,19 @@ _UNPLANNED = object()
 def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cache_kv, slots):
     """native_layer_forward for layer `index` of a model that does not change between calls
     (LLaDA2MoeModel.frozen, whose _FrozenState says what this saves): its layer_plan is made
-    once per (index, dtype, device, rows) and kept in `plans`. None where the op does not
-    apply."""
+    once per (index, dtype, device), and whether it serves a row count decided once per
+    count; both kept in `plans`. None where the op does not apply."""
     if not call_applies(cache_kv, mask, slots):
         return None
-    key = (index, x.dtype, x.device, x.shape[0] * x.shape[1])
+    rows = x.shape[0] * x.shape[1]
+    key = (index, x.dtype, x.device, rows)
     plan = plans.get(key, _UNPLANNED)
     if plan is _UNPLANNED:
-        plan = plans[key] = layer_plan(layer, x)
+        shape_free = plans.get(key[:3], _UNPLANNED)
+        if shape_free is _UNPLANNED:
+            shape_free = plans[key[:3]] = layer_plan(layer, x, rows_checked=False)
+        fits = shape_free is not None and _rows_fit(layer._modules["mlp"], x.dtype, rows)
+        plan = plans[key] = shape_free if fits else None
     if plan is None:
         return None
     return torch.ops.dmax.decoder_layer(*_op_args(plan, x, cos, sin, mask, cache_kv, slots))
