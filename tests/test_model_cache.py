@@ -184,3 +184,39 @@ def test_write_slot_and_span_errors(tiny):
             tiny.forward_cached(cache, write_slot=4, span=span, **kwargs)
     with pytest.raises(ValueError, match="slots"):
         tiny.forward_cached(cache, write_slot=slot, span=17, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_runs_only_the_last_layers_key_value_projection(dtype):
+    """n_logits=0: nobody reads the last layer's output, so it only writes its keys and values
+    (its attention and MLP skipped), the same bits as the whole layer writes; a hook on any of
+    its modules keeps the layer whole, and runs."""
+    from dmax_ext.model import random_model
+    from dmax_calls import dmax_calls
+    model = random_model("tiny", dtype=dtype, seed=4)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 500, (2, 3 * BLOCK), generator=gen)
+    kwargs = dict(input_ids=ids, position_ids=torch.arange(3 * BLOCK).expand(2, -1),
+                  write_slot=0, valid_from=torch.tensor([0, 2]), block_length=BLOCK)
+    last = model.model.layers[-1]
+    ran = []
+    last.mlp.forward = lambda x, forward=last.mlp.forward: ran.append(1) or forward(x)
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        whole = model.new_cache(2, 3 * BLOCK)
+        with dmax_calls() as calls:
+            model.forward_cached(whole, **kwargs, n_logits=1)
+        assert [name for name, _ in calls].count("decoder_layer") == layers  # every layer whole
+        for hooked in (None, last.attention.dense, last.mlp):
+            ran.clear()
+            handle = hooked.register_forward_hook(lambda *a: None) if hooked else None
+            cache = model.new_cache(2, 3 * BLOCK)
+            with dmax_calls() as calls:
+                assert model.forward_cached(cache, **kwargs, n_logits=0) is None
+            if handle:
+                handle.remove()
+            # The other layers as the op; the last one's MLP only when a hook keeps it whole.
+            assert [name for name, _ in calls].count("decoder_layer") == layers - 1
+            assert ran == ([] if hooked is None else [1])
+            for got, want in zip(cache.keys + cache.values, whole.keys + whole.values):
+                assert torch.equal(got, want)

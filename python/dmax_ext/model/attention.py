@@ -67,17 +67,34 @@ class Attention(CpuVariant, nn.Module):
 
         With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
         slots.fed and the queries attend to slots [0, slots.span) (S = span)."""
+        q, k, v = self._project(x, cos, sin)
+        if cache_kv is not None:
+            keys, values = self._write(cache_kv, slots, k, v)
+            k, v = keys[:, :, :slots.span], values[:, :, :slots.span]
+        return self.dense(self._attend(q, k, v, mask))
+
+    def write_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache_kv: tuple[torch.Tensor, torch.Tensor], slots: CacheSlots) -> None:
+        """Only what forward writes into the cache (this call's keys/values), without the
+        attention: a prefill's last layer, whose output nobody reads."""
+        _, k, v = self._project(x, cos, sin)
+        self._write(cache_kv, slots, k, v)
+
+    def _project(self, x, cos, sin):
+        """q [B, heads, T, hd] and k, v [B, kv heads, T, hd] of x [B, T, H], q and k normalized
+        and rotated."""
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim)  # [B, T, heads, hd]
         n_qk = self.n_heads + self.n_kv_heads
         qk = self._qk_norm_rotary(qkv[:, :, :n_qk], cos, sin)
-        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, :, n_qk:].transpose(1, 2)
-        if cache_kv is not None:
-            keys, values = cache_kv
-            keys[:, :, slots.fed] = k
-            values[:, :, slots.fed] = v
-            k, v = keys[:, :, :slots.span], values[:, :, :slots.span]
-        return self.dense(self._attend(q, k, v, mask))
+        return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, :, n_qk:].transpose(1, 2)
+
+    @staticmethod
+    def _write(cache_kv, slots: CacheSlots, k, v):
+        keys, values = cache_kv
+        keys[:, :, slots.fed] = k
+        values[:, :, slots.fed] = v
+        return keys, values
 
     def _attend(self, q, k, v, mask):
         """softmax(q k^T / sqrt(hd) + mask) v as [B, T, heads * hd]. Without gradients on the CPU

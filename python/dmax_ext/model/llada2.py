@@ -38,6 +38,18 @@ class DecoderLayer(CpuVariant, nn.Module):
         h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def write_kv(self, x, cos, sin, cache_kv, slots) -> bool:
+        """Writes only the keys/values forward would write into the cache (the same kernels on
+        the same inputs), and returns True; False, doing nothing, where a hook on a module of
+        the layer would then be skipped: the layer must run whole. For the last layer of a
+        forward whose output nobody reads (a prefill): its attention and MoE (most experts busy
+        at a prompt's rows) were 22% of a 96-token llada2-small prefill in bf16 and 36% in
+        float32 (10.7 -> 8.4 ms, 24.4 -> 15.7 ms, 1 thread, 2026-12-06)."""
+        if any(runs_hooks(m) for m in self.modules()):
+            return False
+        self.attention.write_kv(self.input_layernorm(x), cos, sin, cache_kv, slots)
+        return True
+
 
 class Backbone(nn.Module):
     """The checkpoint's `model.*` part: embeddings, layers, final norm."""
@@ -240,8 +252,12 @@ class LLaDA2MoeModel(nn.Module):
         plans = (self._frozen.layer_plans
                  if self._frozen is not None and cache is not None
                  and not torch.is_grad_enabled() else None)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             cache_kv = cache.layer(i) if cache is not None else None
+            if i == last and n_logits == 0 and cache_kv is not None \
+                    and layer.write_kv(x, cos, sin, cache_kv, slots):
+                return None  # a prefill: the last layer's keys and values are all it needs
             planned = (None if plans is None else
                        planned_layer_forward(plans, i, layer, x, cos, sin, mask, cache_kv, slots))
             x = layer(x, cos, sin, mask, cache_kv, slots) if planned is None else planned
