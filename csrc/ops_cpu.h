@@ -40,6 +40,6 @@ at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
                          int64_t write_slot, int64_t span, at::TensorList weights,
-                         at::IntArrayRef dims, at::ArrayRef<double> scalars);
+                         at::IntArrayRef dims, at::ArrayRef<double> scalars, int64_t out_rows);
 
 }  // namespace dmax::cpu

@@ -57,12 +57,13 @@ constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
 constexpr const char* kBlockAttentionSchema =
     "block_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor";
 // CPU only: one decoder layer of a decoding block's cached forward with every module on its
-// native form (the ops above, in the modules' order): the layer's output; keys / values get the
-// fed tokens' entries at [write_slot, write_slot + T). `dmax`.
+// native form (the ops above, in the modules' order): the layer's output for the last out_rows
+// fed tokens (-1: all); keys / values get every fed token's entries at
+// [write_slot, write_slot + T). `dmax`.
 constexpr const char* kDecoderLayerSchema =
     "decoder_layer(Tensor x, Tensor cos, Tensor sin, Tensor mask, Tensor(a!) keys, "
     "Tensor(b!) values, int write_slot, int span, Tensor[] weights, int[] dims, "
-    "float[] scalars) -> Tensor";
+    "float[] scalars, int out_rows=-1) -> Tensor";
 
 // Applies `def` to every schema, so the two namespaces can never drift apart.
 template <typename Library>

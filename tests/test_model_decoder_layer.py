@@ -107,6 +107,45 @@ def test_rows_past_the_projection_cap_keep_the_modules():
     assert not _ran_fused(layer, args)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llada2-small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_first_step_trims_the_last_layer_to_the_rows_it_returns(preset, dtype, fused):
+    """A block's first step feeds the previous block too, for its keys and values only: with
+    n_logits, the last layer computes its attention and MLP on the last n_logits rows alone
+    (out_rows), the op and the modules alike. Every kernel computes a row alone, so the logits
+    are bitwise the untrimmed forward's rows and the cache the same."""
+    model = _model(preset, dtype)
+    for layer in model.model.layers:
+        layer.cpu_variant = fused
+    block, vocab = 16, model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 2):
+        ids = torch.randint(0, vocab - 2, (batch, 3 * block), generator=gen)
+        kwargs = dict(position_ids=torch.arange(block, 3 * block).expand(batch, -1),
+                      write_slot=block, valid_from=torch.tensor([0, 5][:batch]),
+                      block_length=block)
+        caches = [model.new_cache(batch, 3 * block) for _ in range(2)]
+        with torch.inference_mode():
+            for cache in caches:  # the same committed first block in both
+                model.forward_cached(cache, input_ids=ids[:, :block], write_slot=0,
+                                     position_ids=torch.arange(block).expand(batch, -1),
+                                     valid_from=kwargs["valid_from"], block_length=block,
+                                     n_logits=0)
+            whole = model.forward_cached(caches[0], input_ids=ids[:, block:], **kwargs)
+            with dmax_calls() as calls:
+                trimmed = model.forward_cached(caches[1], input_ids=ids[:, block:], **kwargs,
+                                               n_logits=block)
+        assert torch.equal(trimmed, whole[:, block:])
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+            assert torch.equal(a, b)
+        # (The dispatcher leaves out a trailing argument at its default, out_rows = -1.)
+        out_rows = [args[11] if len(args) > 11 else -1 for name, args in calls
+                    if name == "decoder_layer"]
+        n_layers = model.config.num_hidden_layers
+        assert out_rows == ([-1] * (n_layers - 1) + [block] if fused else [])
+
+
 def test_float16_keeps_the_modules():
     model = _model("tiny", torch.float16)
     layer, args = _layer_call(model)
@@ -120,6 +159,8 @@ def test_opcheck():
         op_args = list(decoder_layer_args(layer, *args))
     op_args = [a.detach() if torch.is_tensor(a) else a for a in op_args]  # plain tensors
     op_args[8] = [w.detach() for w in op_args[8]]
+    torch.library.opcheck(torch.ops.dmax.decoder_layer.default, op_args)
+    op_args[-1] = 3  # out_rows: the last 3 rows' outputs
     torch.library.opcheck(torch.ops.dmax.decoder_layer.default, op_args)
 
 
@@ -136,3 +177,8 @@ def test_argument_errors():
     with pytest.raises(RuntimeError, match=r"the fed slots \[4, 12\) and the span 12 must lie"):
         torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 4, 12, weights[:8],
                                      [4, 2, 16, 4, 2, 4], [1e-6] * 5)
+    for out_rows in (0, 9, -2):
+        with pytest.raises(RuntimeError, match=r"out_rows must be -1 \(every fed token\) or in "
+                                               r"\[1, 8\]"):
+            torch.ops.dmax.decoder_layer(x, cos, sin, mask, keys, values, 0, 8, weights[:8],
+                                         [4, 2, 16, 4, 2, 4], [1e-6] * 5, out_rows)

@@ -48,7 +48,7 @@ at::Tensor gated_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::T
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
                          int64_t write_slot, int64_t span, at::TensorList weights,
-                         at::IntArrayRef dims, at::ArrayRef<double> scalars) {
+                         at::IntArrayRef dims, at::ArrayRef<double> scalars, int64_t out_rows) {
   TORCH_CHECK(x.dim() == 3, "decoder_layer: x must be [B, T, H], got ", x.sizes());
   TORCH_CHECK(dims.size() == kDims && scalars.size() == kScalars,
               "decoder_layer: dims must hold ", static_cast<int64_t>(kDims), " ints and scalars ",
@@ -63,6 +63,11 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
   TORCH_CHECK(write_slot >= 0 && write_slot + length <= span && span <= keys.size(2),
               "decoder_layer: the fed slots [", write_slot, ", ", write_slot + length,
               ") and the span ", span, " must lie in the cache's ", keys.size(2), " slots");
+  TORCH_CHECK(out_rows == -1 || (out_rows >= 1 && out_rows <= length),
+              "decoder_layer: out_rows must be -1 (every fed token) or in [1, ", length,
+              "] (the last fed tokens), got ", out_rows);
+  // Every fed token's keys and values; the attention and MLP for the last n_out tokens only.
+  const int64_t n_out = out_rows < 0 ? length : out_rows, first = length - n_out;
 
   // Attention (Attention.forward with a cache, native forms).
   const at::Tensor qkv = projection(rms_norm(x, weights[kInputNorm], scalars[kEps]), weights[kQkv])
@@ -72,9 +77,11 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                                        weights[kKeyNorm], cos, sin, n_heads, scalars[kQkEps]);
   keys.narrow(2, write_slot, length).copy_(qk.narrow(1, n_heads, n_kv));
   values.narrow(2, write_slot, length).copy_(qkv.narrow(2, n_qk, n_kv).transpose(1, 2));
-  const at::Tensor attended = block_attention(qk.narrow(1, 0, n_heads), keys.narrow(2, 0, span),
-                                              values.narrow(2, 0, span), mask, scalars[kScale]);
-  const at::Tensor h = projection(attended, weights[kDense], x);  // x + dense(attended)
+  const at::Tensor attended =
+      block_attention(qk.narrow(1, 0, n_heads).narrow(2, first, n_out), keys.narrow(2, 0, span),
+                      values.narrow(2, 0, span), mask.narrow(2, first, n_out), scalars[kScale]);
+  // x + dense(attended), on the last n_out tokens
+  const at::Tensor h = projection(attended, weights[kDense], x.narrow(1, first, n_out));
 
   // The MLP on the post-attention norm.
   const at::Tensor normed = rms_norm(h, weights[kPostNorm], scalars[kPostEps]);

@@ -62,15 +62,19 @@ class Attention(CpuVariant, nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                slots: CacheSlots | None = None) -> torch.Tensor:
+                slots: CacheSlots | None = None, out_rows: int | None = None) -> torch.Tensor:
         """x [B, T, H]; mask bool [B or 1, 1, T, S] or None (full attention).
 
         With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
-        slots.fed and the queries attend to slots [0, slots.span) (S = span)."""
+        slots.fed and the queries attend to slots [0, slots.span) (S = span). out_rows: only the
+        last out_rows tokens' outputs ([B, out_rows, H]; every token's keys/values written)."""
         q, k, v = self._project(x, cos, sin)
         if cache_kv is not None:
             keys, values = self._write(cache_kv, slots, k, v)
             k, v = keys[:, :, :slots.span], values[:, :, :slots.span]
+        if out_rows is not None:
+            first = q.shape[2] - out_rows
+            q, mask = q[:, :, first:], None if mask is None else mask[:, :, first:]
         return self.dense(self._attend(q, k, v, mask))
 
     def write_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

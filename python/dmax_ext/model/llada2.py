@@ -31,11 +31,16 @@ class DecoderLayer(CpuVariant, nn.Module):
         self.mlp = (MoeBlock(config) if config.is_moe_layer(layer)
                     else GatedMLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x, cos, sin, mask, cache_kv=None, slots=None):
-        fused = native_layer_forward(self, x, cos, sin, mask, cache_kv, slots)
+    def forward(self, x, cos, sin, mask, cache_kv=None, slots=None, out_rows=None):
+        """out_rows: the output of the last out_rows tokens only (each row's is the same bits as
+        in the whole output: every kernel computes a row alone), every token's keys/values
+        written."""
+        fused = native_layer_forward(self, x, cos, sin, mask, cache_kv, slots, out_rows)
         if fused is not None:
             return fused
-        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots)
+        attended = self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots,
+                                  out_rows)
+        h = (x if out_rows is None else x[:, x.shape[1] - out_rows:]) + attended
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def write_kv(self, x, cos, sin, cache_kv, slots) -> bool:
@@ -253,14 +258,20 @@ class LLaDA2MoeModel(nn.Module):
                  if self._frozen is not None and cache is not None
                  and not torch.is_grad_enabled() else None)
         last = len(self.model.layers) - 1
+        # Rows whose logits nobody reads need only their keys and values from the last layer:
+        # a prefill's (write_kv), the previous block's in a block's first step (out_rows).
+        trimmed = n_logits is not None and 0 < n_logits < x.shape[1] and cache is not None
         for i, layer in enumerate(self.model.layers):
             cache_kv = cache.layer(i) if cache is not None else None
             if i == last and n_logits == 0 and cache_kv is not None \
                     and layer.write_kv(x, cos, sin, cache_kv, slots):
                 return None  # a prefill: the last layer's keys and values are all it needs
+            out_rows = n_logits if trimmed and i == last else None
             planned = (None if plans is None else
-                       planned_layer_forward(plans, i, layer, x, cos, sin, mask, cache_kv, slots))
-            x = layer(x, cos, sin, mask, cache_kv, slots) if planned is None else planned
+                       planned_layer_forward(plans, i, layer, x, cos, sin, mask, cache_kv, slots,
+                                             out_rows))
+            x = (layer(x, cos, sin, mask, cache_kv, slots, out_rows) if planned is None
+                 else planned)
         if n_logits is not None and n_logits < x.shape[1]:
             if n_logits == 0:
                 return None

@@ -142,31 +142,35 @@ def call_applies(cache_kv, mask, slots) -> bool:
     return cache_kv is not None and mask is not None and isinstance(slots.fed, slice)
 
 
-def _op_args(plan: tuple, x, cos, sin, mask, cache_kv, slots) -> tuple:
+def _op_args(plan: tuple, x, cos, sin, mask, cache_kv, slots, out_rows) -> tuple:
     keys, values = cache_kv
-    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, *plan)
+    return (x, cos, sin, mask, keys, values, slots.fed.start, slots.span, *plan,
+            -1 if out_rows is None else out_rows)
 
 
-def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots) -> tuple | None:
-    """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots), or None
-    where it does not apply (call_applies, layer_plan)."""
+def decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots,
+                       out_rows: int | None = None) -> tuple | None:
+    """The arguments of dmax.decoder_layer for layer(x, cos, sin, mask, cache_kv, slots,
+    out_rows), or None where it does not apply (call_applies, layer_plan)."""
     if not call_applies(cache_kv, mask, slots):
         return None
     plan = layer_plan(layer, x)
-    return None if plan is None else _op_args(plan, x, cos, sin, mask, cache_kv, slots)
+    return None if plan is None else _op_args(plan, x, cos, sin, mask, cache_kv, slots, out_rows)
 
 
-def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots) -> torch.Tensor | None:
-    """layer(x, cos, sin, mask, cache_kv, slots) as dmax.decoder_layer, or None where it does not
-    apply (decoder_layer_args): the caller then runs the modules."""
-    args = decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots)
+def native_layer_forward(layer, x, cos, sin, mask, cache_kv, slots,
+                         out_rows: int | None = None) -> torch.Tensor | None:
+    """layer(x, cos, sin, mask, cache_kv, slots, out_rows) as dmax.decoder_layer, or None where
+    it does not apply (decoder_layer_args): the caller then runs the modules."""
+    args = decoder_layer_args(layer, x, cos, sin, mask, cache_kv, slots, out_rows)
     return None if args is None else torch.ops.dmax.decoder_layer(*args)
 
 
 _UNPLANNED = object()
 
 
-def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cache_kv, slots):
+def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cache_kv, slots,
+                          out_rows: int | None = None):
     """native_layer_forward for layer `index` of a model that does not change between calls
     (LLaDA2MoeModel.frozen, whose _FrozenState says what this saves): its layer_plan is made
     once per (index, dtype, device), and whether it serves a row count decided once per
@@ -184,4 +188,5 @@ def planned_layer_forward(plans: dict, index: int, layer, x, cos, sin, mask, cac
         plan = plans[key] = shape_free if fits else None
     if plan is None:
         return None
-    return torch.ops.dmax.decoder_layer(*_op_args(plan, x, cos, sin, mask, cache_kv, slots))
+    return torch.ops.dmax.decoder_layer(*_op_args(plan, x, cos, sin, mask, cache_kv, slots,
+                                                  out_rows))
