@@ -5,8 +5,8 @@
 // dense MLP's / shared expert's fused gate|up and swiglu), so its output is bitwise the module
 // path's. What it removes is the interpreter between them: ~35 torch calls and ~13 module calls
 // a layer, about a tenth of a bf16 block forward of llada2-small; and most residual adds, which
-// skinny_linear makes as it stores a projection (the same roundings). model/native_layer.py decides when it
-// applies (every module would take its native form) and packs the arguments.
+// skinny_linear makes as it stores a projection (the same roundings). model/native_layer.py
+// decides when it applies (every module would take its native form) and packs the arguments.
 // Semantics: DecoderLayer.forward with a KV cache (docs/ARCHITECTURE.md); no CUDA version (the
 // CUDA step is a captured graph, which has no interpreter to remove).
 #include <ATen/ATen.h>
