@@ -47,7 +47,9 @@ void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-// Chunks of whole tiles streaming at least ~64 KB of weights each. Inside a forward the other
+// Chunks of whole tiles streaming at least ~64 KB of weights each, each chunk packing x for itself
+// (its few rows: ~1.4 us for a block's 32 x 512, during which the other threads waited when the
+// caller packed once; at 1 thread one chunk, one pack). Inside a forward the other
 // threads are still spinning from the previous op, and handing them a chunk costs ~1-2 us: at 2
 // threads llada2-small's shared-expert projections ([128, 512] and [512, 128] bf16, 32 rows) and
 // its router ([64, 512] float32) ran 11.3 / 11.4 / 13.3 us on one thread with 256 KB chunks and
@@ -77,12 +79,17 @@ at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight,
   if (M == 0 || N == 0) return out;
   if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
   const int64_t Mp = (M + 15) / 16 * 16;
-  std::unique_ptr<float[]> xt(new float[K * Mp]);
-  pack(x.const_data_ptr<float>(), M, K, Mp, xt.get());
-  const SkinnyLinearTask task{xt.get(), M, Mp, K, N, weight.const_data_ptr<float>(),
-                              out.mutable_data_ptr<float>(), use_nta_prefetch(),
-                              residual_data<float>(residual)};
-  for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) { columns(task, begin, end); });
+  const float* x_p = x.const_data_ptr<float>();
+  const SkinnyLinearTask shared{nullptr, M, Mp, K, N, weight.const_data_ptr<float>(),
+                                out.mutable_data_ptr<float>(), use_nta_prefetch(),
+                                residual_data<float>(residual)};
+  for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<float[]> xt(new float[K * Mp]);  // each chunk its own (see above)
+    pack(x_p, M, K, Mp, xt.get());
+    SkinnyLinearTask task = shared;
+    task.xt = xt.get();
+    columns(task, begin, end);
+  });
   return out;
 }
 
@@ -97,14 +104,16 @@ at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight,
   if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
   const at::Tensor xe = K % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
   const int64_t pairs = (K + 1) / 2, Mp = (M + 15) / 16 * 16;
-  std::unique_ptr<uint32_t[]> xt(new uint32_t[pairs * Mp]);
-  AVX512::skinny_linear_pack(reinterpret_cast<const float*>(xe.const_data_ptr()), M, pairs, Mp,
-                             reinterpret_cast<float*>(xt.get()));
-  const SkinnyLinearBf16Task task{
-      xt.get(), M, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
+  const auto* x_p = reinterpret_cast<const float*>(xe.const_data_ptr());
+  const SkinnyLinearBf16Task shared{
+      nullptr, M, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
       reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), use_nta_prefetch(),
       residual_data<uint16_t>(residual)};
   for_column_tiles(N, K, 2, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<uint32_t[]> xt(new uint32_t[pairs * Mp]);  // each chunk its own
+    AVX512::skinny_linear_pack(x_p, M, pairs, Mp, reinterpret_cast<float*>(xt.get()));
+    SkinnyLinearBf16Task task = shared;
+    task.xt = xt.get();
     AVX512::skinny_linear_bf16_columns(task, begin, end);
   });
   return out;
