@@ -47,13 +47,13 @@ void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-// Chunks of whole tiles streaming at least ~64 KB of weights each, each chunk packing x for itself
-// (its few rows: ~1.4 us for a block's 32 x 512, during which the other threads waited when the
-// caller packed once; at 1 thread one chunk, one pack). Inside a forward the other
+// Chunks of whole tiles streaming at least ~64 KB of weights each. Inside a forward the other
 // threads are still spinning from the previous op, and handing them a chunk costs ~1-2 us: at 2
 // threads llada2-small's shared-expert projections ([128, 512] and [512, 128] bf16, 32 rows) and
 // its router ([64, 512] float32) ran 11.3 / 11.4 / 13.3 us on one thread with 256 KB chunks and
-// 8.6 / 7.7 / 9.9 us split (2026-12-06); the larger projections did not change.
+// 8.6 / 7.7 / 9.9 us split (2026-12-06); the larger projections did not change. Each chunk packs
+// x for itself (a block's 32 x 512: ~1.4 us, which the other threads spent waiting when the
+// caller packed once; at 1 thread one chunk, one pack).
 template <class Columns>
 void for_column_tiles(int64_t N, int64_t K, int64_t element_bytes, const Columns& columns) {
   static const auto tile_rows = DMAX_CPU_KERNEL(skinny_linear_tile_rows)();
