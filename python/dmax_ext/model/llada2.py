@@ -291,9 +291,8 @@ class LLaDA2MoeModel(nn.Module):
         plans = self._frozen.head_plans
         if key not in plans:
             norm, lm_head = self.model.norm, self.lm_head
-            native = (x.dtype == norm.weight.dtype and not runs_hooks(norm)
-                      and not runs_hooks(lm_head) and lm_head.native_form(x) is not None
-                      and norm.native("rms_norm", x, norm.weight) is not None)
+            native = (not runs_hooks(norm) and not runs_hooks(lm_head)
+                      and norm.native_form(x) is not None and lm_head.native_form(x) is not None)
             plans[key] = ((norm._parameters["weight"], float(norm.eps),
                            lm_head._parameters["weight"]) if native else None)
         plan = plans[key]
