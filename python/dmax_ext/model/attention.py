@@ -36,6 +36,53 @@ def cached_attention_mask(valid_from: torch.Tensor, fed_slots: torch.Tensor, spa
     return (causal[None] & valid[:, None])[:, None]
 
 
+class MaskTiles(NamedTuple):
+    """A batch-shared attention mask cut into tiles of query rows, each with only the keys its
+    rows may see: SDPA's CPU kernels compute every query-key pair an explicit mask has, so
+    sparse masks pay for the pairs they mask out. Training's two-half mask (training/oput.py)
+    lets 27% of the pairs through; attention forward + backward at 1,024 tokens of llada2-small
+    took 78 ms dense and 30 ms in tiles of 64 (float32; bfloat16 57 -> 36 ms; docs/PERFORMANCE.md,
+    2026-12-06 16:40). Made by tile_mask; Attention._attend runs one attention per tile."""
+    mask: torch.Tensor   # [1, 1, T, S] bool: the whole mask
+    tiles: tuple         # (first query, end query, keys: a slice or int64 indices, mask [1, 1, rows, keys])
+
+
+MASK_TILE = 64  # query rows and key columns a tile; 32 was as fast, 128 10% slower (the same A/B)
+
+
+def tile_mask(mask: torch.Tensor | None, tile: int = MASK_TILE):
+    """mask ([B or 1, 1, T, S] bool, or None) as MaskTiles where the tiles skip at least a
+    quarter of the pairs, else mask itself: a mask per sequence (B > 1), short sequences, a
+    query tile that sees no key at all (its rows' outputs are whatever the dense kernel makes
+    of a fully masked row), and under torch.compile (the plan reads the mask's values)."""
+    if mask is None or mask.shape[0] != 1 or torch.compiler.is_compiling():
+        return mask
+    rows, keys = mask.shape[2], mask.shape[3]
+    if rows <= tile or keys <= tile:
+        return mask
+    n_key_tiles = -(-keys // tile)
+    padded = F.pad(mask[0, 0], (0, n_key_tiles * tile - keys))
+    tiles, pairs = [], 0
+    for first in range(0, rows, tile):
+        end = min(first + tile, rows)
+        seen = padded[first:end].view(end - first, n_key_tiles, tile).any(-1).any(0)
+        key_tiles = seen.nonzero().flatten().tolist()
+        if not key_tiles:
+            return mask
+        if key_tiles[-1] - key_tiles[0] + 1 == len(key_tiles):  # contiguous: a view, no copy
+            cols = slice(key_tiles[0] * tile, min((key_tiles[-1] + 1) * tile, keys))
+            width = cols.stop - cols.start
+        else:
+            cols = torch.cat([torch.arange(j * tile, min((j + 1) * tile, keys), device=mask.device)
+                              for j in key_tiles])
+            width = cols.numel()
+        sub = mask[:, :, first:end]
+        tiles.append((first, end, cols, sub[..., cols] if isinstance(cols, slice)
+                      else sub.index_select(3, cols)))
+        pairs += (end - first) * width
+    return MaskTiles(mask, tuple(tiles)) if pairs <= 0.75 * rows * keys else mask
+
+
 class CacheSlots(NamedTuple):
     """What a cached forward does in every layer's KV cache: the fed tokens' keys/values are
     written at `fed`, and the queries read slots [0, span). `fed` is slice(write_slot,
@@ -105,7 +152,11 @@ class Attention(CpuVariant, nn.Module):
         one op (dmax.block_attention: float32 softmax, 20-30% faster than SDPA's CPU kernels at
         a block's 32 queries and its output already in this layout); else SDPA, which keeps the
         softmax in float32 for bf16 inputs, and whose enable_gqa maps query head j to kv head
-        j // (n_heads / n_kv_heads) without materializing repeated keys."""
+        j // (n_heads / n_kv_heads) without materializing repeated keys. mask: a bool tensor,
+        None (full attention), or MaskTiles (one attention per query tile, on its keys)."""
+        if isinstance(mask, MaskTiles):
+            return torch.cat([self._attend(q[:, :, first:end], *_keys(k, v, cols), sub)
+                              for first, end, cols, sub in mask.tiles], dim=1)
         if mask is not None:
             native = self.native("block_attention", q, q)
             if native is not None:
@@ -136,3 +187,10 @@ class Attention(CpuVariant, nn.Module):
         weight = torch.cat((q_norm.weight.expand(self.n_heads, -1),
                             k_norm.weight.expand(qk.shape[1] - self.n_heads, -1)))[:, None]
         return rms_normalize(qk, q_norm.eps, weight)
+
+
+def _keys(k: torch.Tensor, v: torch.Tensor, cols):
+    """k, v [B, kv heads, S, hd] at the key columns `cols` (a slice: views; else indices)."""
+    if isinstance(cols, slice):
+        return k[:, :, cols], v[:, :, cols]
+    return k.index_select(2, cols), v.index_select(2, cols)

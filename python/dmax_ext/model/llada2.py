@@ -10,7 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .attention import Attention, CacheSlots, block_causal_mask, cached_attention_mask
+from .attention import (Attention, CacheSlots, block_causal_mask, cached_attention_mask,
+                        tile_mask)
 from .cache import KVCache
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
@@ -130,12 +131,18 @@ class LLaDA2MoeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, block_length: int | None = None,
                 position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (logit i predicts token i). Attention: `attention_mask` (bool
         [B or 1, 1, T, T], True = may attend) if given, else block-causal with `block_length`
-        (blocks counted from index 0), else full. position_ids default to 0..T-1."""
+        (blocks counted from index 0), else full. position_ids default to 0..T-1.
+        logits_rows: int64 [N] indices into the flattened B x T tokens (b * T + t): the logits
+        of those tokens only, [N, V]. The lm_head is the largest matmul of a forward, and a
+        training loss reads a fraction of the rows (training/oput.py: the noisy half's labels)."""
         x = self._inputs(input_ids, inputs_embeds)
         batch, length, _ = x.shape
+        if logits_rows is not None:
+            _check_rows(logits_rows, batch * length, x.device)
         if position_ids is None:
             self._check_positions(length - 1)
             position_ids = torch.arange(length, device=x.device).expand(batch, length)
@@ -152,7 +159,7 @@ class LLaDA2MoeModel(nn.Module):
         else:
             mask = None
         cos, sin = self._rotary(position_ids, x)
-        return self._run(x, cos, sin, mask)
+        return self._run(x, cos, sin, tile_mask(mask), logits_rows=logits_rows)
 
     def new_cache(self, batch_size: int, max_slots: int) -> KVCache:
         # A token's position is at most its slot, so this bound keeps every position in range.
@@ -253,7 +260,8 @@ class LLaDA2MoeModel(nn.Module):
         return rotary_cos_sin(position_ids.to(x.device), self._inv_freq(x.device), x.dtype)
 
     def _run(self, x, cos, sin, mask, cache: KVCache | None = None,
-             slots: CacheSlots | None = None, n_logits: int | None = None):
+             slots: CacheSlots | None = None, n_logits: int | None = None,
+             logits_rows: torch.Tensor | None = None):
         plans = (self._frozen.layer_plans
                  if self._frozen is not None and cache is not None
                  and not torch.is_grad_enabled() else None)
@@ -276,6 +284,8 @@ class LLaDA2MoeModel(nn.Module):
             if n_logits == 0:
                 return None
             x = x[:, -n_logits:]
+        if logits_rows is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
         if plans is not None:
             logits = self._planned_head(x)
             if logits is not None:
@@ -350,6 +360,21 @@ class _FrozenState:
 
     def keep_step_inputs(self, key: tuple, position_ids, valid_from, inputs: tuple) -> None:
         self._step = (key, position_ids.clone(), valid_from.clone(), inputs)
+
+
+def _check_rows(rows, n_tokens: int, device) -> None:
+    """forward's logits_rows: int64 [N] on the model's device, each in [0, n_tokens)."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
+        raise ValueError("logits_rows: expected an int64 tensor [N] of flattened token indices, "
+                         f"got {rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__}"
+                         f" {tuple(rows.shape) if isinstance(rows, torch.Tensor) else ''}")
+    if rows.device != device:
+        raise ValueError(f"logits_rows must be on {device} (the model's device), got {rows.device}")
+    if rows.numel() and not torch.compiler.is_compiling():
+        low, high = int(rows.min()), int(rows.max())
+        if low < 0 or high >= n_tokens:
+            raise ValueError(f"logits_rows must index the {n_tokens} tokens (B x T) of the input, "
+                             f"got {low if low < 0 else high}")
 
 
 def _positive(block_length) -> int:

@@ -45,7 +45,8 @@ class Linear(CpuVariant, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         native = self.native_form(x)
         if native is not None:
-            return native(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+            rows = native(x.reshape(-1, x.shape[-1]), self.weight)
+            return rows.view(*x.shape[:-1], self.weight.shape[0])  # (-1 is ambiguous at 0 rows)
         return super().forward(x)
 
 

@@ -120,12 +120,20 @@ def concat_batches(batches: list[DiffusionBatch]) -> DiffusionBatch:
     return DiffusionBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in fields))
 
 
-def forward_two_half(model, noisy, clean, attention_mask) -> torch.Tensor:
-    """Logits of the noisy half [B, L, V]."""
+def forward_two_half(model, noisy, clean, attention_mask, keep=None) -> torch.Tensor:
+    """Logits of the noisy half, [B, L, V]; with `keep` (bool [B, L]), of its kept positions
+    only, [N, V] in row-major order (what indexing the former by `keep` gives). Only those rows
+    go through the lm_head, the largest matmul of the forward: the clean half's logits are
+    never read, and a loss reads only its label positions."""
     b, seq_len = noisy.shape
+    device = noisy.device
+    # Token t of sample i's noisy half is row i * 2L + t of the flattened [noisy ; clean] input.
+    rows = (torch.arange(b, device=device)[:, None] * (2 * seq_len)
+            + torch.arange(seq_len, device=device)[None, :])
     logits = model(input_ids=torch.cat([noisy, clean], dim=1), attention_mask=attention_mask,
-                   position_ids=two_half_position_ids(b, seq_len, noisy.device))
-    return logits[:, :seq_len]
+                   position_ids=two_half_position_ids(b, seq_len, device),
+                   logits_rows=rows.flatten() if keep is None else rows[keep])
+    return logits.view(b, seq_len, -1) if keep is None else logits
 
 
 @torch.no_grad()
@@ -167,6 +175,6 @@ def loss_sum(model, batch: DiffusionBatch, cfg: DiffusionConfig, attention_mask,
     noisy = batch.noisy
     if cfg.mode == "oput":
         noisy = rollout(rollout_model or model, batch, cfg, attention_mask, always_forward)
-    logits = forward_two_half(model, noisy, batch.clean, attention_mask)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = batch.labels != IGNORE_INDEX
+    logits = forward_two_half(model, noisy, batch.clean, attention_mask, keep)
+    return F.cross_entropy(logits.float(), batch.labels[keep], reduction="sum")
