@@ -150,18 +150,25 @@ def rollout(model, batch: DiffusionBatch, cfg: DiffusionConfig, attention_mask,
         return batch.noisy
     if rows.numel() == 0:
         rows = torch.zeros(1, dtype=torch.int64, device=batch.noisy.device)
+    noisy_rows = batch.noisy[rows].contiguous()
+    masked = noisy_rows == cfg.mask_id  # the positions a rollout replaces: only their logits
     was_training = model.training
     model.eval()
     try:
-        logits = forward_two_half(model, batch.noisy[rows], batch.clean[rows], attention_mask)
+        logits = forward_two_half(model, noisy_rows, batch.clean[rows], attention_mask, masked)
     finally:
         model.train(was_training)
+    # The top k (what onpolicy_noise reads) does not depend on the temperature, only the unused
+    # pred does; the other positions' candidates are never read (zeros).
+    k = cfg.rollout_top_k
+    topk_ids = torch.zeros(*masked.shape, k, dtype=torch.int64, device=masked.device)
+    topk_probs = torch.zeros(*masked.shape, k, dtype=torch.float32, device=masked.device)
+    if logits.shape[0]:
+        _, _, ids, probs = ops.logits_stats(logits.float()[None].contiguous(), k)
+        topk_ids[masked], topk_probs[masked] = ids[0], probs[0]
     seeds = batch.seeds[rows] if cfg.rollout_temperature > 0 else None
-    _, _, topk_ids, topk_probs = ops.logits_stats(
-        logits.float().contiguous(), cfg.rollout_top_k, cfg.rollout_temperature, seeds)
-    new_rows = ops.onpolicy_noise(batch.noisy[rows].contiguous(), batch.flags[rows].contiguous(),
-                                  topk_ids, topk_probs, cfg.rollout_temperature, seeds,
-                                  mask_id=cfg.mask_id)
+    new_rows = ops.onpolicy_noise(noisy_rows, batch.flags[rows].contiguous(), topk_ids, topk_probs,
+                                  cfg.rollout_temperature, seeds, mask_id=cfg.mask_id)
     noisy = batch.noisy.clone()
     noisy[rows] = new_rows
     return noisy
