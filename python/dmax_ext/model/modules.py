@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn_matmul
 from .native import CpuVariant, derived_copy, has_amx_bf16, runs_hooks
 
 
@@ -47,7 +48,7 @@ class Linear(CpuVariant, nn.Linear):
         if native is not None:
             rows = native(x.reshape(-1, x.shape[-1]), self.weight)
             return rows.view(*x.shape[:-1], self.weight.shape[0])  # (-1 is ambiguous at 0 rows)
-        return super().forward(x)
+        return onednn_matmul.linear(x, self.weight)
 
 
 class RMSNorm(CpuVariant, nn.Module):

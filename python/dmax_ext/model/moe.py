@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn_matmul
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
 from .native import CpuVariant, derived_copy, has_amx_bf16, native_ops, packs_expert_weights
@@ -63,7 +64,7 @@ class Router(CpuVariant, nn.Module):
             # cost ~50 us a call here, twice the kernel's).
             skinny = self.native("skinny_linear", x, self.weight,
                                  Linear.native_max_rows(torch.float32))
-            logits = skinny(x32, w32) if skinny is not None else F.linear(x32, w32)
+            logits = skinny(x32, w32) if skinny is not None else onednn_matmul.linear(x32, w32)
         # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
         native = self.native("moe_route", x, self.weight)
         if native is not None:
@@ -115,10 +116,13 @@ def _experts_padded(xs, counts, gate_up, down):
 
 
 def _experts_grouped(xs, counts, gate_up, down):
-    """torch._grouped_mm over the expert-sorted rows (no padding, only busy experts' weights)."""
+    """torch._grouped_mm over the expert-sorted rows (no padding, only busy experts' weights);
+    on the CPU in float32 the same products through oneDNN (onednn_matmul: 2x MKL's on AMD)."""
+    def grouped(rows, w):
+        out = onednn_matmul.grouped_mm(rows, w, counts)
+        return out if out is not None else torch._grouped_mm(rows, w, offs=offsets)
     offsets = counts.cumsum(0).to(torch.int32)
-    hidden = _swiglu(torch._grouped_mm(xs, gate_up, offs=offsets))
-    return torch._grouped_mm(hidden, down, offs=offsets)
+    return grouped(_swiglu(grouped(xs, gate_up)), down)
 
 
 def _grouped_mm_supports(xs, gate_up, down) -> bool:
