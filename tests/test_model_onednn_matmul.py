@@ -22,16 +22,6 @@ pytestmark = pytest.mark.skipif(onednn_matmul._onednn_linear() is None,
 UNIT_ROUNDOFF = 2.0**-24
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def assert_within_dot_bound(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, what: str):
     """got (float32) = a @ b with a [..., M, K], b [K, N] (float64 copies are made here), each
     entry within gamma_K * (|a| @ |b|) of the exact product, gamma_K = K u / (1 - K u): the
@@ -70,7 +60,7 @@ def test_linear_and_its_gradients(rows, inner, cols, lead, transposed, seed):
        seed=st.integers(0, 99))
 def test_grouped_mm_and_its_gradients(groups, inner, cols, seed):
     gen = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, 40, (groups,), generator=gen)
+    counts = torch.randint(0, 80, (groups,), generator=gen)  # past ROWS_QUANTUM: both parts
     counts[torch.randint(0, groups, (1,), generator=gen)] = 0  # a group without rows
     xs = torch.randn(int(counts.sum()), inner, generator=gen).requires_grad_()
     w = torch.randn(groups, inner, cols, generator=gen).requires_grad_()
@@ -89,35 +79,57 @@ def test_grouped_mm_and_its_gradients(groups, inner, cols, seed):
 def test_where_it_steps_aside():
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     assert onednn_matmul.applies(x, w)
-    assert not onednn_matmul.applies(x.bfloat16(), w.bfloat16())
+    assert not onednn_matmul.applies(x.bfloat16(), w.bfloat16())  # oneDNN's bf16 GEMM already
     assert not onednn_matmul.applies(x.double(), w.double())
+    groups = w.t().contiguous()[None]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_matmul.applies(x, w)
-        assert onednn_matmul.grouped_mm(x, w[None].transpose(1, 2).contiguous(),
-                                        torch.tensor([5])) is None
+        # autocast does not cast _grouped_mm; grouped_mm keeps float32 products too
+        assert onednn_matmul.grouped_mm(x, groups, torch.tensor([5])).dtype == torch.float32
+    assert onednn_matmul.grouped_mm(x.double(), groups.double(), torch.tensor([5])) is None
     for dtype in (torch.bfloat16, torch.float64):  # the torch op, same result
         a, b = x.to(dtype), w.to(dtype)
         torch.testing.assert_close(onednn_matmul.linear(a, b), F.linear(a, b), rtol=0, atol=0)
     assert onednn_matmul.linear(x[:0], w).shape == (0, 3)
 
 
+class _Matmuls(TorchDispatchMode):
+    """The matmul ops run, with the rows each one's left operand holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name == "aten.addmm_":  # grad_w[g].addmm_(x_rest^T, grad_rest): rows = inner size
+            self.calls.append((name, args[1].shape[1]))
+        elif name in ("aten.mm", "aten.addmm", "aten.linear", "aten._grouped_mm",
+                      "mkldnn._linear_pointwise"):
+            self.calls.append((name, args[1 if name == "aten.addmm" else 0].shape[0]))
+        return func(*args, **(kwargs or {}))
+
+
 def test_training_forward_runs_its_matmuls_through_onednn():
-    """A gradient-taking forward of the model: every projection and the grouped experts go
-    through oneDNN, none through aten::mm / aten::_grouped_mm (MKL on this path)."""
+    """A gradient-taking forward and backward of the model: every projection and most of the
+    grouped experts' rows go through oneDNN; MKL only takes groups' last rows (fewer than
+    ROWS_QUANTUM), never a projection or _grouped_mm."""
     model = random_model("tiny", dtype=torch.float32, seed=1)
-    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
-    with _OpNames() as seen:
+    ids = torch.randint(0, 500, (1, 200), generator=torch.Generator().manual_seed(0))
+    with _Matmuls() as seen:
         model(ids, block_length=8).float().square().mean().backward()
-    names = set(seen.names)
-    assert "mkldnn._linear_pointwise" in names
-    assert not names & {"aten.mm", "aten.addmm", "aten._grouped_mm", "aten.linear"}, names
+    onednn = [rows for name, rows in seen.calls if name == "mkldnn._linear_pointwise"]
+    others = [(name, rows) for name, rows in seen.calls if name != "mkldnn._linear_pointwise"]
+    assert len(onednn) > 20
+    assert all(name in ("aten.mm", "aten.addmm_") and rows < onednn_matmul.ROWS_QUANTUM
+               for name, rows in others), others
 
 
 def test_experts_grouped_uses_it_with_the_same_result_as_grouped_mm():
     gen = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 6, (50,), generator=gen)
+    ids = torch.randint(0, 6, (150,), generator=gen)
     counts = expert_counts(ids.sort().values, 6)
-    xs = torch.randn(50, 16, generator=gen)
+    xs = torch.randn(150, 16, generator=gen)
     gate_up, down = torch.randn(6, 16, 24, generator=gen), torch.randn(6, 12, 16, generator=gen)
     offsets = counts.cumsum(0).to(torch.int32)
     hidden = torch._grouped_mm(xs, gate_up, offs=offsets)
