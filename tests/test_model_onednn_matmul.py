@@ -123,6 +123,11 @@ def test_training_forward_runs_its_matmuls_through_onednn():
     assert len(onednn) > 20
     assert all(name in ("aten.mm", "aten.addmm_") and rows < onednn_matmul.ROWS_QUANTUM
                for name, rows in others), others
+    model.set_cpu_variants(False)  # what CUDA runs: torch's ops only
+    with _Matmuls() as seen:
+        model(ids, block_length=8).float().square().mean().backward()
+    names = {name for name, _ in seen.calls}
+    assert "mkldnn._linear_pointwise" not in names and "aten._grouped_mm" in names, names
 
 
 def test_experts_grouped_uses_it_with_the_same_result_as_grouped_mm():

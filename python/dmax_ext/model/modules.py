@@ -48,7 +48,8 @@ class Linear(CpuVariant, nn.Linear):
         if native is not None:
             rows = native(x.reshape(-1, x.shape[-1]), self.weight)
             return rows.view(*x.shape[:-1], self.weight.shape[0])  # (-1 is ambiguous at 0 rows)
-        return onednn_matmul.linear(x, self.weight)
+        # (the float32 GEMM with gradients, onednn_matmul, is a CPU variant too)
+        return onednn_matmul.linear(x, self.weight) if self.cpu_variant else super().forward(x)
 
 
 class RMSNorm(CpuVariant, nn.Module):

@@ -6,6 +6,8 @@ names (`experts.E.gate_proj.weight` ...) through hooks, so state_dict keys == ch
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,7 +66,10 @@ class Router(CpuVariant, nn.Module):
             # cost ~50 us a call here, twice the kernel's).
             skinny = self.native("skinny_linear", x, self.weight,
                                  Linear.native_max_rows(torch.float32))
-            logits = skinny(x32, w32) if skinny is not None else onednn_matmul.linear(x32, w32)
+            if skinny is not None:
+                logits = skinny(x32, w32)
+            else:
+                logits = onednn_matmul.linear(x32, w32) if self.cpu_variant else F.linear(x32, w32)
         # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
         native = self.native("moe_route", x, self.weight)
         if native is not None:
@@ -115,11 +120,12 @@ def _experts_padded(xs, counts, gate_up, down):
     return out[expert_of, slot]
 
 
-def _experts_grouped(xs, counts, gate_up, down):
+def _experts_grouped(xs, counts, gate_up, down, onednn: bool = True):
     """torch._grouped_mm over the expert-sorted rows (no padding, only busy experts' weights);
-    on the CPU in float32 the same products through oneDNN (onednn_matmul: 2x MKL's on AMD)."""
+    with `onednn` (a CPU variant: StackedExperts' own flag), on the CPU the same products
+    through oneDNN (onednn_matmul: 1.5x MKL's _grouped_mm with gradients on AMD)."""
     def grouped(rows, w):
-        out = onednn_matmul.grouped_mm(rows, w, counts)
+        out = onednn_matmul.grouped_mm(rows, w, counts) if onednn else None
         return out if out is not None else torch._grouped_mm(rows, w, offs=offsets)
     offsets = counts.cumsum(0).to(torch.int32)
     return grouped(_swiglu(grouped(xs, gate_up)), down)
@@ -131,7 +137,7 @@ def _grouped_mm_supports(xs, gate_up, down) -> bool:
     return xs.element_size() >= 4 or all(d % 8 == 0 for d in down.shape[1:])
 
 
-def _experts_cpu(xs, counts, gate_up, down):
+def _experts_cpu(xs, counts, gate_up, down, onednn: bool = True):
     """CPU "auto" without the native kernel (gradients, large calls, no native library), from
     measurements on llada2-small shapes (AVX512 + AMX, 32/64 tokens): fp32
     grouped_mm is the fastest at any routing skew; in bf16, grouped_mm pays ~0.1 ms per busy
@@ -145,7 +151,7 @@ def _experts_cpu(xs, counts, gate_up, down):
         busy, capacity = int((counts > 0).sum()), int(counts.max())
         if 2 * busy >= counts.numel() and counts.numel() * capacity <= 2 * xs.shape[0]:
             return _experts_padded(xs, counts, gate_up, down)
-    return _experts_grouped(xs, counts, gate_up, down)
+    return _experts_grouped(xs, counts, gate_up, down, onednn)
 
 
 def native_experts_max_tokens(dtype: torch.dtype) -> int:
@@ -226,8 +232,11 @@ class StackedExperts(CpuVariant, nn.Module):
         order = flat.argsort(stable=True)
         counts = expert_counts(flat, self.gate_up_proj.shape[0])
         # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
-        sorted_out = _EXPERT_IMPLS[impl](x.index_select(0, order // k), counts,
-                                         self.gate_up_proj, self.down_proj)
+        experts = _EXPERT_IMPLS[impl]
+        if impl in ("grouped", "cpu"):
+            experts = functools.partial(experts, onednn=self.cpu_variant)
+        sorted_out = experts(x.index_select(0, order // k), counts, self.gate_up_proj,
+                             self.down_proj)
         inverse = torch.empty_like(order).scatter_(
             0, order, torch.arange(order.numel(), device=order.device))
         # Weighted sum over the k experts in float32, cast once (as the checkpoint's reference).
