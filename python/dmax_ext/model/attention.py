@@ -42,7 +42,7 @@ class MaskTiles(NamedTuple):
     sparse masks pay for the pairs they mask out. Training's two-half mask (training/oput.py)
     lets 27% of the pairs through; attention forward + backward at 1,024 tokens of llada2-small
     took 78 ms dense and 30 ms in tiles of 64 (float32; bfloat16 57 -> 36 ms; docs/PERFORMANCE.md,
-    2026-12-06 16:40). Made by tile_mask; Attention._attend runs one attention per tile."""
+    2026-12-06 16:55). Made by tile_mask; Attention._attend runs one attention per tile."""
     mask: torch.Tensor   # [1, 1, T, S] bool: the whole mask
     tiles: tuple         # (first query, end query, keys: a slice or int64 indices, mask [1, 1, rows, keys])
 

@@ -2,7 +2,7 @@
 experts where the native kernels do not apply (training, long prefills).
 
 torch runs float32 matmuls on the CPU through MKL, and MKL takes its AVX2 code path on AMD CPUs:
-on the AMD EPYC of docs/PERFORMANCE.md (2026-12-06 17:20, AVX-512, 1 thread) it reached 100-120
+on the AMD EPYC of docs/PERFORMANCE.md (2026-12-06 16:55, AVX-512, 1 thread) it reached 100-120
 GFLOP/s at training's shapes where oneDNN (torch's bf16 GEMM library, reached through
 torch.ops.mkldnn._linear_pointwise) reached 220-280, forward and both backward products alike,
 transposed operands read in place. Where oneDNN is missing, under autocast (its bf16 matmuls
@@ -140,7 +140,7 @@ def grouped_mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch
     torch._grouped_mm computes with offs = counts.cumsum, in float32 or bfloat16; None where
     oneDNN does not apply. Autocast does not cast _grouped_mm, and neither does this: under
     bf16 autocast training the experts' products stay float32 (casting the weights for bf16
-    products cost about what those saved: PERFORMANCE.md, 2026-12-06 16:50)."""
+    products cost about what those saved: PERFORMANCE.md, 2026-12-06 16:55)."""
     if not _onednn_operands(xs, w, (torch.float32, torch.bfloat16)):
         return None
     return _GroupedMatmul.apply(xs, w, counts.tolist())
