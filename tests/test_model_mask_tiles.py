@@ -11,6 +11,7 @@ from dmax_ext.model import PRESETS, random_model
 from dmax_ext.model import llada2
 from dmax_ext.model.attention import Attention, MaskTiles, block_causal_mask, tile_mask
 from dmax_ext.training.oput import two_half_attention_mask, two_half_position_ids
+from dmax_ext.training.parallel import apply_activation_checkpointing
 from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
@@ -107,6 +108,8 @@ def test_masks_that_stay_dense():
     blind[..., 16:32, :] = False                                       # a tile that sees no key
     assert tile_mask(blind, tile=16) is blind
     assert tile_mask(None) is None
+    elsewhere = two_half.to("meta")                                    # off the CPU
+    assert tile_mask(elsewhere, tile=16) is elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +117,26 @@ def small():
     return random_model("tiny", dtype=torch.float32, seed=4)
 
 
-def test_model_forward_and_gradients_with_and_without_tiles(small, monkeypatch):
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "activation-checkpointing"])
+def test_model_forward_and_gradients_with_and_without_tiles(checkpointed, monkeypatch):
     """Training's two-half forward (long enough for several tiles of the default size) against
     the same forward with tiling off: logits and every parameter's gradient agree to float32
-    rounding."""
+    rounding; also with the layers recomputed in backward (the tiles pass through
+    torch.utils.checkpoint)."""
+    model = random_model("tiny", dtype=torch.float32, seed=4)
+    if checkpointed:
+        apply_activation_checkpointing(model)
     seq_len = 128  # 256 tokens: 4 query tiles of 64, half the pairs
-    ids = torch.randint(0, small.config.vocab_size - 8, (1, 2 * seq_len),
+    ids = torch.randint(0, model.config.vocab_size - 8, (1, 2 * seq_len),
                         generator=torch.Generator().manual_seed(2))
     mask = two_half_attention_mask(seq_len, 8)
     assert isinstance(tile_mask(mask), MaskTiles)
 
     def run():
-        small.zero_grad(set_to_none=True)
-        logits = small(ids, attention_mask=mask, position_ids=two_half_position_ids(1, seq_len))
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, attention_mask=mask, position_ids=two_half_position_ids(1, seq_len))
         logits.float().square().mean().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in small.named_parameters()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                  if p.grad is not None}
 
     tiled_logits, tiled_grads = run()

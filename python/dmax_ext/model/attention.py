@@ -54,8 +54,11 @@ def tile_mask(mask: torch.Tensor | None, tile: int = MASK_TILE):
     """mask ([B or 1, 1, T, S] bool, or None) as MaskTiles where the tiles skip at least a
     quarter of the pairs, else mask itself: a mask per sequence (B > 1), short sequences, a
     query tile that sees no key at all (its rows' outputs are whatever the dense kernel makes
-    of a fully masked row), and under torch.compile (the plan reads the mask's values)."""
-    if mask is None or mask.shape[0] != 1 or torch.compiler.is_compiling():
+    of a fully masked row), under torch.compile (the plan reads the mask's values), and off
+    the CPU: the tile size is the CPU's, and CUDA's attention kernels (their own tiling, a
+    launch per tile here) have not been measured with it."""
+    if (mask is None or mask.shape[0] != 1 or mask.device.type != "cpu"
+            or torch.compiler.is_compiling()):
         return mask
     rows, keys = mask.shape[2], mask.shape[3]
     if rows <= tile or keys <= tile:
