@@ -76,6 +76,26 @@ def test_grouped_mm_and_its_gradients(groups, inner, cols, seed):
         assert_within_dot_bound(dw[g], x_g.t(), grad_g, f"dw of group {g}")
 
 
+def test_expanded_operands():
+    """The gradient of a sum is an expanded tensor (zero strides), as is a broadcast input."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, generator=gen).expand(300, 64).requires_grad_()
+    w = torch.randn(48, 64, generator=gen).requires_grad_()
+    out = onednn_matmul.linear(x, w)
+    dx, dw = torch.autograd.grad(out.sum(), (x, w))
+    ones = torch.ones(300, 48)
+    assert_within_dot_bound(out, x, w.t(), "out")
+    assert_within_dot_bound(dx, ones, w, "dx")
+    assert_within_dot_bound(dw, ones.t(), x, "dw")
+    counts = torch.tensor([100, 0, 200])
+    xs = torch.randn(300, 64, generator=gen).requires_grad_()
+    groups = torch.randn(3, 64, 16, generator=gen).requires_grad_()
+    dxs, dgroups = torch.autograd.grad(onednn_matmul.grouped_mm(xs, groups, counts).sum(),
+                                       (xs, groups))
+    assert_within_dot_bound(dxs[:100], torch.ones(100, 16), groups[0].t(), "dxs")
+    assert_within_dot_bound(dgroups[2], xs[100:].t(), torch.ones(200, 16), "dw")
+
+
 def test_where_it_steps_aside():
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     assert onednn_matmul.applies(x, w)

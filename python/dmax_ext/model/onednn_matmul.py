@@ -25,7 +25,10 @@ def _onednn_linear():
 
 
 def _nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T, either operand possibly a transposed view."""
+    """x [M, K] @ w[N, K]^T, either operand possibly a transposed view (read in place). An
+    operand with a zero stride (expanded: the gradient of a sum) is copied first: oneDNN took
+    a slow path on one, ~100x slower (a layer's experts, backward)."""
+    x, w = (t.contiguous() if 0 in t.stride() else t for t in (x, w))
     return _onednn_linear()(x, w, None, "none", [], "")
 
 
