@@ -1,6 +1,6 @@
-"""Sparse attention masks in tiles (attention.tile_mask, MaskTiles) and logits of chosen rows
-(forward's logits_rows): the two things that make a training forward read only what its loss
-needs. Tiled attention against a float64 computation of the dense masked softmax, within 2x the
+"""Sparse attention masks in tiles (attention.tile_mask, MaskTiles), logits of chosen rows
+(forward's logits_rows) and the last layer on those rows only (DecoderLayer.forward_rows): what
+makes a training forward compute only what its loss reads. Tiled attention against a float64 computation of the dense masked softmax, within 2x the
 error of dense SDPA in the same dtype, outputs and gradients; the masks that stay dense; a
 model forward and its gradients with and without tiles; logits_rows against the whole logits."""
 import pytest
@@ -169,3 +169,63 @@ def test_logits_rows_errors(small):
                        ([0, 1], "int64")):
         with pytest.raises(ValueError, match=match):
             small(ids, logits_rows=bad)
+
+
+def _trim_case(model, batch=2, seq_len=96):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, model.config.vocab_size - 8, (batch, 2 * seq_len), generator=gen)
+    rows = torch.randperm(batch * 2 * seq_len, generator=gen)[:150]
+    rows = torch.cat([rows, rows[:5]])  # any order, repeats
+    kwargs = dict(attention_mask=two_half_attention_mask(seq_len, 8),
+                  position_ids=two_half_position_ids(batch, seq_len), logits_rows=rows)
+    return ids, kwargs
+
+
+def _logits_and_grads(model, ids, kwargs):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, **kwargs)
+    logits.float().square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+def test_last_layer_on_the_read_rows_matches_the_whole_layer(monkeypatch):
+    """The last layer's queries, output projection and MLP on the logits' rows only: logits and
+    every parameter's gradient as with the whole layer (float32 rounding), rows of both
+    sequences in any order with repeats; with and without gradients."""
+    model = random_model("tiny", dtype=torch.float32, seed=5)
+    ids, kwargs = _trim_case(model)
+    calls = []
+    real = Attention.forward_rows
+    monkeypatch.setattr(Attention, "forward_rows",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    trimmed, trimmed_grads = _logits_and_grads(model, ids, kwargs)
+    with torch.no_grad():
+        trimmed_no_grad = model(ids, **kwargs)
+    assert len(calls) == 2  # the last layer only, both times
+    monkeypatch.setattr(llada2.DecoderLayer, "forward_rows", lambda *a: None)
+    whole, whole_grads = _logits_and_grads(model, ids, kwargs)
+    with torch.no_grad():
+        whole_no_grad = model(ids, **kwargs)
+    torch.testing.assert_close(trimmed, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trimmed_no_grad, whole_no_grad, rtol=1e-5, atol=1e-5)
+    assert trimmed_grads.keys() == whole_grads.keys()
+    for name in whole_grads:
+        torch.testing.assert_close(trimmed_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_last_layer_runs_whole_where_a_hook_or_checkpointing_would_see_it():
+    """A hook in the last layer (the expert balancer's router hook) sees every token, as
+    without trimming; activation checkpointing (a replaced forward) keeps the whole layer."""
+    model = random_model("tiny", dtype=torch.float32, seed=5)
+    ids, kwargs = _trim_case(model)
+    seen = []
+    handle = model.model.layers[-1].mlp.gate.register_forward_hook(
+        lambda module, inputs, output: seen.append(output[0].shape[0]))
+    model(ids, **kwargs)
+    assert seen == [ids.numel()]
+    handle.remove()
+    apply_activation_checkpointing(model)
+    x = torch.randn(2, 10, model.config.hidden_size)
+    assert model.model.layers[-1].forward_rows(x, None, None, None, torch.tensor([0])) is None

@@ -127,6 +127,30 @@ class Attention(CpuVariant, nn.Module):
             q, mask = q[:, :, first:], None if mask is None else mask[:, :, first:]
         return self.dense(self._attend(q, k, v, mask))
 
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """forward(x, cos, sin, mask) (no cache) at the flattened tokens `rows` (int64 [N] into
+        B x T): [N, H]. Every token's keys and values; the queries of those rows only, sequence
+        by sequence, against their mask rows (in tiles where tile_mask finds them sparse)."""
+        q, k, v = self._project(x, cos, sin)
+        length = x.shape[1]
+        whole = mask.mask if isinstance(mask, MaskTiles) else mask
+        picks, outs = [], []
+        for b in range(x.shape[0]):
+            picked = (rows // length == b).nonzero().flatten()  # where in `rows`
+            if picked.numel() == 0:
+                continue
+            t = rows.index_select(0, picked) % length
+            sub = None
+            if whole is not None:
+                row_mask = whole[b:b + 1] if whole.shape[0] > 1 else whole
+                sub = tile_mask(row_mask.index_select(2, t))
+            picks.append(picked)
+            outs.append(self._attend(q[b:b + 1].index_select(2, t), k[b:b + 1], v[b:b + 1],
+                                     sub)[0])
+        order = torch.cat(picks)  # (rows is not empty: DecoderLayer.forward_rows)
+        return self.dense(torch.cat(outs).index_select(0, torch.argsort(order)))
+
     def write_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cache_kv: tuple[torch.Tensor, torch.Tensor], slots: CacheSlots) -> None:
         """Only what forward writes into the cache (this call's keys/values), without the

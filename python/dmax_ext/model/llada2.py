@@ -44,6 +44,20 @@ class DecoderLayer(CpuVariant, nn.Module):
         h = (x if out_rows is None else x[:, x.shape[1] - out_rows:]) + attended
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_rows(self, x, cos, sin, mask, rows: torch.Tensor) -> torch.Tensor | None:
+        """forward(x, cos, sin, mask) at the flattened tokens `rows` only (int64 [N] into
+        B x T; returns [N, H]): every token's keys and values, the queries, output projection
+        and MLP on those rows. None, doing nothing, where a hook in the layer would then see
+        other rows, or where its forward was replaced (activation checkpointing): the layer must
+        run whole. For the last layer of a forward whose logits are read at a fraction of its
+        rows (forward's logits_rows: a training loss's label rows, a rollout's masked ones)."""
+        if (rows.numel() == 0 or "forward" in self.__dict__
+                or any(runs_hooks(m) for m in self.modules())):
+            return None
+        attended = self.attention.forward_rows(self.input_layernorm(x), cos, sin, mask, rows)
+        h = x.reshape(-1, x.shape[-1]).index_select(0, rows) + attended
+        return h + self.mlp(self.post_attention_layernorm(h)[None])[0]
+
     def write_kv(self, x, cos, sin, cache_kv, slots) -> bool:
         """Writes only the keys/values forward would write into the cache (the same kernels on
         the same inputs), and returns True; False, doing nothing, where a hook on a module of
@@ -274,6 +288,11 @@ class LLaDA2MoeModel(nn.Module):
             if i == last and n_logits == 0 and cache_kv is not None \
                     and layer.write_kv(x, cos, sin, cache_kv, slots):
                 return None  # a prefill: the last layer's keys and values are all it needs
+            if i == last and logits_rows is not None and cache_kv is None:
+                picked = layer.forward_rows(x, cos, sin, mask, logits_rows)
+                if picked is not None:  # the last layer on the rows whose logits are read
+                    x, logits_rows = picked, None
+                    continue
             out_rows = n_logits if trimmed and i == last else None
             planned = (None if plans is None else
                        planned_layer_forward(plans, i, layer, x, cos, sin, mask, cache_kv, slots,
