@@ -135,12 +135,13 @@ class Attention(CpuVariant, nn.Module):
         q, k, v = self._project(x, cos, sin)
         length = x.shape[1]
         whole = mask.mask if isinstance(mask, MaskTiles) else mask
+        sequence, position = rows // length, rows % length
         picks, outs = [], []
         for b in range(x.shape[0]):
-            picked = (rows // length == b).nonzero().flatten()  # where in `rows`
+            picked = (sequence == b).nonzero().flatten()  # where in `rows`
             if picked.numel() == 0:
                 continue
-            t = rows.index_select(0, picked) % length
+            t = position.index_select(0, picked)
             sub = None
             if whole is not None:
                 row_mask = whole[b:b + 1] if whole.shape[0] > 1 else whole
