@@ -5,9 +5,10 @@ torch runs float32 matmuls on the CPU through MKL, and MKL takes its AVX2 code p
 on the AMD EPYC of docs/PERFORMANCE.md (2026-12-06 16:55, AVX-512, 1 thread) it reached 100-120
 GFLOP/s at training's shapes where oneDNN (torch's bf16 GEMM library, reached through
 torch.ops.mkldnn._linear_pointwise) reached 220-280, forward and both backward products alike,
-transposed operands read in place. Where oneDNN is missing, under autocast (its bf16 matmuls
-are oneDNN's already), torch.compile, or with tensor subclasses (FSDP's DTensor shards), the
-torch ops run as before.
+transposed operands read in place. Where oneDNN is missing, under torch.compile, or with
+tensor subclasses (FSDP's DTensor shards), the torch ops run as before; so does linear under
+autocast (its bf16 matmuls are oneDNN's already), while grouped_mm keeps float32 products there,
+as _grouped_mm does.
 """
 from __future__ import annotations
 
