@@ -264,8 +264,12 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"- Kernel count: one later step dispatches about {kernels:,} data-moving ops for "
             f"{PRESET} (next section); at an assumed {ASSUMED_US_PER_GRAPH_KERNEL} us per small "
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
-            "per step, the same order as the bandwidth floor: fusing the norms, rotary and "
-            "routing ops matters as much as the GEMMs.",
+            "per step, the same order as the bandwidth floor. The norms, the q|k prologue, "
+            "SwiGLU and the router's selection run as one kernel each (csrc/kernels/: "
+            "rms_norm, qk_norm_rotary, swiglu, moe_route); most of what is left is the MoE "
+            f"layer's permutation and weighted combine around its two grouped GEMMs "
+            f"({step_ops.per_unit_counts(later_step)['moe']:.0f} ops per MoE layer in all), "
+            "the next thing to fuse.",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -312,21 +316,22 @@ def step_section(config, later_step, first_step) -> list[str]:
              "| section | ops per unit | units per forward | ops per later step | what |",
              "|---|---|---|---|---|"]
     what = {
-        "attention": "qkv GEMM; q and k heads as one tensor: RMSNorm per head in fp32 (cast, "
-                     "pow, mean, rsqrt, mul, cast, mul by the q|k weights), partial rotary "
-                     "(slices, neg, cat, mul, add); K/V written into the static cache at "
-                     "the device write slot (`index_put_`); SDPA over the key span [0, span) "
-                     "with a bool mask and GQA (a bool mask rules out the FlashAttention "
-                     "backend); output transpose copy; dense GEMM",
+        "attention": "qkv GEMM; the q and k heads normalized and rotated by one kernel "
+                     "(`dmax.qk_norm_rotary`: per-head RMSNorm in fp32, partial rotary); K/V "
+                     "written into the static cache at the device write slot (`index_put_`); "
+                     "SDPA over the key span [0, span) with a bool mask and GQA (a bool mask "
+                     "rules out the FlashAttention backend); output transpose copy; dense GEMM",
         "residual": "the two residual adds of each layer",
-        "moe": "router GEMM in fp32 (the weight is cast to fp32 at every call), sigmoid, bias, "
-               "group top-2 sums, top-4 groups, masked_fill, top-8, gather, normalize, scale; "
-               "stable argsort of the routed ids, rows per expert counted on the device "
-               "(scatter_add_), row gather, cumsum offsets, two "
-               "`torch._grouped_mm` (gate and up fused, then down) around SwiGLU, inverse permutation, "
-               "weighted sum in fp32; shared expert: 3 GEMMs + SwiGLU, added",
-        "dense_mlp": "gate, up, down GEMMs + SwiGLU (layer 0)",
-        "norms": "RMSNorm in fp32: cast, pow, mean, add eps, rsqrt, mul, cast, mul by weight",
+        "moe": "router GEMM in fp32 (activations cast; the fp32 weight a copy kept with the "
+               "parameter); the route as one kernel (`dmax.moe_route`: sigmoid, bias, group "
+               "top-2 sums, top-4 groups, top-8, normalize, scale); stable argsort of the routed "
+               "ids, rows per expert counted on the device (scatter_add_), row gather, cumsum "
+               "offsets, two `torch._grouped_mm` (gate and up fused, then down) around "
+               "`dmax.swiglu`, inverse permutation, weighted sum in fp32; shared expert: gate+up "
+               "GEMM over stacked weights, `dmax.swiglu`, down GEMM, added",
+        "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
+        "norms": "RMSNorm as one kernel (`dmax.rms_norm`: fp32 math, rounded where the torch "
+                 "formulation rounds)",
         "other": "rotary cos/sin of the positions and the cached attention mask (from the "
                  "write-slot tensor, on the device), per forward",
         "lm_head": "one GEMM over all fed tokens",

@@ -141,6 +141,9 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
     step_ops = raw_ops() if ops is None else resolve_ops(ops)
     tracer = _Tracer()
     with torch.inference_mode():
+        # A forward before the trace makes what a decode's first step leaves for the others
+        # (the gated MLPs' stacked gate|up weights: model/native.py derived_copy).
+        model(input_ids=torch.zeros(1, 1, dtype=torch.int64))
         state.start_block(model, torch.full((1, length), c.mask_token_id),
                           torch.tensor([write_slot]), config)
         prev = torch.zeros(1, length, dtype=torch.int64)

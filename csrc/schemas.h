@@ -19,6 +19,19 @@ constexpr const char* kHybridEmbedSchema =
 constexpr const char* kOnpolicyNoiseSchema =
     "onpolicy_noise(Tensor noisy_ids, Tensor sample_flags, Tensor topk_ids, Tensor topk_probs, "
     "float temperature, Tensor? seeds, int mask_id) -> Tensor";
+// The model's RMSNorm, and the attention's q|k head norms + partial rotary, as one op each
+// (without gradients).
+constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor";
+constexpr const char* kQkNormRotarySchema =
+    "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+    "int n_q_heads, float eps) -> Tensor";
+// silu(gate) * up over rows [gate | up] (the model's gated MLPs without gradients, after their
+// gate and up projections made as one).
+constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
+// A MoE layer's router after its GEMM (the model's Router without gradients).
+constexpr const char* kMoeRouteSchema =
+    "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
+    "float scaling) -> (Tensor ids, Tensor weights)";
 
 // CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
 // torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.
@@ -39,19 +52,6 @@ constexpr const char* kPackMoeWeightsSchema = "pack_moe_weights(Tensor w) -> Ten
 // lm_head without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
 constexpr const char* kSkinnyLinearSchema =
     "skinny_linear(Tensor x, Tensor weight, Tensor? residual=None) -> Tensor";
-// CPU only: a MoE layer's router after its GEMM (the model's Router without gradients). `dmax`.
-constexpr const char* kMoeRouteSchema =
-    "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
-    "float scaling) -> (Tensor ids, Tensor weights)";
-// CPU only: the model's RMSNorm, and the attention's q|k head norms + partial rotary, as one op
-// each (without gradients). `dmax`.
-constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor";
-constexpr const char* kQkNormRotarySchema =
-    "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
-    "int n_q_heads, float eps) -> Tensor";
-// CPU only: silu(gate) * up over rows [gate | up] (the model's gated MLPs without gradients, after
-// their gate and up projections made as one). `dmax`.
-constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
 // CPU only: a decoding block's attention over the KV cache (the model's SDPA call), the output
 // [B, T, heads * D] as the output projection reads it. `dmax`.
 constexpr const char* kBlockAttentionSchema =
@@ -73,6 +73,10 @@ void define_dmax_schemas(Library& m) {
   m.def(kSpdUpdateSchema);
   m.def(kHybridEmbedSchema);
   m.def(kOnpolicyNoiseSchema);
+  m.def(kRmsNormSchema);
+  m.def(kQkNormRotarySchema);
+  m.def(kSwigluSchema);
+  m.def(kMoeRouteSchema);
 }
 
 }  // namespace dmax

@@ -1,11 +1,13 @@
 // dmax.moe_route on the CPU: a MoE layer's router after its GEMM (the group-limited top-k of
 // SPEC section 1), for every token at once; each row runs csrc/cpu/vec/moe_route_kernel.cpp.
-// Semantics: dmax_ext.model.moe.Router (the torch formulation, with gradients); no CUDA version.
+// Semantics: dmax_ext.model.moe.Router (the torch formulation, with gradients); the CUDA kernel:
+// csrc/kernels/moe_route.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <tuple>
 
+#include "common/layer_op_checks.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/moe_route_kernel.h"
 #include "ops_cpu.h"
@@ -15,24 +17,8 @@ namespace dmax::cpu {
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_in,
                                              const at::Tensor& bias_in, int64_t n_group,
                                              int64_t topk_group, int64_t top_k, double scaling) {
-  TORCH_CHECK(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
-              "moe_route: logits must be float32 [N, E], got ", logits_in.scalar_type(), " ",
-              logits_in.sizes());
+  checks::check_moe_route_args(logits_in, bias_in, n_group, topk_group, top_k);
   const int64_t N = logits_in.size(0), E = logits_in.size(1);
-  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == E && bias_in.scalar_type() == at::kFloat,
-              "moe_route: expert_bias must be float32 [", E, "], got ", bias_in.scalar_type(),
-              " ", bias_in.sizes());
-  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && E / n_group >= 2,
-              "moe_route: n_group must divide E = ", E, " into groups of at least 2, got ",
-              n_group);
-  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group must be in [1, ",
-              n_group, "], got ", topk_group);
-  TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (E / n_group),
-              "moe_route: top_k must be in [1, ", topk_group * (E / n_group),
-              "] (the kept groups' experts), got ", top_k);
-  for (const auto* t : {&logits_in, &bias_in}) {
-    TORCH_CHECK(t->device().is_cpu(), "moe_route: the CPU kernel got a ", t->device(), " tensor");
-  }
   static const auto route_rows = DMAX_CPU_KERNEL(moe_route_rows);
   const at::Tensor logits = logits_in.contiguous(), bias = bias_in.contiguous();
   at::Tensor ids = at::empty({N, top_k}, logits.options().dtype(at::kLong));

@@ -2,12 +2,14 @@
 // q and k heads, the RMSNorm followed by the partial rotary embedding) as one op per call, rows
 // in parallel, each running csrc/cpu/vec/rms_norm_kernel.cpp. Inputs may be strided views (the
 // q|k heads of the fused qkv projection) as long as each row is contiguous.
-// Semantics: dmax_ext.model.modules (rms_normalize, apply_rotary); no CUDA version.
+// Semantics: dmax_ext.model.modules (rms_normalize, apply_rotary); the CUDA kernels:
+// csrc/kernels/norms.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "common/layer_op_checks.h"
 #include "cpu/dispatch_float.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/rms_norm_kernel.h"
@@ -15,21 +17,6 @@
 
 namespace dmax::cpu {
 namespace {
-
-void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a ", t.device(), " tensor");
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                at::IntArrayRef sizes) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.sizes() == sizes, op, ": ", name,
-              " must be ", x.scalar_type(), " ", sizes, ", got ", t.scalar_type(), " ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a ", t.device(), " tensor");
-}
 
 // Element offset of row r of x (all dims but the last, row-major order).
 std::vector<int64_t> row_offsets(const at::Tensor& x) {
@@ -113,11 +100,7 @@ at::Tensor qk_norm_rotary_typed(const at::Tensor& qk, const at::Tensor& q_weight
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_float_dtype("rms_norm", "x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.stride(-1) == 1,
-              "rms_norm: x must have a contiguous, non-empty last dimension, got sizes ",
-              x.sizes(), " strides ", x.strides());
-  check_like("rms_norm", "weight", weight, x, {x.size(-1)});
+  checks::check_rms_norm_args(x, weight);
   const at::Tensor w = weight.contiguous();
   return dispatch_float(x.scalar_type(), [&](auto t) {
     return rms_norm_typed<decltype(t)>(x, w, eps);
@@ -127,20 +110,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           const at::Tensor& k_weight, const at::Tensor& cos,
                           const at::Tensor& sin, int64_t n_q_heads, double eps) {
-  check_float_dtype("qk_norm_rotary", "qk", qk);
-  TORCH_CHECK(qk.dim() == 4 && qk.size(3) > 0 && qk.stride(3) == 1,
-              "qk_norm_rotary: qk must be [B, L, heads, D] with contiguous rows, got sizes ",
-              qk.sizes(), " strides ", qk.strides());
-  const int64_t D = qk.size(3);
-  TORCH_CHECK(n_q_heads >= 0 && n_q_heads <= qk.size(2), "qk_norm_rotary: n_q_heads must be in "
-              "[0, ", qk.size(2), "], got ", n_q_heads);
-  check_like("qk_norm_rotary", "q_weight", q_weight, qk, {D});
-  check_like("qk_norm_rotary", "k_weight", k_weight, qk, {D});
-  TORCH_CHECK(cos.dim() == 3 && cos.size(2) % 2 == 0 && cos.size(2) <= D,
-              "qk_norm_rotary: cos must be [B, L, R] with R even and <= ", D, ", got ",
-              cos.sizes());
-  check_like("qk_norm_rotary", "cos", cos, qk, {qk.size(0), qk.size(1), cos.size(2)});
-  check_like("qk_norm_rotary", "sin", sin, qk, cos.sizes());
+  checks::check_qk_norm_rotary_args(qk, q_weight, k_weight, cos, sin, n_q_heads);
   const at::Tensor q_w = q_weight.contiguous(), k_w = k_weight.contiguous();
   return dispatch_float(qk.scalar_type(), [&](auto t) {
     return qk_norm_rotary_typed<decltype(t)>(qk, q_w, k_w, cos, sin, n_q_heads, eps);

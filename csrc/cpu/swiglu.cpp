@@ -1,13 +1,14 @@
 // dmax.swiglu on the CPU: silu(gate) * up over rows [gate | up] (a gated MLP's gate and up
 // projections made as one product), as one op where the torch formulation is silu, mul and
 // their two outputs; rows in parallel, each running csrc/cpu/vec/swiglu_kernel.cpp.
-// Semantics: dmax_ext.reference.swiglu_reference; no CUDA version (CUDA runs the torch ops).
+// Semantics: dmax_ext.reference.swiglu_reference; the CUDA kernel: csrc/kernels/swiglu.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "common/layer_op_checks.h"
 #include "cpu/dispatch_float.h"
 #include "cpu/vec/capability.h"
 #include "cpu/vec/swiglu_kernel.h"
@@ -16,13 +17,8 @@
 namespace dmax::cpu {
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
+  checks::check_swiglu_args(gate_up);
   const auto dtype = gate_up.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "swiglu: gate_up must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
-              "swiglu: gate_up must be [..., 2I] (gate then up), got ", gate_up.sizes());
-  TORCH_CHECK(gate_up.device().is_cpu(), "swiglu: the CPU kernel got a ", gate_up.device(),
-              " tensor");
   const at::Tensor x = gate_up.contiguous();
   const int64_t I = x.size(-1) / 2;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -8,17 +8,24 @@
 #include "cuda/bindings/common.h"
 #include "cuda/bindings/hybrid_embed.h"
 #include "cuda/bindings/logits_stats.h"
+#include "cuda/bindings/moe_route.h"
+#include "cuda/bindings/norms.h"
 #include "cuda/bindings/onpolicy_noise.h"
 #include "cuda/bindings/promote.h"
 #include "cuda/bindings/spd_update.h"
+#include "cuda/bindings/swiglu.h"
 #include "schemas.h"
 
-#define DMAX_BIND_KERNEL_OPS(m)                                \
-  m.impl("logits_stats", &dmax::gpu::logits_stats);            \
-  m.impl("promote", &dmax::gpu::promote);                      \
-  m.impl("spd_update", &dmax::gpu::spd_update);                \
-  m.impl("hybrid_embed", &dmax::gpu::hybrid_embed);            \
-  m.impl("onpolicy_noise", &dmax::gpu::onpolicy_noise)
+#define DMAX_BIND_KERNEL_OPS(m)                         \
+  m.impl("logits_stats", &dmax::gpu::logits_stats);     \
+  m.impl("promote", &dmax::gpu::promote);               \
+  m.impl("spd_update", &dmax::gpu::spd_update);         \
+  m.impl("hybrid_embed", &dmax::gpu::hybrid_embed);     \
+  m.impl("onpolicy_noise", &dmax::gpu::onpolicy_noise); \
+  m.impl("rms_norm", &dmax::gpu::rms_norm);             \
+  m.impl("qk_norm_rotary", &dmax::gpu::qk_norm_rotary); \
+  m.impl("swiglu", &dmax::gpu::swiglu);                 \
+  m.impl("moe_route", &dmax::gpu::moe_route)
 
 #ifdef DMAX_SIMT
 #include "simt/simt.h"

@@ -80,3 +80,44 @@ struct HybridEmbedArgs {
 void launch_hybrid_embed(const HybridEmbedArgs& args, cudaStream_t stream);
 
 }  // namespace dmax
+
+namespace dmax {
+
+// ---- rms_norm / qk_norm_rotary / swiglu (csrc/cuda/{norms,swiglu}.cu) ----
+// x: `rows` rows of `hidden` elements of `dtype`, row r at x + r * x_row_stride elements;
+// weight [hidden]; out [rows, hidden] contiguous.
+void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* out,
+                     FloatType dtype, int64_t rows, int64_t hidden, float eps,
+                     cudaStream_t stream);
+// qk [batch, length, heads, dim] at element strides (stride_b, stride_l, stride_g, 1);
+// q_weight / k_weight [dim]; cos / sin [batch, length, rotary] contiguous;
+// out [batch, heads, length, dim] contiguous. All of `dtype`.
+struct QkNormRotaryArgs {
+  const void* qk = nullptr;
+  FloatType dtype = FloatType::kFloat32;
+  int64_t stride_b = 0, stride_l = 0, stride_g = 0;
+  const void* q_weight = nullptr;
+  const void* k_weight = nullptr;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* out = nullptr;
+  int64_t batch = 0, length = 0, heads = 0, n_q_heads = 0, dim = 0, rotary = 0;
+  float eps = 0.f;
+};
+void launch_qk_norm_rotary(const QkNormRotaryArgs& args, cudaStream_t stream);
+// gate_up [rows, 2 * inter] contiguous -> out [rows, inter] contiguous, of `dtype`.
+void launch_swiglu(const void* gate_up, void* out, FloatType dtype, int64_t rows, int64_t inter,
+                   cudaStream_t stream);
+
+}  // namespace dmax
+
+namespace dmax {
+
+// ---- moe_route (csrc/cuda/moe_route.cu) ----
+// logits [rows, experts] float32 contiguous, bias [experts] -> ids [rows, top_k] int64, weights
+// [rows, top_k] float32, contiguous.
+void launch_moe_route(const float* logits, const float* bias, int64_t* ids, float* weights,
+                      int64_t rows, int64_t experts, int64_t n_group, int64_t topk_group,
+                      int64_t top_k, float scaling, cudaStream_t stream);
+
+}  // namespace dmax

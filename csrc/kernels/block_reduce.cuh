@@ -62,6 +62,13 @@ __device__ __forceinline__ float block_max(float value, float* scratch) {
   return result;
 }
 
+// The sum of `value` over the 32 lanes of a full warp, by butterfly: every lane gets the same
+// bits (each step adds the same two numbers in every lane, and addition commutes).
+__device__ __forceinline__ float warp_sum(float value) {
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(kFullMask, value, offset);
+  return value;
+}
+
 // Replaces values[0..count) by their sums over the block (count <= N, the same in every thread;
 // values[count..N) are left alone). Butterfly within each warp, then a sum over the warps in
 // warp order, so every thread gets the same bits. scratch: float[N * 32].
@@ -71,8 +78,7 @@ __device__ __forceinline__ void block_sum(float (&values)[N], int count, float* 
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (i < count) {  // uniform: every lane of the warp takes the same branch
-      float v = values[i];
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+      const float v = warp_sum(values[i]);
       if (lane == 0) scratch[i * kMaxWarps + warp] = v;
     }
   }

@@ -489,7 +489,7 @@ def _moe_route_fake(logits, expert_bias, n_group, topk_group, top_k, scaling):
 FAKE_KERNELS["moe_route"] = _moe_route_fake
 
 
-# ---- rms_norm / qk_norm_rotary: a layer's RMSNorms and the attention's q|k prologue (CPU only) --
+# ---- rms_norm / qk_norm_rotary: a layer's RMSNorms and the attention's q|k prologue -------------
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -504,8 +504,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight * T(x * rsqrt(mean(x^2) + eps)) with float32 math, T = x's dtype (float32, bfloat16,
     float16). x [..., H] with a contiguous last dimension (other strides free); weight [H] in x's
     dtype. Returns a new contiguous tensor shaped like x
-    (dmax_ext.reference.rms_norm_reference). CPU only, no autograd: the model's RMSNorm uses it
-    without gradients."""
+    (dmax_ext.reference.rms_norm_reference). CPU and CUDA (csrc/kernels/norms.cuh), no
+    autograd: the model's RMSNorm uses it without gradients."""
     check_tensor("x", x, dtypes=_FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
@@ -525,7 +525,7 @@ def qk_norm_rotary(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     (q_weight [D]), the others keys (k_weight [D]); cos, sin [B, L, R] (R even, <= D) in qk's
     dtype. Each head: y = rms_norm(head, weight, eps), then the rotate-half rotary on its first
     R dims: y * cos + rotate_half(y) * sin, each product and the sum rounded to the dtype
-    (dmax_ext.reference.qk_norm_rotary_reference). CPU only, no autograd."""
+    (dmax_ext.reference.qk_norm_rotary_reference). CPU and CUDA, no autograd."""
     check_tensor("qk", qk, dtypes=_FLOAT_DTYPES, ndim=4)
     _check_contiguous_rows("qk", qk)
     batch, length, heads, dim = qk.shape
@@ -558,15 +558,15 @@ def _qk_norm_rotary_fake(qk, q_weight, k_weight, cos, sin, n_q_heads, eps):
 FAKE_KERNELS.update(rms_norm=_rms_norm_fake, qk_norm_rotary=_qk_norm_rotary_fake)
 
 
-# ---- swiglu: a gated MLP's silu(gate) * up (CPU only) -------------------------------------------
+# ---- swiglu: a gated MLP's silu(gate) * up ------------------------------------------------------
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2I] = [gate | up] (any strides), float32 / bfloat16 /
     float16: [..., I] (contiguous), rounded as F.silu(gate) * up rounds it (silu's value, then
-    the product, each rounded to the dtype; the exp is torch's vectorized one)
-    (dmax_ext.reference.swiglu_reference). CPU only, no autograd: the model's gated MLPs use it
-    without gradients."""
+    the product, each rounded to the dtype; on the CPU the exp is torch's vectorized one, on
+    CUDA expf) (dmax_ext.reference.swiglu_reference). CPU and CUDA (csrc/kernels/swiglu.cuh), no
+    autograd: the model's gated MLPs use it without gradients."""
     check_tensor("gate_up", gate_up, dtypes=_FLOAT_DTYPES)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up must be [..., 2I] (gate then up), got shape "

@@ -246,6 +246,21 @@ def qk_norm_rotary_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight:
     return apply_rotary(torch.cat((q, k), dim=1), cos, sin)
 
 
+# ---- moe_route: a MoE layer's router after its GEMM ---------------------------------------------
+
+
+def moe_route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int,
+                        topk_group: int, top_k: int, scaling: float):
+    """(ids int64 [N, top_k], weights float32 [N, top_k]) of float32 logits [N, E]: as the
+    model's Router computes them with gradients (model.moe.route): scores = sigmoid(logits); a
+    group scores the sum of its two best biased scores (scores + expert_bias), the topk_group
+    best groups stay; ids = the top_k best biased scores among their experts, descending, the
+    lower id first on ties; weights = scores[ids] / (their sum + 1e-20) when top_k > 1, times
+    scaling."""
+    from .model.moe import route
+    return route(logits, expert_bias, n_group, topk_group, top_k, scaling)
+
+
 # ---- swiglu: a gated MLP's activation ----------------------------------------------------------
 
 

@@ -3,6 +3,19 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "cuda/launchers.h"
+
+namespace dmax::gpu {
+// The launchers' element type of a tensor the checks admitted (float32, float16, bfloat16).
+inline FloatType float_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kHalf: return FloatType::kFloat16;
+    default: return FloatType::kBFloat16;
+  }
+}
+}  // namespace dmax::gpu
+
 #ifdef DMAX_SIMT
 #include "kernels/device.h"
 namespace dmax::gpu {

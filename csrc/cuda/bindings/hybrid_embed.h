@@ -7,14 +7,6 @@
 
 namespace dmax::gpu {
 
-inline FloatType float_type_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kHalf: return FloatType::kFloat16;
-    default: return FloatType::kBFloat16;  // the checks admit only these three
-  }
-}
-
 inline void hybrid_embed(const at::Tensor& embeds, const at::Tensor& weight, const at::Tensor& ids,
                          const at::Tensor& active, const at::Tensor& changed,
                          const at::Tensor& topk_ids, const at::Tensor& topk_probs,

@@ -18,10 +18,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
   DeviceGuard guard(logits);
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   const bool sample = temperature > 0.0;
-  const auto dtype = logits.scalar_type();
-  const FloatType float_type = dtype == at::kFloat  ? FloatType::kFloat32
-                               : dtype == at::kHalf ? FloatType::kFloat16
-                                                    : FloatType::kBFloat16;
   const auto long_opts = logits.options().dtype(at::kLong);
   const auto float_opts = logits.options().dtype(at::kFloat);
   auto pred = at::empty({B, L}, long_opts);
@@ -36,8 +32,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
   topk_probs.fill_(-1.0);
 #endif
   const at::Tensor seeds_c = sample ? seeds->contiguous() : at::Tensor();
-  launch_logits_stats(logits.const_data_ptr(), float_type, B, L, V, static_cast<int>(k),
-                      temperature, sample ? seeds_c.const_data_ptr<int64_t>() : nullptr,
+  launch_logits_stats(logits.const_data_ptr(), float_type_of(logits.scalar_type()), B, L, V,
+                      static_cast<int>(k), temperature, sample ? seeds_c.const_data_ptr<int64_t>() : nullptr,
                       pred.mutable_data_ptr<int64_t>(), conf.mutable_data_ptr<float>(),
                       topk_ids.mutable_data_ptr<int64_t>(), topk_probs.mutable_data_ptr<float>(),
                       current_stream(logits));

@@ -128,8 +128,20 @@ class GatedMLP(CpuVariant, nn.Module):
     def fuses_gate_up(self, x: torch.Tensor) -> bool:
         """Whether silu(gate(x)) * up(x) runs on the fused native forms (the class doc)."""
         gate, up = self.gate_proj, self.up_proj
-        return (self.native("swiglu", x, gate.weight) is not None
+        return (self.cpu_variant and self.native("swiglu", x, gate.weight) is not None
                 and gate.native_form(x) is not None and up.native_form(x) is not None
+                and not runs_hooks(gate) and not runs_hooks(up))
+
+    def fuses_on_kernel(self, x: torch.Tensor) -> bool:
+        """Whether gate and up run as one F.linear over the stacked weights, then dmax.swiglu:
+        where the projections are torch's own GEMMs (on CUDA, or on the CPU with its variants
+        off, which stands for CUDA) and the swiglu kernel applies (no gradients, no hooks): two
+        launches where four were (docs/PERFORMANCE.md, "GPU projections"). The stacked copy
+        adds gate's and up's bytes to the memory (0.4% of LLaDA2.0-mini: its dense MLP and
+        shared experts), not to a forward's reads."""
+        gate, up = self.gate_proj, self.up_proj
+        return ((x.device.type != "cpu" or not (gate.cpu_variant or up.cpu_variant))
+                and self.native("swiglu", x, gate.weight) is not None
                 and not runs_hooks(gate) and not runs_hooks(up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +149,8 @@ class GatedMLP(CpuVariant, nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             gate_up = torch.ops.dmax.skinny_linear(rows, self.gate_up_weight())
             hidden = torch.ops.dmax.swiglu(gate_up).view(*x.shape[:-1], -1)
+        elif self.fuses_on_kernel(x):
+            hidden = torch.ops.dmax.swiglu(F.linear(x, self.gate_up_weight()))
         else:
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(hidden)

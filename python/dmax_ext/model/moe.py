@@ -15,7 +15,8 @@ from torch import nn
 from . import onednn_matmul
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
-from .native import CpuVariant, derived_copy, has_amx_bf16, native_ops, packs_expert_weights
+from .native import (CpuVariant, derived_copy, has_amx_bf16, native_op, native_ops,
+                     packs_expert_weights)
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -34,6 +35,19 @@ def select_experts(biased: torch.Tensor, n_group: int, topk_group: int, top_k: i
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
     masked = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
     return masked.topk(top_k, dim=-1).indices
+
+
+def route(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int, topk_group: int,
+          top_k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its GEMM, in torch ops: float32 logits [N, E] -> (expert ids [N, top_k]
+    int64, weights [N, top_k] float32). sigmoid scores; the bias steers the selection only
+    (select_experts); the weights are the unbiased scores, normalized when top_k > 1, scaled."""
+    scores = torch.sigmoid(logits)
+    ids = select_experts(scores + expert_bias, n_group, topk_group, top_k)
+    weights = scores.gather(1, ids)
+    if top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
 
 
 class Router(CpuVariant, nn.Module):
@@ -70,19 +84,11 @@ class Router(CpuVariant, nn.Module):
                 logits = skinny(x32, w32)
             else:
                 logits = onednn_matmul.linear(x32, w32) if self.cpu_variant else F.linear(x32, w32)
-        # Without gradients on the CPU: the ~15 ops below as one (dmax.moe_route).
+        # Without gradients: route's ~20 ops as one (dmax.moe_route, on the CPU and CUDA).
         native = self.native("moe_route", x, self.weight)
-        if native is not None:
-            return native(logits, self.expert_bias.float(), self.n_group, self.topk_group,
-                          self.top_k, self.scaling)
-        scores = torch.sigmoid(logits)
-        ids = select_experts(scores + self.expert_bias.float(), self.n_group, self.topk_group,
-                             self.top_k)
-        # The bias only steers selection; the weights are the unbiased scores.
-        weights = scores.gather(1, ids)
-        if self.top_k > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        return (route if native is None else native)(
+            logits, self.expert_bias.float(), self.n_group, self.topk_group, self.top_k,
+            self.scaling)
 
 
 def expert_counts(flat_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -128,7 +134,9 @@ def _experts_grouped(xs, counts, gate_up, down, onednn: bool = True):
         out = onednn_matmul.grouped_mm(rows, w, counts) if onednn else None
         return out if out is not None else torch._grouped_mm(rows, w, offs=offsets)
     offsets = counts.cumsum(0).to(torch.int32)
-    return grouped(_swiglu(grouped(xs, gate_up)), down)
+    gate_up_rows = grouped(xs, gate_up)
+    swiglu = native_op("swiglu", gate_up_rows, gate_up)  # one launch where _swiglu is two
+    return grouped(_swiglu(gate_up_rows) if swiglu is None else swiglu(gate_up_rows), down)
 
 
 def _grouped_mm_supports(xs, gate_up, down) -> bool:

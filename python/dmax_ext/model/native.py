@@ -1,6 +1,7 @@
-"""The native kernels the model runs on the CPU (dmax_ext.ops: moe_experts, skinny_linear, ...)
-for a decoding block's few rows without gradients. Imported lazily: the model itself does not
-need the native library, and runs its torch formulations wherever a kernel does not apply."""
+"""The native ops the model runs (dmax_ext.ops: moe_experts, skinny_linear, rms_norm, ...) for a
+decoding block's few rows without gradients: on the CPU all of them, on CUDA those with a CUDA
+kernel (KERNEL_OPS). Imported lazily: the model itself does not need the native library, and
+runs its torch formulations wherever a kernel does not apply."""
 from __future__ import annotations
 
 import functools
@@ -73,19 +74,39 @@ def native_ops():
     return ops
 
 
+# The native ops with a CUDA kernel beside the CPU one (csrc/kernels/): the model runs them on
+# either device. The others are CPU variants (CpuVariant): on CUDA the model runs torch's ops.
+KERNEL_OPS = frozenset({"rms_norm", "qk_norm_rotary", "swiglu", "moe_route"})
+
+
+@functools.cache
+def has_device_kernel(name: str, device_type: str) -> bool:
+    """Whether the loaded library binds torch.ops.dmax.<name> on `device_type` ("cuda": built
+    with the CUDA kernels)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dmax::{name}", device_type.upper())
+
+
 def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None):
-    """torch.ops.dmax.<name> when it may serve x [..., H] with the parameter `weight`: on the CPU,
-    at most max_rows rows (None: any), no gradient wanted (the native ops have no autograd), and
-    the loaded library has the op; else None. The op itself, not dmax_ext.ops' wrapper: the
+    """torch.ops.dmax.<name> when it may serve x [..., H] with the parameter `weight`: no
+    gradient wanted (the native ops have no autograd), the loaded library has the op, and on the
+    CPU at most max_rows rows (None: any), on another device only an op of KERNEL_OPS that the
+    library has a kernel of there; else None. The op itself, not dmax_ext.ops' wrapper: the
     model passes its own tensors, which need no Python argument checks (the C++ ops check
     shapes, dtypes and devices themselves: a bad call raises), and the wrappers' checks cost
     0.23 ms of a 8.3 ms bf16 block forward of llada2-small (docs/PERFORMANCE.md)."""
-    if x.device.type != "cpu" or (max_rows is not None and x.numel() > max_rows * x.shape[-1]):
+    on_cpu = x.device.type == "cpu"
+    if on_cpu and max_rows is not None and x.numel() > max_rows * x.shape[-1]:
+        return None
+    if not on_cpu and name not in KERNEL_OPS:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
     ops = native_ops()  # loads the library and registers the ops' fake kernels
-    return getattr(torch.ops.dmax, name) if ops is not None and ops.has_op(name) else None
+    if ops is None or not ops.has_op(name):
+        return None
+    if not on_cpu and not has_device_kernel(name, x.device.type):
+        return None
+    return getattr(torch.ops.dmax, name)
 
 
 def runs_hooks(module: torch.nn.Module) -> bool:
@@ -97,13 +118,17 @@ def runs_hooks(module: torch.nn.Module) -> bool:
 
 
 class CpuVariant:
-    """Mixin of the modules with a CPU-only native form beside their torch formulation (what
-    CUDA runs). LLaDA2MoeModelLM.set_cpu_variants(False) turns every one of them off at once, so
-    that an op trace on the CPU stands for a GPU step (benchmarks/step_ops.py)."""
+    """Mixin of the modules with a native form beside their torch formulation. The CPU-only
+    forms are what LLaDA2MoeModelLM.set_cpu_variants(False) turns off, all at once, so that the
+    CPU then runs what CUDA runs and an op trace on it stands for a GPU step
+    (benchmarks/step_ops.py); the forms of KERNEL_OPS stay, as CUDA runs them too."""
 
     cpu_variant = True
 
     def native(self, name: str, x: torch.Tensor, weight: torch.Tensor,
                max_rows: int | None = None):
-        """native_op(...) while this module's CPU variant is on, else None."""
-        return native_op(name, x, weight, max_rows) if self.cpu_variant else None
+        """native_op(...) while this module's CPU variant is on or the op has a CUDA kernel
+        (KERNEL_OPS), else None."""
+        if self.cpu_variant or name in KERNEL_OPS:
+            return native_op(name, x, weight, max_rows)
+        return None

@@ -1,0 +1,82 @@
+// Argument checks of the model-layer ops that have a CPU implementation and a kernel one
+// (rms_norm, qk_norm_rotary, swiglu, moe_route), shared by csrc/cpu/ and the kernel bindings
+// (csrc/cuda/bindings/). They guard what the kernels rely on (dtypes, shapes, contiguous rows,
+// one device); the Python wrappers in dmax_ext.ops check the same things first.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace dmax::checks {
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+// t must have x's dtype, the given sizes and x's device.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                       at::IntArrayRef sizes) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.sizes() == sizes, op, ": ", name,
+              " must be ", x.scalar_type(), " ", sizes, ", got ", t.scalar_type(), " ",
+              t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " like the other inputs, got ", t.device());
+}
+
+inline void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  check_float_dtype("rms_norm", "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.stride(-1) == 1,
+              "rms_norm: x must have a contiguous, non-empty last dimension, got sizes ",
+              x.sizes(), " strides ", x.strides());
+  check_like("rms_norm", "weight", weight, x, {x.size(-1)});
+}
+
+inline void check_qk_norm_rotary_args(const at::Tensor& qk, const at::Tensor& q_weight,
+                                      const at::Tensor& k_weight, const at::Tensor& cos,
+                                      const at::Tensor& sin, int64_t n_q_heads) {
+  check_float_dtype("qk_norm_rotary", "qk", qk);
+  TORCH_CHECK(qk.dim() == 4 && qk.size(3) > 0 && qk.stride(3) == 1,
+              "qk_norm_rotary: qk must be [B, L, heads, D] with contiguous rows, got sizes ",
+              qk.sizes(), " strides ", qk.strides());
+  const int64_t D = qk.size(3);
+  TORCH_CHECK(n_q_heads >= 0 && n_q_heads <= qk.size(2), "qk_norm_rotary: n_q_heads must be in "
+              "[0, ", qk.size(2), "], got ", n_q_heads);
+  check_like("qk_norm_rotary", "q_weight", q_weight, qk, {D});
+  check_like("qk_norm_rotary", "k_weight", k_weight, qk, {D});
+  TORCH_CHECK(cos.dim() == 3 && cos.size(2) % 2 == 0 && cos.size(2) <= D,
+              "qk_norm_rotary: cos must be [B, L, R] with R even and <= ", D, ", got ",
+              cos.sizes());
+  check_like("qk_norm_rotary", "cos", cos, qk, {qk.size(0), qk.size(1), cos.size(2)});
+  check_like("qk_norm_rotary", "sin", sin, qk, cos.sizes());
+}
+
+inline void check_swiglu_args(const at::Tensor& gate_up) {
+  check_float_dtype("swiglu", "gate_up", gate_up);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "swiglu: gate_up must be [..., 2I] (gate then up), got ", gate_up.sizes());
+}
+
+// The router's sizes must make groups of at least 2 experts (the top-2 sums) and leave at least
+// top_k experts in the kept groups.
+inline void check_moe_route_args(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group,
+                                 int64_t topk_group, int64_t top_k) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "moe_route: logits must be float32 [N, E], got ", logits.scalar_type(), " ",
+              logits.sizes());
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == E && bias.scalar_type() == at::kFloat,
+              "moe_route: expert_bias must be float32 [", E, "], got ", bias.scalar_type(), " ",
+              bias.sizes());
+  TORCH_CHECK(bias.device() == logits.device(), "moe_route: expert_bias must be on ",
+              logits.device(), " like logits, got ", bias.device());
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && E / n_group >= 2,
+              "moe_route: n_group must divide E = ", E, " into groups of at least 2, got ",
+              n_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group must be in [1, ",
+              n_group, "], got ", topk_group);
+  TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (E / n_group),
+              "moe_route: top_k must be in [1, ", topk_group * (E / n_group),
+              "] (the kept groups' experts), got ", top_k);
+}
+
+}  // namespace dmax::checks

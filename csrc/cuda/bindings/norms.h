@@ -1,0 +1,80 @@
+// torch.ops.dmax.rms_norm / qk_norm_rotary on the kernel path (CUDA, or the simt emulation):
+// checks, then launch_rms_norm / launch_qk_norm_rotary (csrc/cuda/norms.cu).
+#pragma once
+#include <vector>
+
+#include "common/layer_op_checks.h"
+#include "cuda/bindings/common.h"
+#include "cuda/launchers.h"
+
+namespace dmax::gpu {
+
+// The element stride between consecutive rows of x (all dims but the last, row-major), when one
+// stride walks them all (a contiguous tensor, or rows sliced out of a wider one); -1 otherwise.
+inline int64_t uniform_row_stride(const at::Tensor& x) {
+  int64_t stride = -1, expected = -1;  // expected: the stride dim d must have to continue the walk
+  for (int64_t d = x.dim() - 2; d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    if (stride < 0) {
+      stride = x.stride(d);
+    } else if (x.stride(d) != expected) {
+      return -1;
+    }
+    expected = x.stride(d) * x.size(d);
+  }
+  return stride < 0 ? x.size(-1) : stride;
+}
+
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  checks::check_rms_norm_args(x, weight);
+  check_kernel_device(x, "x");
+  DeviceGuard guard(x);
+  const int64_t row_stride = uniform_row_stride(x);
+  const at::Tensor rows = row_stride >= 0 ? x : x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+#ifdef DMAX_SIMT
+  out.fill_(NAN);  // poisoned: an element the emulated kernel forgets to write shows up
+#endif
+  const int64_t hidden = x.size(-1);
+  launch_rms_norm(rows.const_data_ptr(), row_stride >= 0 ? row_stride : hidden,
+                  w.const_data_ptr(), out.mutable_data_ptr(), float_type_of(x.scalar_type()),
+                  x.numel() / hidden, hidden, static_cast<float>(eps), current_stream(x));
+  return out;
+}
+
+inline at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
+                                 const at::Tensor& k_weight, const at::Tensor& cos,
+                                 const at::Tensor& sin, int64_t n_q_heads, double eps) {
+  checks::check_qk_norm_rotary_args(qk, q_weight, k_weight, cos, sin, n_q_heads);
+  check_kernel_device(qk, "qk");
+  DeviceGuard guard(qk);
+  const at::Tensor q_w = q_weight.contiguous(), k_w = k_weight.contiguous();
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  at::Tensor out = at::empty({qk.size(0), qk.size(2), qk.size(1), qk.size(3)}, qk.options());
+#ifdef DMAX_SIMT
+  out.fill_(NAN);
+#endif
+  QkNormRotaryArgs args;
+  args.qk = qk.const_data_ptr();
+  args.dtype = float_type_of(qk.scalar_type());
+  args.stride_b = qk.stride(0);
+  args.stride_l = qk.stride(1);
+  args.stride_g = qk.stride(2);
+  args.q_weight = q_w.const_data_ptr();
+  args.k_weight = k_w.const_data_ptr();
+  args.cos = cos_c.const_data_ptr();
+  args.sin = sin_c.const_data_ptr();
+  args.out = out.mutable_data_ptr();
+  args.batch = qk.size(0);
+  args.length = qk.size(1);
+  args.heads = qk.size(2);
+  args.n_q_heads = n_q_heads;
+  args.dim = qk.size(3);
+  args.rotary = cos.size(2);
+  args.eps = static_cast<float>(eps);
+  launch_qk_norm_rotary(args, current_stream(qk));
+  return out;
+}
+
+}  // namespace dmax::gpu

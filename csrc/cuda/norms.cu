@@ -1,0 +1,60 @@
+// Launchers of the rms_norm and qk_norm_rotary kernels (csrc/kernels/norms.cuh) over raw device
+// pointers: pick the element type.
+#include <cstdint>
+
+#include "cuda/launchers.h"
+#include "kernels/norms.cuh"
+
+namespace dmax {
+namespace {
+
+template <class T>
+void rms_norm_typed(const void* x, int64_t x_row_stride, const void* weight, void* out,
+                    int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
+  const LaunchConfig cfg = kernels::norm_launch_config(rows, 0);
+  const auto rms_norm_kernel = &kernels::rms_norm_kernel<T>;
+  DMAX_LAUNCH(rms_norm_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
+      static_cast<const T*>(x), x_row_stride, static_cast<const T*>(weight),
+      static_cast<T*>(out), rows, static_cast<int>(hidden), eps);
+}
+
+template <class T>
+void qk_norm_rotary_typed(const QkNormRotaryArgs& a, cudaStream_t stream) {
+  const LaunchConfig cfg = kernels::norm_launch_config(a.batch * a.length * a.heads, a.dim);
+  const auto qk_norm_rotary_kernel = &kernels::qk_norm_rotary_kernel<T>;
+  DMAX_LAUNCH(qk_norm_rotary_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
+      static_cast<const T*>(a.qk), a.stride_b, a.stride_l, a.stride_g,
+      static_cast<const T*>(a.q_weight), static_cast<const T*>(a.k_weight),
+      static_cast<const T*>(a.cos), static_cast<const T*>(a.sin), static_cast<T*>(a.out),
+      a.batch, static_cast<int>(a.length), static_cast<int>(a.heads),
+      static_cast<int>(a.n_q_heads), static_cast<int>(a.dim), static_cast<int>(a.rotary), a.eps);
+}
+
+}  // namespace
+
+void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* out,
+                     FloatType dtype, int64_t rows, int64_t hidden, float eps,
+                     cudaStream_t stream) {
+  if (rows == 0 || hidden == 0) return;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      rms_norm_typed<float>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
+    case FloatType::kFloat16:
+      rms_norm_typed<__half>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
+    case FloatType::kBFloat16:
+      rms_norm_typed<__nv_bfloat16>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
+  }
+  DMAX_CHECK_LAUNCH("rms_norm");
+}
+
+void launch_qk_norm_rotary(const QkNormRotaryArgs& args, cudaStream_t stream) {
+  if (args.batch == 0 || args.length == 0 || args.heads == 0 || args.dim == 0) return;
+  switch (args.dtype) {
+    case FloatType::kFloat32: qk_norm_rotary_typed<float>(args, stream); break;
+    case FloatType::kFloat16: qk_norm_rotary_typed<__half>(args, stream); break;
+    case FloatType::kBFloat16: qk_norm_rotary_typed<__nv_bfloat16>(args, stream); break;
+  }
+  DMAX_CHECK_LAUNCH("qk_norm_rotary");
+}
+
+}  // namespace dmax

@@ -1,0 +1,33 @@
+// Launcher of the swiglu kernel (csrc/kernels/swiglu.cuh) over raw device pointers: picks the
+// element type.
+#include <cstdint>
+
+#include "cuda/launchers.h"
+#include "kernels/swiglu.cuh"
+
+namespace dmax {
+namespace {
+
+template <class T>
+void swiglu_typed(const void* gate_up, void* out, int64_t rows, int64_t inter,
+                  cudaStream_t stream) {
+  const LaunchConfig cfg = kernels::swiglu_launch_config(rows, inter);
+  const auto swiglu_kernel = &kernels::swiglu_kernel<T>;
+  DMAX_LAUNCH(swiglu_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
+      static_cast<const T*>(gate_up), static_cast<T*>(out), rows, inter);
+}
+
+}  // namespace
+
+void launch_swiglu(const void* gate_up, void* out, FloatType dtype, int64_t rows, int64_t inter,
+                   cudaStream_t stream) {
+  if (rows == 0 || inter == 0) return;
+  switch (dtype) {
+    case FloatType::kFloat32: swiglu_typed<float>(gate_up, out, rows, inter, stream); break;
+    case FloatType::kFloat16: swiglu_typed<__half>(gate_up, out, rows, inter, stream); break;
+    case FloatType::kBFloat16: swiglu_typed<__nv_bfloat16>(gate_up, out, rows, inter, stream); break;
+  }
+  DMAX_CHECK_LAUNCH("swiglu");
+}
+
+}  // namespace dmax

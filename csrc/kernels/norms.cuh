@@ -1,0 +1,103 @@
+// rms_norm and qk_norm_rotary: the model's RMSNorm, and the attention's q|k head norms followed
+// by the partial rotary embedding, each one launch where the torch formulation is 7 (and 6 more)
+// kernels of a few kilobytes each: on a GPU a decoding step is as much launches as bytes
+// (docs/PERFORMANCE.md, "GPU projections").
+// Semantics: dmax_ext.reference.rms_norm_reference / qk_norm_rotary_reference, rounded where the
+// torch formulation rounds (and as the CPU kernel, csrc/cpu/vec/rms_norm_kernel.h):
+//   y = T(weight * T(x * rsqrt(mean(x^2) + eps)))
+// and for a head, on its first R dims (rotate-half, modules.apply_rotary):
+//   out[i] = T(T(y[i] cos[i]) + T(rot[i] sin[i])),  rot = (-y[R/2:R], y[:R/2]);  out[R:] = y[R:].
+//
+// One warp per row (a token's hidden state, or one head of one token): a row is at most a few
+// thousand elements, and a block's 32-64 tokens make enough warps. Lane j takes the elements
+// j, j + 32, ... (coalesced); the squares are summed per lane, then across the warp
+// (warp_sum: the same bits in every lane), so no __syncthreads and no shared memory but the
+// rotary's: a head's y goes through shared memory, where each lane reads its partner element
+// rot[i] (another lane's).
+#pragma once
+#include <cstdint>
+
+#include "kernels/block_reduce.cuh"
+#include "kernels/device.h"
+#include "kernels/float_convert.cuh"
+
+namespace dmax::kernels {
+
+constexpr int kNormWarps = 4;  // rows per block
+constexpr unsigned kNormThreads = kNormWarps * 32;
+
+// 1 / sqrt(mean(x^2) + eps) of the row x[0, n), in every lane of the warp.
+template <class T>
+__device__ __forceinline__ float warp_inverse_rms(const T* x, int n, float eps) {
+  float sum = 0.f;
+  for (int i = threadIdx.x & 31; i < n; i += 32) {
+    const float v = to_float(x[i]);
+    sum += v * v;
+  }
+  return 1.f / sqrtf(warp_sum(sum) / static_cast<float>(n) + eps);
+}
+
+template <class T>
+__device__ __forceinline__ float normed(const T* x, const T* weight, int i, float inv_rms) {
+  return round_to<T>(to_float(weight[i]) * round_to<T>(to_float(x[i]) * inv_rms));
+}
+
+// x: `rows` rows of `hidden` elements, row r at x + r * x_row_stride; out contiguous.
+template <class T>
+__global__ void __launch_bounds__(kNormThreads)
+rms_norm_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restrict__ weight,
+                T* __restrict__ out, int64_t rows, int hidden, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // the whole warp: no collective waits for it
+  const T* x_row = x + row * x_row_stride;
+  const float inv_rms = warp_inverse_rms(x_row, hidden, eps);
+  T* out_row = out + row * hidden;
+  for (int i = threadIdx.x & 31; i < hidden; i += 32)
+    out_row[i] = from_float<T>(normed(x_row, weight, i, inv_rms));
+}
+
+// qk [B, L, G, D] at element strides (stride_b, stride_l, stride_g, 1); heads g < n_q_heads use
+// q_weight, the others k_weight; cos / sin [B, L, R] contiguous; out [B, G, L, D] contiguous.
+// Dynamic shared memory: kNormWarps * D floats (each warp's head y).
+template <class T>
+__global__ void __launch_bounds__(kNormThreads)
+qk_norm_rotary_kernel(const T* __restrict__ qk, int64_t stride_b, int64_t stride_l,
+                      int64_t stride_g, const T* __restrict__ q_weight,
+                      const T* __restrict__ k_weight, const T* __restrict__ cos,
+                      const T* __restrict__ sin, T* __restrict__ out, int64_t batch, int length,
+                      int heads, int n_q_heads, int dim, int rotary, float eps) {
+  DMAX_DYNAMIC_SMEM(float, heads_y);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + warp;  // (b, l, g)
+  if (row >= batch * length * heads) return;  // the whole warp
+  const int g = static_cast<int>(row % heads);
+  const int64_t token = row / heads;  // b * L + l
+  const int64_t b = token / length, l = token % length;
+  const T* x = qk + b * stride_b + l * stride_l + g * stride_g;
+  const T* weight = g < n_q_heads ? q_weight : k_weight;
+  const float inv_rms = warp_inverse_rms(x, dim, eps);
+
+  float* y = heads_y + warp * dim;
+  for (int i = lane; i < dim; i += 32) y[i] = normed(x, weight, i, inv_rms);
+  __syncwarp();  // the rotary reads other lanes' y
+
+  const T* cos_row = cos + token * rotary;
+  const T* sin_row = sin + token * rotary;
+  const int half = rotary / 2;
+  T* out_row = out + ((b * heads + g) * length + l) * dim;
+  for (int i = lane; i < dim; i += 32) {
+    float v = y[i];
+    if (i < rotary) {
+      const float rot = i < half ? -y[i + half] : y[i - half];
+      v = round_to<T>(v * to_float(cos_row[i])) + round_to<T>(rot * to_float(sin_row[i]));
+    }
+    out_row[i] = from_float<T>(v);
+  }
+}
+
+inline LaunchConfig norm_launch_config(int64_t rows, int64_t smem_floats_per_warp) {
+  return {dim3(static_cast<unsigned>((rows + kNormWarps - 1) / kNormWarps)), dim3(kNormThreads),
+          static_cast<size_t>(kNormWarps * smem_floats_per_warp) * sizeof(float)};
+}
+
+}  // namespace dmax::kernels
