@@ -256,6 +256,7 @@ def overheads_section(config, later_step, first_step) -> list[str]:
     comm = 2 * c.num_hidden_layers
     slots = CACHE_SLOTS[0]
     span_cost = {n: costs(c, 1, WEIGHT_BYTES, n)["later"].total_bytes for n in (slots, 2 * slots)}
+    h200_tp2_later = ms(costs(c, 2, WEIGHT_BYTES, slots)["later"].total_bytes, h200)
     return ["### Beyond the bandwidth floor (not in the figures above)", "",
             f"- Compute: a later step is {flops / 1e9:.1f} GFLOP per GPU at TP 2; at "
             f"{h200.bf16_dense_flops / 1e12:.0f} dense BF16 TFLOP/s that is "
@@ -264,12 +265,14 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"- Kernel count: one later step dispatches about {kernels:,} data-moving ops for "
             f"{PRESET} (next section); at an assumed {ASSUMED_US_PER_GRAPH_KERNEL} us per small "
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
-            "per step, the same order as the bandwidth floor. The norms, the q|k prologue, "
-            "SwiGLU and the router's selection run as one kernel each (csrc/kernels/: "
-            "rms_norm, qk_norm_rotary, swiglu, moe_route); most of what is left is the MoE "
-            f"layer's permutation and weighted combine around its two grouped GEMMs "
-            f"({step_ops.per_unit_counts(later_step)['moe']:.0f} ops per MoE layer in all), "
-            "the next thing to fuse.",
+            f"per step, {kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3 / h200_tp2_later:.0%} of "
+            f"the {h200_tp2_later:.2f} ms an {h200.name} at TP 2 takes to read a later step "
+            "(the launches overlap the reads only in part). The norms, the q|k prologue, "
+            "SwiGLU, the router's selection and the MoE layer's sort and weighted sum run as "
+            "one kernel each (csrc/kernels/: rms_norm, qk_norm_rotary, swiglu, moe_route, "
+            "moe_dispatch, moe_combine); what is left is mostly GEMMs, the attention and its "
+            "cache writes, the residual adds and the per-forward mask and rotary tables (next "
+            "section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -324,11 +327,12 @@ def step_section(config, later_step, first_step) -> list[str]:
         "residual": "the two residual adds of each layer",
         "moe": "router GEMM in fp32 (activations cast; the fp32 weight a copy kept with the "
                "parameter); the route as one kernel (`dmax.moe_route`: sigmoid, bias, group "
-               "top-2 sums, top-4 groups, top-8, normalize, scale); stable argsort of the routed "
-               "ids, rows per expert counted on the device (scatter_add_), row gather, cumsum "
-               "offsets, two `torch._grouped_mm` (gate and up fused, then down) around "
-               "`dmax.swiglu`, inverse permutation, weighted sum in fp32; shared expert: gate+up "
-               "GEMM over stacked weights, `dmax.swiglu`, down GEMM, added",
+               "top-2 sums, top-4 groups, top-8, normalize, scale); the routed entries sorted "
+               "by expert as one kernel (`dmax.moe_dispatch`: the rows' tokens, the inverse "
+               "permutation, int32 offsets, on the device), row gather, two `torch._grouped_mm` "
+               "(gate and up fused, then down) around `dmax.swiglu`, the weighted sum back per "
+               "token in fp32 as one kernel (`dmax.moe_combine`); shared expert: gate+up GEMM "
+               "over stacked weights, `dmax.swiglu`, down GEMM, added",
         "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
         "norms": "RMSNorm as one kernel (`dmax.rms_norm`: fp32 math, rounded where the torch "
                  "formulation rounds)",

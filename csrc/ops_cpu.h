@@ -35,6 +35,10 @@ at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
                           int64_t n_q_heads, double eps);
 at::Tensor swiglu(const at::Tensor& gate_up);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& ids,
+                                                            int64_t n_experts);
+at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
+                       const at::Tensor& weights);
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale);
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

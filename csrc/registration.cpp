@@ -27,6 +27,8 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("rms_norm", &dmax::cpu::rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
   m.impl("swiglu", &dmax::cpu::swiglu);
+  m.impl("moe_dispatch", &dmax::cpu::moe_dispatch);
+  m.impl("moe_combine", &dmax::cpu::moe_combine);
   m.impl("block_attention", &dmax::cpu::block_attention);
   m.impl("decoder_layer", &dmax::cpu::decoder_layer);
   m.impl("pack_moe_weights", &dmax::cpu::pack_moe_weights);

@@ -32,6 +32,12 @@ constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
 constexpr const char* kMoeRouteSchema =
     "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
     "float scaling) -> (Tensor ids, Tensor weights)";
+// The permutation around a MoE layer's grouped GEMMs: the routed entries sorted by expert, and
+// the weighted sum of the experts' rows back per token.
+constexpr const char* kMoeDispatchSchema =
+    "moe_dispatch(Tensor ids, int n_experts) -> (Tensor rows, Tensor inverse, Tensor offsets)";
+constexpr const char* kMoeCombineSchema =
+    "moe_combine(Tensor sorted_out, Tensor inverse, Tensor weights) -> Tensor";
 
 // CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
 // torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.
@@ -77,6 +83,8 @@ void define_dmax_schemas(Library& m) {
   m.def(kQkNormRotarySchema);
   m.def(kSwigluSchema);
   m.def(kMoeRouteSchema);
+  m.def(kMoeDispatchSchema);
+  m.def(kMoeCombineSchema);
 }
 
 }  // namespace dmax

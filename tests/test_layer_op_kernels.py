@@ -1,5 +1,6 @@
-"""rms_norm, qk_norm_rotary, swiglu and moe_route on every backend: the CPU ops, the CUDA
-kernels (csrc/kernels/norms.cuh, swiglu.cuh, moe_route.cuh) on the simt emulation under three schedules and, with a
+"""rms_norm, qk_norm_rotary, swiglu, moe_route, moe_dispatch and moe_combine on every backend: the
+CPU ops, the CUDA kernels (csrc/kernels/norms.cuh, swiglu.cuh, moe_route.cuh, moe_dispatch.cuh)
+on the simt emulation under three schedules and, with a
 GPU, on CUDA. Against the references (dmax_ext.reference) on random shapes and strided inputs,
 within tests/tolerances.py's rule (2x the naive computation's error, or 2x the a-priori bound of
 the float32 sums where a differently ordered naive sum happens to be exact); the emulated
@@ -16,8 +17,8 @@ from tolerances import assert_within_naive_error
 
 from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.model.native import KERNEL_OPS, has_device_kernel
-from dmax_ext.reference import (moe_route_reference, qk_norm_rotary_reference, rms_norm_reference,
-                                swiglu_reference)
+from dmax_ext.reference import (moe_combine_reference, moe_dispatch_reference, moe_route_reference,
+                                qk_norm_rotary_reference, rms_norm_reference, swiglu_reference)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = 2.0**-24  # float32, the kernels' arithmetic
@@ -177,7 +178,7 @@ def test_same_bits_from_strided_and_contiguous_inputs(backend):
                        b.op("swiglu")(b.to(gate_up.contiguous())).cpu())
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
+@pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
 def test_opcheck(backend):
     b = Backend(backend)
     gen = torch.Generator().manual_seed(2)
@@ -189,6 +190,10 @@ def test_opcheck(backend):
     torch.library.opcheck(b.namespace.swiglu.default, (b.to(torch.randn(4, 10).bfloat16()),))
     torch.library.opcheck(b.namespace.moe_route.default,
                           (*b.to(torch.randn(5, 64), torch.randn(64)), 8, 4, 8, 2.5))
+    ids = b.to(torch.rand(5, 64).argsort(dim=-1)[:, :8])
+    torch.library.opcheck(b.namespace.moe_dispatch.default, (ids, 64))
+    torch.library.opcheck(b.namespace.moe_combine.default,
+                          (*b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8)),))
 
 
 @pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
@@ -361,3 +366,108 @@ def test_moe_route_ties_take_the_lower_id(backend):
     assert ids.cpu()[0].tolist() == [2, 3, 4]
     s = torch.sigmoid(logits[0, [2, 3, 4]])
     torch.testing.assert_close(weights.cpu()[0], 2.5 * s / (s.sum() + 1e-20))
+
+
+# ---- moe_dispatch / moe_combine ---------------------------------------------------------------------
+def _routed_ids(gen, tokens, k, experts, skew):
+    """Distinct experts per token (as the router picks them), uniform or all from a few."""
+    pool = experts if skew == "uniform" else min(experts, max(k, 3))
+    picks = torch.rand(tokens, pool, generator=gen).argsort(dim=-1)[:, :k]
+    offset = 0 if skew == "uniform" else int(torch.randint(0, experts - pool + 1, (1,),
+                                                           generator=gen))
+    return picks + offset
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_dispatch_matches_the_reference(backend):
+    b = Backend(backend)
+
+    @settings(max_examples=example_count(30, 12, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(tokens=st.integers(0, 64), k=st.integers(1, 8), experts=st.sampled_from([8, 16, 64, 256]),
+           skew=st.sampled_from(["uniform", "few"]), seed=st.integers(0, 2**31))
+    def check(tokens, k, experts, skew, seed):
+        ids = _routed_ids(torch.Generator().manual_seed(seed), tokens, k, experts, skew)
+        got = [t.cpu() for t in b.op("moe_dispatch")(b.to(ids), experts)]
+        for name, g, w in zip(("rows", "inverse", "offsets"), got,
+                              moe_dispatch_reference(ids, experts)):
+            assert g.dtype == w.dtype and torch.equal(g, w), f"{b} {name}: {g} != {w}"
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
+def test_moe_dispatch_at_the_kernel_limit(backend):
+    """MOE_DISPATCH_MAX_ENTRIES (the model's switch to the torch path) is what the kernel takes:
+    that many entries sort right, one token more is refused (the CPU op has no limit)."""
+    from dmax_ext.model.moe import MOE_DISPATCH_MAX_ENTRIES
+    b = Backend(backend)
+    gen = torch.Generator().manual_seed(3)
+    ids = _routed_ids(gen, MOE_DISPATCH_MAX_ENTRIES // 8, 8, 2048, "uniform")
+    got = [t.cpu() for t in b.op("moe_dispatch")(b.to(ids), 2048)]
+    assert all(torch.equal(g, w) for g, w in zip(got, moe_dispatch_reference(ids, 2048)))
+    more = _routed_ids(gen, MOE_DISPATCH_MAX_ENTRIES // 8 + 1, 8, 64, "uniform")
+    if backend == "cpu":
+        assert torch.equal(b.op("moe_dispatch")(more, 64)[1], moe_dispatch_reference(more, 64)[1])
+    else:
+        with pytest.raises(RuntimeError, match="at most 4096 routed entries"):
+            b.op("moe_dispatch")(b.to(more), 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moe_combine_matches_the_reference(backend, dtype):
+    b = Backend(backend)
+
+    @settings(max_examples=example_count(30, 10, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(tokens=st.integers(0, 40), k=st.integers(1, 8), hidden=st.sampled_from([1, 33, 128, 512]),
+           seed=st.integers(0, 2**31))
+    def check(tokens, k, hidden, seed):
+        gen = torch.Generator().manual_seed(seed)
+        ids = _routed_ids(gen, tokens, k, 16, "uniform")
+        _, inverse, _ = moe_dispatch_reference(ids, 16)
+        sorted_out = (3 * torch.randn(tokens * k, hidden, generator=gen)).to(dtype)
+        weights = torch.rand(tokens, k, generator=gen) * 2.5
+        got = b.op("moe_combine")(*b.to(sorted_out, inverse, weights))
+        assert got.shape == (tokens, hidden) and got.dtype == dtype
+        exact = moe_combine_reference(sorted_out.double(), inverse, weights.double())
+        _check_case(b, got, exact, moe_combine_reference(sorted_out, inverse, weights),
+                    f"{dtype} N{tokens} k{k} H{hidden}", (k + 2) * UNIT_ROUNDOFF)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
+def test_moe_ops_argument_errors(backend):
+    b = Backend(backend)
+    ids = b.to(torch.randint(0, 8, (4, 2)))
+    with pytest.raises(RuntimeError, match="moe_dispatch: ids must be int64"):
+        b.op("moe_dispatch")(ids.int(), 8)
+    with pytest.raises(RuntimeError, match="moe_dispatch: n_experts must be >= 1"):
+        b.op("moe_dispatch")(ids, 0)
+    sorted_out, inverse, weights = b.to(torch.randn(8, 16), torch.arange(8), torch.rand(4, 2))
+    with pytest.raises(RuntimeError, match=r"moe_combine: weights \[N, k\] must have one entry"):
+        b.op("moe_combine")(sorted_out, inverse, weights[:3])
+    with pytest.raises(RuntimeError, match="moe_combine: inverse must be int64"):
+        b.op("moe_combine")(sorted_out, inverse[:5], weights)
+    with pytest.raises(RuntimeError, match="moe_combine: weights must be float32"):
+        b.op("moe_combine")(sorted_out, inverse, weights.double())
+    if backend == "cpu":  # values: the CPU op reads them; on a GPU the wrapper does (a sync)
+        with pytest.raises(RuntimeError, match=r"moe_dispatch: ids must be in \[0, 8\)"):
+            b.op("moe_dispatch")(ids + 8, 8)
+        with pytest.raises(RuntimeError, match=r"moe_combine: inverse must be in \[0, 8\)"):
+            b.op("moe_combine")(sorted_out, inverse + 1, weights)
+
+
+def test_moe_wrappers_check_values():
+    from dmax_ext import ops
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 8\) \(n_experts\)"):
+        ops.moe_dispatch(torch.tensor([[0, 9]]), 8)
+    with pytest.raises(ValueError, match="n_experts must be an int >= 1"):
+        ops.moe_dispatch(torch.tensor([[0, 1]]), 0)
+    with pytest.raises(ValueError, match=r"inverse must be in \[0, 2\)"):
+        ops.moe_combine(torch.randn(2, 4), torch.tensor([0, 2]), torch.rand(1, 2))
+    rows, inverse, offsets = ops.moe_dispatch(torch.tensor([[3, 1], [1, 0]]), 4)
+    assert rows.tolist() == [1, 0, 1, 0] and inverse.tolist() == [3, 1, 2, 0]
+    assert offsets.tolist() == [1, 3, 3, 4]

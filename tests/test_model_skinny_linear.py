@@ -263,11 +263,14 @@ def test_set_cpu_variants_off_runs_what_cuda_runs():
     ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))
     with torch.no_grad():
         model.set_cpu_variants(False)
+        model.set_moe_impl("grouped")  # CUDA's "auto"
         with dmax_calls() as calls:
             off = model(input_ids=ids)
-        # only the ops CUDA runs too: the norms, the q|k prologue, the gated MLPs' activation
+        # only the ops CUDA runs too: the norms, the q|k prologue, the gated MLPs' activation,
+        # the router's selection, the experts' sort and weighted sum
         assert {name for name, _ in calls} == KERNEL_OPS
         model.set_cpu_variants(True)
+        model.set_moe_impl("auto")
         with dmax_calls() as calls:
             on = model(input_ids=ids)
     n_moe = sum(map(model.config.is_moe_layer, range(model.config.num_hidden_layers)))

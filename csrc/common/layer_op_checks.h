@@ -1,5 +1,5 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
-// (rms_norm, qk_norm_rotary, swiglu, moe_route), shared by csrc/cpu/ and the kernel bindings
+// (rms_norm, qk_norm_rotary, swiglu, moe_route, moe_dispatch, moe_combine), shared by csrc/cpu/ and the kernel bindings
 // (csrc/cuda/bindings/). They guard what the kernels rely on (dtypes, shapes, contiguous rows,
 // one device); the Python wrappers in dmax_ext.ops check the same things first.
 #pragma once
@@ -77,6 +77,33 @@ inline void check_moe_route_args(const at::Tensor& logits, const at::Tensor& bia
   TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (E / n_group),
               "moe_route: top_k must be in [1, ", topk_group * (E / n_group),
               "] (the kept groups' experts), got ", top_k);
+}
+
+// ids: the router's [N, k] int64 choices of n_experts experts (values checked by the CPU op and
+// the Python wrapper: reading them on a GPU would be a sync).
+inline void check_moe_dispatch_args(const at::Tensor& ids, int64_t n_experts) {
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong,
+              "moe_dispatch: ids must be int64 [N, k], got ", ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(n_experts >= 1, "moe_dispatch: n_experts must be >= 1, got ", n_experts);
+}
+
+inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tensor& inverse,
+                                   const at::Tensor& weights) {
+  check_float_dtype("moe_combine", "sorted_out", sorted_out);
+  TORCH_CHECK(sorted_out.dim() == 2, "moe_combine: sorted_out must be [N * k, H], got ",
+              sorted_out.sizes());
+  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat,
+              "moe_combine: weights must be float32 [N, k], got ", weights.scalar_type(), " ",
+              weights.sizes());
+  TORCH_CHECK(weights.numel() == sorted_out.size(0), "moe_combine: weights [N, k] must have one "
+              "entry per row of sorted_out (", sorted_out.size(0), "), got ", weights.sizes());
+  TORCH_CHECK(inverse.dim() == 1 && inverse.scalar_type() == at::kLong &&
+                  inverse.size(0) == sorted_out.size(0),
+              "moe_combine: inverse must be int64 [", sorted_out.size(0), "], got ",
+              inverse.scalar_type(), " ", inverse.sizes());
+  TORCH_CHECK(inverse.device() == sorted_out.device() && weights.device() == sorted_out.device(),
+              "moe_combine: inverse and weights must be on ", sorted_out.device(),
+              " like sorted_out, got ", inverse.device(), " and ", weights.device());
 }
 
 }  // namespace dmax::checks

@@ -8,6 +8,7 @@
 #include "cuda/bindings/common.h"
 #include "cuda/bindings/hybrid_embed.h"
 #include "cuda/bindings/logits_stats.h"
+#include "cuda/bindings/moe_dispatch.h"
 #include "cuda/bindings/moe_route.h"
 #include "cuda/bindings/norms.h"
 #include "cuda/bindings/onpolicy_noise.h"
@@ -25,7 +26,9 @@
   m.impl("rms_norm", &dmax::gpu::rms_norm);             \
   m.impl("qk_norm_rotary", &dmax::gpu::qk_norm_rotary); \
   m.impl("swiglu", &dmax::gpu::swiglu);                 \
-  m.impl("moe_route", &dmax::gpu::moe_route)
+  m.impl("moe_route", &dmax::gpu::moe_route);           \
+  m.impl("moe_dispatch", &dmax::gpu::moe_dispatch);     \
+  m.impl("moe_combine", &dmax::gpu::moe_combine)
 
 #ifdef DMAX_SIMT
 #include "simt/simt.h"

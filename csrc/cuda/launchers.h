@@ -121,3 +121,18 @@ void launch_moe_route(const float* logits, const float* bias, int64_t* ids, floa
                       int64_t top_k, float scaling, cudaStream_t stream);
 
 }  // namespace dmax
+
+namespace dmax {
+
+// ---- moe_dispatch / moe_combine (csrc/cuda/moe_dispatch.cu) ----
+// ids [entries] int64 (entries = tokens * k) -> rows [entries], inverse [entries] int64, offsets
+// [experts] int32. Throws past the kernel's sizes (kernels/moe_dispatch.cuh kMaxDispatch*).
+void launch_moe_dispatch(const int64_t* ids, int64_t entries, int64_t k, int64_t experts,
+                         int64_t* rows, int64_t* inverse, int32_t* offsets, cudaStream_t stream);
+// sorted_out [entries, hidden] of `dtype`, inverse [tokens * k], weights [tokens, k] float32 ->
+// out [tokens, hidden] of `dtype`; all contiguous.
+void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* inverse,
+                        const float* weights, void* out, int64_t tokens, int64_t k,
+                        int64_t hidden, cudaStream_t stream);
+
+}  // namespace dmax

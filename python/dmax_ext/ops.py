@@ -489,9 +489,62 @@ def _moe_route_fake(logits, expert_bias, n_group, topk_group, top_k, scaling):
 FAKE_KERNELS["moe_route"] = _moe_route_fake
 
 
-# ---- rms_norm / qk_norm_rotary: a layer's RMSNorms and the attention's q|k prologue -------------
-
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- moe_dispatch / moe_combine: the permutation around a MoE layer's grouped GEMMs ------------
+
+
+def moe_dispatch(ids: torch.Tensor, n_experts: int):
+    """The routed entries sorted by expert: ids int64 [N, k] (each in [0, n_experts)) ->
+    (rows int64 [N k]: the token of each entry in expert order, stable; inverse int64 [N k]:
+    each entry's place in that order; offsets int32 [n_experts]: each expert's end row, as
+    torch._grouped_mm's offs) (dmax_ext.reference.moe_dispatch_reference). CPU and CUDA
+    (csrc/kernels/moe_dispatch.cuh: at most model.moe.MOE_DISPATCH_MAX_ENTRIES entries). The
+    ids' range is checked here (on CUDA a host sync)."""
+    check_tensor("ids", ids, dtypes=(torch.int64,), ndim=2)
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+    if ids.numel() and not bool(((ids >= 0) & (ids < n_experts)).all()):
+        raise ValueError(f"ids must be in [0, {n_experts}) (n_experts), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return torch.ops.dmax.moe_dispatch(ids, n_experts)
+
+
+def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """The experts' rows back per token: sorted_out [N k, H] (float32 / bfloat16 / float16, rows
+    in moe_dispatch's order), inverse int64 [N k] (moe_dispatch's), weights float32 [N, k] ->
+    [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
+    each product rounded, summed in j order, cast once (dmax_ext.reference.moe_combine_reference).
+    CPU and CUDA. inverse's range is checked here (on CUDA a host sync)."""
+    check_tensor("sorted_out", sorted_out, dtypes=_FLOAT_DTYPES, ndim=2)
+    check_tensor("weights", weights, dtypes=(torch.float32,), ndim=2, device=sorted_out.device)
+    if weights.numel() != sorted_out.shape[0]:
+        raise ValueError(f"weights [N, k] must have one entry per row of sorted_out "
+                         f"({sorted_out.shape[0]}), got shape {tuple(weights.shape)}")
+    check_tensor("inverse", inverse, dtypes=(torch.int64,), ndim=1, device=sorted_out.device)
+    check_shape("inverse", inverse, (sorted_out.shape[0],))
+    if inverse.numel() and not bool(((inverse >= 0) & (inverse < inverse.numel())).all()):
+        raise ValueError(f"inverse must be in [0, {inverse.numel()}) (sorted_out's rows)")
+    return torch.ops.dmax.moe_combine(sorted_out, inverse, weights)
+
+
+def _moe_dispatch_fake(ids, n_experts):
+    torch._check(ids.dim() == 2, lambda: f"ids must be [N, k], got {ids.shape}")
+    return (ids.new_empty((ids.numel(),)), ids.new_empty((ids.numel(),)),
+            ids.new_empty((n_experts,), dtype=torch.int32))
+
+
+def _moe_combine_fake(sorted_out, inverse, weights):
+    torch._check(weights.dim() == 2, lambda: f"weights must be [N, k], got {weights.shape}")
+    return sorted_out.new_empty((weights.shape[0], sorted_out.shape[1]))
+
+
+FAKE_KERNELS.update(moe_dispatch=_moe_dispatch_fake, moe_combine=_moe_combine_fake)
+
+
+# ---- rms_norm / qk_norm_rotary: a layer's RMSNorms and the attention's q|k prologue -------------
 
 
 def _check_contiguous_rows(name: str, t: torch.Tensor) -> None:

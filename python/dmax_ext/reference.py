@@ -261,6 +261,30 @@ def moe_route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, n_group
     return route(logits, expert_bias, n_group, topk_group, top_k, scaling)
 
 
+# ---- moe_dispatch / moe_combine: the permutation around a MoE layer's grouped GEMMs ------------
+
+
+def moe_dispatch_reference(ids: torch.Tensor, n_experts: int):
+    """ids int64 [N, k] (each in [0, n_experts); entry i = token i // k, slot i % k) ->
+    (rows int64 [N k]: the token of each entry, entries sorted by expert, stable (entry order
+    within an expert); inverse int64 [N k]: each entry's place in that order; offsets int32
+    [n_experts]: the end of each expert's rows, as torch._grouped_mm's offs), as the model's
+    torch formulation (model.moe.dispatch)."""
+    from .model.moe import dispatch
+    rows, inverse, counts = dispatch(ids, n_experts)
+    return rows, inverse, counts.cumsum(0).to(torch.int32)
+
+
+def moe_combine_reference(sorted_out: torch.Tensor, inverse: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """sorted_out [N k, H] (rows in dispatch order), inverse [N k], weights float32 [N, k] ->
+    [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
+    each product rounded, then summed (torch's order; the kernels sum in j order), cast once
+    (model.moe.combine)."""
+    from .model.moe import combine
+    return combine(sorted_out, inverse, weights)
+
+
 # ---- swiglu: a gated MLP's activation ----------------------------------------------------------
 
 

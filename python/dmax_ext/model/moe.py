@@ -99,6 +99,34 @@ def expert_counts(flat_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
 
+def dispatch(ids: torch.Tensor, n_experts: int):
+    """The routed entries (ids [N, k]: entry i = token i // k, slot i % k) sorted by expert, in
+    torch ops: (rows [N k]: the token of each entry in expert order (stable: entry order within
+    an expert), inverse [N k]: each entry's place in that order, counts [n_experts]: entries per
+    expert). No host sync (expert_counts)."""
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.numel(), device=order.device))
+    return order // ids.shape[1], inverse, expert_counts(flat, n_experts)
+
+
+def combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor):
+    """sorted_out [N k, H] (the experts' rows in dispatch order) back per token: out[n] =
+    sum_j weights[n, j] sorted_out[inverse[n k + j]], in float32 (each product rounded, then
+    summed: torch's reduction order), cast once to sorted_out's dtype (as the checkpoint's
+    reference)."""
+    n, k = weights.shape
+    rows = sorted_out.index_select(0, inverse).view(n, k, sorted_out.shape[-1])
+    return (rows.float() * weights[..., None]).sum(1).to(sorted_out.dtype)
+
+
+# = kMaxDispatchEntries of csrc/kernels/moe_dispatch.cuh, the most routed entries (N k) the
+# dmax.moe_dispatch kernel sorts in its one block (tests/test_layer_op_kernels.py checks the two
+# agree); past it (a long prefill) the model runs dispatch()'s torch ops.
+MOE_DISPATCH_MAX_ENTRIES = 4096
+
+
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -126,14 +154,17 @@ def _experts_padded(xs, counts, gate_up, down):
     return out[expert_of, slot]
 
 
-def _experts_grouped(xs, counts, gate_up, down, onednn: bool = True):
+def _experts_grouped(xs, counts, gate_up, down, onednn: bool = True, offsets=None):
     """torch._grouped_mm over the expert-sorted rows (no padding, only busy experts' weights);
     with `onednn` (a CPU variant: StackedExperts' own flag), on the CPU the same products
-    through oneDNN (onednn_matmul: 1.5x MKL's _grouped_mm with gradients on AMD)."""
+    through oneDNN (onednn_matmul: 1.5x MKL's _grouped_mm with gradients on AMD). offsets: the
+    groups' int32 end rows, when given instead of counts (dmax.moe_dispatch's; not with
+    onednn)."""
     def grouped(rows, w):
         out = onednn_matmul.grouped_mm(rows, w, counts) if onednn else None
         return out if out is not None else torch._grouped_mm(rows, w, offs=offsets)
-    offsets = counts.cumsum(0).to(torch.int32)
+    if offsets is None:
+        offsets = counts.cumsum(0).to(torch.int32)
     gate_up_rows = grouped(xs, gate_up)
     swiglu = native_op("swiglu", gate_up_rows, gate_up)  # one launch where _swiglu is two
     return grouped(_swiglu(gate_up_rows) if swiglu is None else swiglu(gate_up_rows), down)
@@ -235,21 +266,34 @@ class StackedExperts(CpuVariant, nn.Module):
                               native_experts_max_tokens(x.dtype)) if impl == "cpu" else None)
         if native is not None:
             return native(x, ids, weights, *self.kernel_weights())
-        n, k = ids.shape
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = expert_counts(flat, self.gate_up_proj.shape[0])
-        # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
+        if impl == "grouped":
+            out = self._grouped_on_kernels(x, ids, weights)
+            if out is not None:
+                return out
+        rows, inverse, counts = dispatch(ids, self.gate_up_proj.shape[0])
         experts = _EXPERT_IMPLS[impl]
         if impl in ("grouped", "cpu"):
             experts = functools.partial(experts, onednn=self.cpu_variant)
-        sorted_out = experts(x.index_select(0, order // k), counts, self.gate_up_proj,
-                             self.down_proj)
-        inverse = torch.empty_like(order).scatter_(
-            0, order, torch.arange(order.numel(), device=order.device))
-        # Weighted sum over the k experts in float32, cast once (as the checkpoint's reference).
-        out = sorted_out.index_select(0, inverse).view(n, k, -1).float() * weights[..., None]
-        return out.sum(1).to(x.dtype)
+        # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
+        sorted_out = experts(x.index_select(0, rows), counts, self.gate_up_proj, self.down_proj)
+        return combine(sorted_out, inverse, weights)
+
+    def _grouped_on_kernels(self, x, ids, weights):
+        """The "grouped" path with its sort and weighted sum as dmax.moe_dispatch and
+        dmax.moe_combine: two launches where dispatch() and combine() are ~16 on CUDA
+        (docs/PERFORMANCE.md, "GPU projections"); where they apply (no gradients, at most
+        MOE_DISPATCH_MAX_ENTRIES entries; on CUDA, or on the CPU with the CPU variants off, which
+        stands for it: the CPU's grouped products go through oneDNN, which wants counts), else
+        None."""
+        if (x.device.type == "cpu" and self.cpu_variant) or ids.numel() > MOE_DISPATCH_MAX_ENTRIES:
+            return None
+        sort = native_op("moe_dispatch", x, self.gate_up_proj)
+        if sort is None:
+            return None
+        rows, inverse, offsets = sort(ids, self.gate_up_proj.shape[0])
+        sorted_out = _experts_grouped(x.index_select(0, rows), None, self.gate_up_proj,
+                                      self.down_proj, onednn=False, offsets=offsets)
+        return torch.ops.dmax.moe_combine(sorted_out, inverse, weights)
 
 
 def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
