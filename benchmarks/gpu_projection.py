@@ -114,10 +114,12 @@ def assumptions(config) -> list[str]:
              "bias, norms, lm_head), the embedding rows gathered, the KV cache read over slots "
              "[0, cache + fed tokens) as the model's attention does and written for the fed "
              "tokens, the logits written. Activations between kernels are not counted.",
-             "- TP 2: attention heads, MLP / expert / shared-expert widths, lm_head rows and KV "
-             "heads split over the GPUs (bytes per GPU = half); router, norms and embedding "
-             "replicated. Communication is not in the floor (see below). The model has no "
-             "tensor-parallel code yet: TP 2 is a projection of a layout, not of our code.",
+             "- TP 2: model/tensor_parallel.py's layout: attention and KV heads, the dense "
+             "MLP's, shared expert's and each routed expert's widths, and the lm_head's "
+             "vocabulary split over the GPUs (bytes per GPU = half); router and norms "
+             "replicated (the embedding is split too; its gathered rows are negligible). "
+             "Communication is not in the floor (see below). That code is tested on CPU "
+             "processes (gloo), not on GPUs.",
              f"- TPF: the paper's (SPEC section 6): "
              + ", ".join(f"{name} {tpf}" for name, tpf in PAPER_TPF)
              + f". A block of {BLOCK} tokens takes {BLOCK}/TPF forwards: one first step "
@@ -286,8 +288,10 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"after each MLP) of [{BLOCK}, {c.hidden_size}] bf16 "
             f"({BLOCK * c.hidden_size * 2 // 1024} KiB); at an assumed {ASSUMED_US_PER_ALLREDUCE}"
             " us each, "
-            f"~{comm * ASSUMED_US_PER_ALLREDUCE / 1e3:.1f} ms per forward, plus the lm_head "
-            "all-gather.", ""]
+            f"~{comm * ASSUMED_US_PER_ALLREDUCE / 1e3:.1f} ms per forward; the logits stay "
+            "split by vocabulary (decoding/tensor_parallel_ops.py): the SPD step adds one small "
+            "all_gather of per-position statistics and one all_reduce of the hybrid "
+            f"embeddings' sums ([{BLOCK}, {c.hidden_size} + 1] fp32).", ""]
 
 
 
