@@ -269,12 +269,12 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
             f"per step, {kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3 / h200_tp2_later:.0%} of "
             f"the {h200_tp2_later:.2f} ms an {h200.name} at TP 2 takes to read a later step "
-            "(the launches overlap the reads only in part). The norms, the q|k prologue, "
-            "SwiGLU, the router's selection and the MoE layer's sort and weighted sum run as "
-            "one kernel each (csrc/kernels/: rms_norm, qk_norm_rotary, swiglu, moe_route, "
-            "moe_dispatch, moe_combine); what is left is mostly GEMMs, the attention and its "
-            "cache writes, the residual adds and the per-forward mask and rotary tables (next "
-            "section).",
+            "(the launches overlap the reads only in part). The norms, the q|k prologue with "
+            "the KV cache writes, SwiGLU, the router's selection and the MoE layer's sort and "
+            "weighted sum run as one kernel each (csrc/kernels/: rms_norm, "
+            "qk_norm_rotary_write_kv, swiglu, moe_route, moe_dispatch, moe_combine); what is "
+            "left is mostly GEMMs, the attention, the residual adds and the per-forward mask "
+            "and rotary tables (next section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -323,11 +323,12 @@ def step_section(config, later_step, first_step) -> list[str]:
              "| section | ops per unit | units per forward | ops per later step | what |",
              "|---|---|---|---|---|"]
     what = {
-        "attention": "qkv GEMM; the q and k heads normalized and rotated by one kernel "
-                     "(`dmax.qk_norm_rotary`: per-head RMSNorm in fp32, partial rotary); K/V "
-                     "written into the static cache at the device write slot (`index_put_`); "
-                     "SDPA over the key span [0, span) with a bool mask and GQA (a bool mask "
-                     "rules out the FlashAttention backend); output transpose copy; dense GEMM",
+        "attention": "qkv GEMM; one kernel normalizes and rotates the q and k heads and "
+                     "writes the keys and values into the static cache at the device write "
+                     "slot (`dmax.qk_norm_rotary_write_kv`: per-head RMSNorm in fp32, partial "
+                     "rotary, no `index_put_`); SDPA over the key span [0, span) with a bool "
+                     "mask and GQA (a bool mask rules out the FlashAttention backend); output "
+                     "transpose copy; dense GEMM",
         "residual": "the two residual adds of each layer",
         "moe": "router GEMM in fp32 (activations cast; the fp32 weight a copy kept with the "
                "parameter); the route as one kernel (`dmax.moe_route`: sigmoid, bias, group "

@@ -34,6 +34,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
                           int64_t n_q_heads, double eps);
+at::Tensor qk_norm_rotary_write_kv(const at::Tensor& qkv, const at::Tensor& q_weight,
+                                   const at::Tensor& k_weight, const at::Tensor& cos,
+                                   const at::Tensor& sin, int64_t n_q_heads, double eps,
+                                   const at::Tensor& keys, const at::Tensor& values,
+                                   const at::Tensor& slots);
 at::Tensor swiglu(const at::Tensor& gate_up);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& ids,
                                                             int64_t n_experts);

@@ -26,6 +26,7 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("moe_route", &dmax::cpu::moe_route);
   m.impl("rms_norm", &dmax::cpu::rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
+  m.impl("qk_norm_rotary_write_kv", &dmax::cpu::qk_norm_rotary_write_kv);
   m.impl("swiglu", &dmax::cpu::swiglu);
   m.impl("moe_dispatch", &dmax::cpu::moe_dispatch);
   m.impl("moe_combine", &dmax::cpu::moe_combine);

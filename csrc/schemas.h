@@ -25,6 +25,13 @@ constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float 
 constexpr const char* kQkNormRotarySchema =
     "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
     "int n_q_heads, float eps) -> Tensor";
+// qk_norm_rotary over a qkv projection's query and key heads, the key heads and the value heads
+// after them written into the KV cache at `slots` (a cached forward's cache writes, no
+// index_put_ of their own); returns the query heads.
+constexpr const char* kQkNormRotaryWriteKvSchema =
+    "qk_norm_rotary_write_kv(Tensor qkv, Tensor q_weight, Tensor k_weight, Tensor cos, "
+    "Tensor sin, int n_q_heads, float eps, Tensor(a!) keys, Tensor(b!) values, Tensor slots) "
+    "-> Tensor";
 // silu(gate) * up over rows [gate | up] (the model's gated MLPs without gradients, after their
 // gate and up projections made as one).
 constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
@@ -81,6 +88,7 @@ void define_dmax_schemas(Library& m) {
   m.def(kOnpolicyNoiseSchema);
   m.def(kRmsNormSchema);
   m.def(kQkNormRotarySchema);
+  m.def(kQkNormRotaryWriteKvSchema);
   m.def(kSwigluSchema);
   m.def(kMoeRouteSchema);
   m.def(kMoeDispatchSchema);

@@ -1,5 +1,5 @@
-"""rms_norm, qk_norm_rotary, swiglu, moe_route, moe_dispatch and moe_combine on every backend: the
-CPU ops, the CUDA kernels (csrc/kernels/norms.cuh, swiglu.cuh, moe_route.cuh, moe_dispatch.cuh)
+"""rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch and moe_combine on every
+backend: the CPU ops, the CUDA kernels (csrc/kernels/norms.cuh, swiglu.cuh, moe_route.cuh, moe_dispatch.cuh)
 on the simt emulation under three schedules and, with a
 GPU, on CUDA. Against the references (dmax_ext.reference) on random shapes and strided inputs,
 within tests/tolerances.py's rule (2x the naive computation's error, or 2x the a-priori bound of
@@ -18,7 +18,8 @@ from tolerances import assert_within_naive_error
 from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.model.native import KERNEL_OPS, has_device_kernel
 from dmax_ext.reference import (moe_combine_reference, moe_dispatch_reference, moe_route_reference,
-                                qk_norm_rotary_reference, rms_norm_reference, swiglu_reference)
+                                qk_norm_rotary_reference, qk_norm_rotary_write_kv_reference,
+                                rms_norm_reference, swiglu_reference)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = 2.0**-24  # float32, the kernels' arithmetic
@@ -192,6 +193,8 @@ def test_opcheck(backend):
                           (*b.to(torch.randn(5, 64), torch.randn(64)), 8, 4, 8, 2.5))
     ids = b.to(torch.rand(5, 64).argsort(dim=-1)[:, :8])
     torch.library.opcheck(b.namespace.moe_dispatch.default, (ids, 64))
+    case = b.to(*_write_kv_case(gen, torch.bfloat16, 2, 3, 4, 2, 16, 8, 7, True))
+    torch.library.opcheck(b.namespace.qk_norm_rotary_write_kv.default, case)
     torch.library.opcheck(b.namespace.moe_combine.default,
                           (*b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8)),))
 
@@ -506,7 +509,7 @@ def test_the_model_gpu_path_on_the_emulated_kernels(dtype):
     mode = _OnEmulatedKernels()
     with torch.no_grad(), mode:
         fast = model(input_ids=ids)
-    assert mode.calls == KERNEL_OPS
+    assert mode.calls == KERNEL_OPS - {"qk_norm_rotary_write_kv"}  # (no KV cache here)
     slow = model(input_ids=ids).detach()  # gradients wanted: torch's formulation throughout
     # (measured: float32 2.2e-7 apart at logits of ~0.6, bfloat16 the same bits)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2**-8)
@@ -529,5 +532,84 @@ def test_a_decode_on_the_gpu_path_with_the_emulated_kernels():
     mode = _OnEmulatedKernels()
     with mode:
         got = dmax_ext.decode(model, prompts, gen_length=64, block_length=32, threshold=0.5)
-    assert KERNEL_OPS | {"logits_stats", "promote", "spd_update", "hybrid_embed"} <= mode.calls
+    # every forward writes the KV cache: the prologue is qk_norm_rotary_write_kv throughout
+    assert mode.calls == ((KERNEL_OPS - {"qk_norm_rotary"})
+                          | {"logits_stats", "promote", "spd_update", "hybrid_embed"})
     assert got.tokens == want.tokens and got.seq_nfe == want.seq_nfe
+
+
+# ---- qk_norm_rotary_write_kv ----------------------------------------------------------------------
+SENTINEL = -7.25  # exact in every dtype: the cache's other slots must keep its bits
+
+
+def _write_kv_case(gen, dtype, batch, length, n_q, n_kv, dim, rotary, slots_total, padded):
+    qkv = (2 * torch.randn(batch, length, n_q + 2 * n_kv, dim + (3 if padded else 0),
+                           generator=gen)).to(dtype)[..., :dim]
+    positions = torch.randint(0, 4000, (batch, length), generator=gen)
+    cos, sin = rotary_cos_sin(positions, rotary_inv_freq(rotary, 10000.0), dtype)
+    q_w, k_w = ((1 + 0.3 * torch.randn(dim, generator=gen)).to(dtype) for _ in range(2))
+    slots = torch.randperm(slots_total, generator=gen)[:length]
+    keys = torch.full((batch, n_kv, slots_total, dim), SENTINEL, dtype=dtype)
+    return qkv, q_w, k_w, cos, sin, n_q, 1e-6, keys, keys.clone(), slots
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qk_norm_rotary_write_kv_matches_the_reference(backend, dtype):
+    """The queries as qk_norm_rotary's, the cache's written slots as the reference writes them
+    (keys within the same bound, values bit for bit), every other slot untouched."""
+    b = Backend(backend)
+
+    @settings(max_examples=example_count(25, 10, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.integers(1, 3), length=st.integers(1, 9), n_kv=st.integers(1, 3),
+           group=st.integers(1, 4), dim=st.sampled_from([8, 24, 64, 128]),
+           padded=st.booleans(), data=st.data(), seed=st.integers(0, 2**31))
+    def check(batch, length, n_kv, group, dim, padded, data, seed):
+        rotary = data.draw(st.sampled_from(sorted({2, dim // 2, dim})), label="rotary")
+        extra = data.draw(st.integers(0, 20), label="cache slots past the block")
+        case = _write_kv_case(torch.Generator().manual_seed(seed), dtype, batch, length,
+                              n_kv * group, n_kv, dim, rotary, length + extra, padded)
+        keys_want, values_want = case[7].clone(), case[8].clone()
+        want = qk_norm_rotary_write_kv_reference(*case[:7], keys_want, values_want, case[9])
+        keys, values = b.to(case[7], case[8])
+        got = b.op("qk_norm_rotary_write_kv")(*b.to(*case[:5]), *case[5:7], keys, values,
+                                               b.to(case[9]))
+        what = f"{dtype} B{batch} L{length} kv {n_kv}x{group} D{dim} R{rotary}"
+        assert got.shape == want.shape and got.is_contiguous(), what
+        exact = qk_norm_rotary_reference(*(t.double() if torch.is_tensor(t) else t
+                                           for t in (case[0][:, :, :n_kv * (group + 1)],
+                                                     *case[1:7])))
+        n_q = n_kv * group
+        _check_case(b, got, exact[:, :n_q], want, what + " queries", sum_error(dim))
+        keys, values = keys.cpu(), values.cpu()
+        written = torch.zeros(length + extra, dtype=torch.bool)
+        written[case[9]] = True
+        assert (keys[:, :, ~written] == SENTINEL).all() and (values[:, :, ~written] == SENTINEL).all()
+        assert torch.equal(values, values_want), what + ": values"
+        _check_case(b, keys[:, :, case[9]], exact[:, n_q:], keys_want[:, :, case[9]],
+                    what + " keys", sum_error(dim))
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
+def test_qk_norm_rotary_write_kv_errors(backend):
+    b = Backend(backend)
+    case = list(b.to(*_write_kv_case(torch.Generator().manual_seed(0), torch.float32, 2, 4, 4, 2,
+                                     16, 8, 10, False)))
+    with pytest.raises(RuntimeError, match="qkv must hold n_q_heads"):
+        b.op("qk_norm_rotary_write_kv")(*case[:5], 3, *case[6:])
+    with pytest.raises(RuntimeError, match="values must have keys' strides"):
+        b.op("qk_norm_rotary_write_kv")(*case[:8], case[8].transpose(2, 3).contiguous()
+                                        .transpose(2, 3), case[9])
+    with pytest.raises(RuntimeError, match=r"slots must be int64 \[4\]"):
+        b.op("qk_norm_rotary_write_kv")(*case[:9], case[9][:3])
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match=r"slots must be in \[0, 10\)"):
+            b.op("qk_norm_rotary_write_kv")(*case[:9], case[9] + 10)
+    from dmax_ext import ops
+    cpu_case = _write_kv_case(torch.Generator().manual_seed(0), torch.float32, 2, 4, 4, 2, 16, 8,
+                              10, False)
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 10\) \(keys' slots\)"):
+        ops.qk_norm_rotary_write_kv(*cpu_case[:9], cpu_case[9] - 1 - cpu_case[9].max())

@@ -91,14 +91,16 @@ def test_step_ops_sees_the_four_step_ops_and_no_host_sync():
 
 def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
     """The GPU step (the CPU variants off) runs the ops with CUDA kernels: one dmax.rms_norm per
-    RMSNorm, one qk_norm_rotary per attention, one moe_route, moe_dispatch, moe_combine and two
+    RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route, moe_dispatch, moe_combine and two
     swiglu (routed and shared experts) per MoE layer, one swiglu in the dense MLP; none of their
     torch formulations' ops (sigmoid, topk, rsqrt, silu, argsort) is left."""
     counts = step_ops.count_step_ops()
     units = step_ops.section_units(counts.config)
     names = counts.ops_by_section
     assert names["norms"] == {"dmax.rms_norm.default": units["norms"]}
-    assert names["attention"]["dmax.qk_norm_rotary.default"] == units["attention"]
+    # the cached step's prologue also writes the KV cache: no index_put_ of its own
+    assert names["attention"]["dmax.qk_norm_rotary_write_kv.default"] == units["attention"]
+    assert "index_put_.default" not in names["attention"]
     for op in ("moe_route", "moe_dispatch", "moe_combine"):
         assert names["moe"][f"dmax.{op}.default"] == units["moe"]
     assert names["moe"]["dmax.swiglu.default"] == 2 * units["moe"]

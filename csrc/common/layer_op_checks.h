@@ -1,5 +1,5 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
-// (rms_norm, qk_norm_rotary, swiglu, moe_route, moe_dispatch, moe_combine), shared by csrc/cpu/ and the kernel bindings
+// (rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch, moe_combine), shared by csrc/cpu/ and the kernel bindings
 // (csrc/cuda/bindings/). They guard what the kernels rely on (dtypes, shapes, contiguous rows,
 // one device); the Python wrappers in dmax_ext.ops check the same things first.
 #pragma once
@@ -48,6 +48,35 @@ inline void check_qk_norm_rotary_args(const at::Tensor& qk, const at::Tensor& q_
               cos.sizes());
   check_like("qk_norm_rotary", "cos", cos, qk, {qk.size(0), qk.size(1), cos.size(2)});
   check_like("qk_norm_rotary", "sin", sin, qk, cos.sizes());
+}
+
+// qkv [B, L, n_q + 2 n_kv, D]: the qkv projection's query, key and value heads; keys / values
+// [B, n_kv, S, D] the cache (the same strides, D contiguous); slots int64 [L].
+inline void check_qk_norm_rotary_write_kv_args(const at::Tensor& qkv, const at::Tensor& q_weight,
+                                               const at::Tensor& k_weight, const at::Tensor& cos,
+                                               const at::Tensor& sin, int64_t n_q_heads,
+                                               const at::Tensor& keys, const at::Tensor& values,
+                                               const at::Tensor& slots) {
+  TORCH_CHECK(keys.dim() == 4 && qkv.dim() == 4, "qk_norm_rotary_write_kv: qkv [B, L, heads, D] "
+              "and keys [B, n_kv, S, D] expected, got ", qkv.sizes(), " and ", keys.sizes());
+  const int64_t n_kv = keys.size(1);
+  TORCH_CHECK(n_q_heads >= 0 && qkv.size(2) == n_q_heads + 2 * n_kv,
+              "qk_norm_rotary_write_kv: qkv must hold n_q_heads + 2 n_kv = ", n_q_heads,
+              " + 2 x ", n_kv, " heads (n_kv from keys), got ", qkv.size(2));
+  check_qk_norm_rotary_args(qkv.narrow(2, 0, n_q_heads + n_kv), q_weight, k_weight, cos, sin,
+                            n_q_heads);
+  check_like("qk_norm_rotary_write_kv", "keys", keys, qkv,
+             {qkv.size(0), n_kv, keys.size(2), qkv.size(3)});
+  TORCH_CHECK(keys.stride(3) == 1, "qk_norm_rotary_write_kv: keys must have a contiguous last "
+              "dimension, got strides ", keys.strides());
+  check_like("qk_norm_rotary_write_kv", "values", values, qkv, keys.sizes());
+  TORCH_CHECK(values.strides() == keys.strides(), "qk_norm_rotary_write_kv: values must have "
+              "keys' strides ", keys.strides(), ", got ", values.strides());
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.size(0) == qkv.size(1),
+              "qk_norm_rotary_write_kv: slots must be int64 [", qkv.size(1), "], got ",
+              slots.scalar_type(), " ", slots.sizes());
+  TORCH_CHECK(slots.device() == qkv.device(), "qk_norm_rotary_write_kv: slots must be on ",
+              qkv.device(), " like qkv, got ", slots.device());
 }
 
 inline void check_swiglu_args(const at::Tensor& gate_up) {

@@ -117,4 +117,27 @@ at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
   });
 }
 
+at::Tensor qk_norm_rotary_write_kv(const at::Tensor& qkv, const at::Tensor& q_weight,
+                                   const at::Tensor& k_weight, const at::Tensor& cos,
+                                   const at::Tensor& sin, int64_t n_q_heads, double eps,
+                                   const at::Tensor& keys, const at::Tensor& values,
+                                   const at::Tensor& slots) {
+  checks::check_qk_norm_rotary_write_kv_args(qkv, q_weight, k_weight, cos, sin, n_q_heads, keys,
+                                             values, slots);
+  const int64_t n_kv = keys.size(1), n_slots = keys.size(2);
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t* slot = slots_c.const_data_ptr<int64_t>();
+  for (int64_t l = 0; l < slots.numel(); ++l) {
+    TORCH_CHECK(slot[l] >= 0 && slot[l] < n_slots, "qk_norm_rotary_write_kv: slots must be in "
+                "[0, ", n_slots, ") (keys' slots), got ", slot[l], " at ", l);
+  }
+  // The CPU's own decode runs the whole layer as dmax.decoder_layer; this form serves the CPU
+  // standing for CUDA (set_cpu_variants(False)), so it is the plain composition.
+  const at::Tensor qk = qk_norm_rotary(qkv.narrow(2, 0, n_q_heads + n_kv), q_weight, k_weight,
+                                       cos, sin, n_q_heads, eps);  // [B, heads, L, D]
+  keys.index_copy_(2, slots_c, qk.narrow(1, n_q_heads, n_kv));
+  values.index_copy_(2, slots_c, qkv.narrow(2, n_q_heads + n_kv, n_kv).transpose(1, 2));
+  return qk.narrow(1, 0, n_q_heads).contiguous();
+}
+
 }  // namespace dmax::cpu

@@ -17,17 +17,18 @@
 #include "cuda/bindings/swiglu.h"
 #include "schemas.h"
 
-#define DMAX_BIND_KERNEL_OPS(m)                         \
-  m.impl("logits_stats", &dmax::gpu::logits_stats);     \
-  m.impl("promote", &dmax::gpu::promote);               \
-  m.impl("spd_update", &dmax::gpu::spd_update);         \
-  m.impl("hybrid_embed", &dmax::gpu::hybrid_embed);     \
-  m.impl("onpolicy_noise", &dmax::gpu::onpolicy_noise); \
-  m.impl("rms_norm", &dmax::gpu::rms_norm);             \
-  m.impl("qk_norm_rotary", &dmax::gpu::qk_norm_rotary); \
-  m.impl("swiglu", &dmax::gpu::swiglu);                 \
-  m.impl("moe_route", &dmax::gpu::moe_route);           \
-  m.impl("moe_dispatch", &dmax::gpu::moe_dispatch);     \
+#define DMAX_BIND_KERNEL_OPS(m)                                           \
+  m.impl("logits_stats", &dmax::gpu::logits_stats);                       \
+  m.impl("promote", &dmax::gpu::promote);                                 \
+  m.impl("spd_update", &dmax::gpu::spd_update);                           \
+  m.impl("hybrid_embed", &dmax::gpu::hybrid_embed);                       \
+  m.impl("onpolicy_noise", &dmax::gpu::onpolicy_noise);                   \
+  m.impl("rms_norm", &dmax::gpu::rms_norm);                               \
+  m.impl("qk_norm_rotary", &dmax::gpu::qk_norm_rotary);                   \
+  m.impl("qk_norm_rotary_write_kv", &dmax::gpu::qk_norm_rotary_write_kv); \
+  m.impl("swiglu", &dmax::gpu::swiglu);                                   \
+  m.impl("moe_route", &dmax::gpu::moe_route);                             \
+  m.impl("moe_dispatch", &dmax::gpu::moe_dispatch);                       \
   m.impl("moe_combine", &dmax::gpu::moe_combine)
 
 #ifdef DMAX_SIMT

@@ -92,6 +92,9 @@ void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, vo
 // qk [batch, length, heads, dim] at element strides (stride_b, stride_l, stride_g, 1);
 // q_weight / k_weight [dim]; cos / sin [batch, length, rotary] contiguous;
 // out [batch, heads, length, dim] contiguous. All of `dtype`.
+// With keys (qk_norm_rotary_write_kv): out holds the n_q_heads query heads only; the key heads
+// go to keys and the heads - n_q_heads value heads that follow them in the input (stride_g on)
+// to values, [batch, heads - n_q_heads, S, dim] at cache strides (b, h, s), at slots[l].
 struct QkNormRotaryArgs {
   const void* qk = nullptr;
   FloatType dtype = FloatType::kFloat32;
@@ -103,6 +106,11 @@ struct QkNormRotaryArgs {
   void* out = nullptr;
   int64_t batch = 0, length = 0, heads = 0, n_q_heads = 0, dim = 0, rotary = 0;
   float eps = 0.f;
+  void* keys = nullptr;
+  void* values = nullptr;
+  int64_t cache_stride_b = 0, cache_stride_h = 0, cache_stride_s = 0;
+  const int64_t* slots = nullptr;
+  int64_t n_slots = 0;
 };
 void launch_qk_norm_rotary(const QkNormRotaryArgs& args, cudaStream_t stream);
 // gate_up [rows, 2 * inter] contiguous -> out [rows, inter] contiguous, of `dtype`.

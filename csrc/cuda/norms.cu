@@ -18,16 +18,33 @@ void rms_norm_typed(const void* x, int64_t x_row_stride, const void* weight, voi
       static_cast<T*>(out), rows, static_cast<int>(hidden), eps);
 }
 
-template <class T>
-void qk_norm_rotary_typed(const QkNormRotaryArgs& a, cudaStream_t stream) {
-  const LaunchConfig cfg = kernels::norm_launch_config(a.batch * a.length * a.heads, a.dim);
-  const auto qk_norm_rotary_kernel = &kernels::qk_norm_rotary_kernel<T>;
+template <class T, bool kWriteKv>
+void qk_norm_rotary_launch(const QkNormRotaryArgs& a, cudaStream_t stream) {
+  const int64_t rows_per_token = kWriteKv ? 2 * a.heads - a.n_q_heads : a.heads;
+  const LaunchConfig cfg = kernels::norm_launch_config(a.batch * a.length * rows_per_token, a.dim);
+  kernels::KvCache<T> cache;
+  cache.keys = static_cast<T*>(a.keys);
+  cache.values = static_cast<T*>(a.values);
+  cache.stride_b = a.cache_stride_b;
+  cache.stride_h = a.cache_stride_h;
+  cache.stride_s = a.cache_stride_s;
+  cache.slots = a.slots;
+  cache.n_slots = a.n_slots;
+  const auto qk_norm_rotary_kernel = &kernels::qk_norm_rotary_kernel<T, kWriteKv>;
   DMAX_LAUNCH(qk_norm_rotary_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
       static_cast<const T*>(a.qk), a.stride_b, a.stride_l, a.stride_g,
       static_cast<const T*>(a.q_weight), static_cast<const T*>(a.k_weight),
-      static_cast<const T*>(a.cos), static_cast<const T*>(a.sin), static_cast<T*>(a.out),
+      static_cast<const T*>(a.cos), static_cast<const T*>(a.sin), static_cast<T*>(a.out), cache,
       a.batch, static_cast<int>(a.length), static_cast<int>(a.heads),
       static_cast<int>(a.n_q_heads), static_cast<int>(a.dim), static_cast<int>(a.rotary), a.eps);
+}
+
+template <class T>
+void qk_norm_rotary_typed(const QkNormRotaryArgs& a, cudaStream_t stream) {
+  if (a.keys != nullptr)
+    qk_norm_rotary_launch<T, true>(a, stream);
+  else
+    qk_norm_rotary_launch<T, false>(a, stream);
 }
 
 }  // namespace

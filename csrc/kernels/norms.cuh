@@ -1,7 +1,8 @@
-// rms_norm and qk_norm_rotary: the model's RMSNorm, and the attention's q|k head norms followed
-// by the partial rotary embedding, each one launch where the torch formulation is 7 (and 6 more)
-// kernels of a few kilobytes each: on a GPU a decoding step is as much launches as bytes
-// (docs/PERFORMANCE.md, "GPU projections").
+// rms_norm and qk_norm_rotary (and qk_norm_rotary_write_kv): the model's RMSNorm, and the
+// attention's q|k head norms followed by the partial rotary embedding (and the KV cache writes
+// of a cached forward), each one launch where the torch formulation is 7 (and 6 more, and two
+// index_put_) kernels of a few kilobytes each: on a GPU a decoding step is as much launches as
+// bytes (docs/PERFORMANCE.md, "GPU projections").
 // Semantics: dmax_ext.reference.rms_norm_reference / qk_norm_rotary_reference, rounded where the
 // torch formulation rounds (and as the CPU kernel, csrc/cpu/vec/rms_norm_kernel.h):
 //   y = T(weight * T(x * rsqrt(mean(x^2) + eps)))
@@ -56,24 +57,50 @@ rms_norm_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restri
     out_row[i] = from_float<T>(normed(x_row, weight, i, inv_rms));
 }
 
-// qk [B, L, G, D] at element strides (stride_b, stride_l, stride_g, 1); heads g < n_q_heads use
-// q_weight, the others k_weight; cos / sin [B, L, R] contiguous; out [B, G, L, D] contiguous.
-// Dynamic shared memory: kNormWarps * D floats (each warp's head y).
+// The KV cache a cached forward writes (qk_norm_rotary_write_kv): keys / values
+// [B, n_kv, S, D] at element strides (b, h, s; D contiguous), this call's tokens going to slots
+// slots[l] (a device tensor: a captured CUDA graph writes wherever it says at replay).
 template <class T>
+struct KvCache {
+  T* keys = nullptr;
+  T* values = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_s = 0;
+  const int64_t* slots = nullptr;
+  int64_t n_slots = 0;  // S: a slot outside [0, S) (the wrapper and the CPU op reject it) is not written
+};
+
+// qk [B, L, G, D] at element strides (stride_b, stride_l, stride_g, 1); heads g < n_q_heads use
+// q_weight, the others k_weight; cos / sin [B, L, R] contiguous.
+// Without a cache: out [B, G, L, D] contiguous, every head.
+// With one (kWriteKv): the query heads to out [B, n_q_heads, L, D]; the key heads (G - n_q_heads
+// of them) to cache.keys at their slots; and the G - n_q_heads value heads that follow the key
+// heads in the input (g in [G, 2 G - n_q_heads), copied as they are) to cache.values.
+// Dynamic shared memory: kNormWarps * D floats (each warp's head y).
+template <class T, bool kWriteKv>
 __global__ void __launch_bounds__(kNormThreads)
 qk_norm_rotary_kernel(const T* __restrict__ qk, int64_t stride_b, int64_t stride_l,
                       int64_t stride_g, const T* __restrict__ q_weight,
                       const T* __restrict__ k_weight, const T* __restrict__ cos,
-                      const T* __restrict__ sin, T* __restrict__ out, int64_t batch, int length,
-                      int heads, int n_q_heads, int dim, int rotary, float eps) {
+                      const T* __restrict__ sin, T* __restrict__ out, KvCache<T> cache,
+                      int64_t batch, int length, int heads, int n_q_heads, int dim, int rotary,
+                      float eps) {
   DMAX_DYNAMIC_SMEM(float, heads_y);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows_per_token = kWriteKv ? 2 * heads - n_q_heads : heads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + warp;  // (b, l, g)
-  if (row >= batch * length * heads) return;  // the whole warp
-  const int g = static_cast<int>(row % heads);
-  const int64_t token = row / heads;  // b * L + l
+  if (row >= batch * length * rows_per_token) return;  // the whole warp
+  const int g = static_cast<int>(row % rows_per_token);
+  const int64_t token = row / rows_per_token;  // b * L + l
   const int64_t b = token / length, l = token % length;
   const T* x = qk + b * stride_b + l * stride_l + g * stride_g;
+  const int64_t slot = kWriteKv ? cache.slots[l] : 0;
+  if (kWriteKv && g >= n_q_heads && (slot < 0 || slot >= cache.n_slots)) return;
+  if (kWriteKv && g >= heads) {  // a value head: copied into the cache
+    T* dst = cache.values + b * cache.stride_b + (g - heads) * cache.stride_h +
+             slot * cache.stride_s;
+    for (int i = lane; i < dim; i += 32) dst[i] = x[i];
+    return;
+  }
   const T* weight = g < n_q_heads ? q_weight : k_weight;
   const float inv_rms = warp_inverse_rms(x, dim, eps);
 
@@ -84,7 +111,14 @@ qk_norm_rotary_kernel(const T* __restrict__ qk, int64_t stride_b, int64_t stride
   const T* cos_row = cos + token * rotary;
   const T* sin_row = sin + token * rotary;
   const int half = rotary / 2;
-  T* out_row = out + ((b * heads + g) * length + l) * dim;
+  T* out_row;
+  if (kWriteKv && g >= n_q_heads) {
+    out_row = cache.keys + b * cache.stride_b + (g - n_q_heads) * cache.stride_h +
+              slot * cache.stride_s;
+  } else {
+    const int out_heads = kWriteKv ? n_q_heads : heads;
+    out_row = out + ((b * out_heads + g) * length + l) * dim;
+  }
   for (int i = lane; i < dim; i += 32) {
     float v = y[i];
     if (i < rotary) {

@@ -611,6 +611,42 @@ def _qk_norm_rotary_fake(qk, q_weight, k_weight, cos, sin, n_q_heads, eps):
 FAKE_KERNELS.update(rms_norm=_rms_norm_fake, qk_norm_rotary=_qk_norm_rotary_fake)
 
 
+def qk_norm_rotary_write_kv(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                            cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, eps: float,
+                            keys: torch.Tensor, values: torch.Tensor,
+                            slots: torch.Tensor) -> torch.Tensor:
+    """A cached forward's attention prologue in one op: qkv [B, L, n_q + 2 n_kv, D] (the qkv
+    projection's heads; each head's D values contiguous) -> the query heads normalized and
+    rotated, [B, n_q, L, D]; the key heads (normalized and rotated) and the value heads (as they
+    are) written in place into keys / values [B, n_kv, S, D] (same strides, D contiguous) at
+    slots (int64 [L], each in [0, S): checked here, on CUDA a host sync). As qk_norm_rotary plus
+    the two cache writes (dmax_ext.reference.qk_norm_rotary_write_kv_reference). CPU and CUDA,
+    no autograd."""
+    check_tensor("qkv", qkv, dtypes=_FLOAT_DTYPES, ndim=4)
+    check_tensor("keys", keys, dtypes=(qkv.dtype,), ndim=4, device=qkv.device)
+    check_tensor("values", values, dtypes=(qkv.dtype,), ndim=4, device=qkv.device)
+    check_shape("values", values, keys.shape)
+    n_kv = keys.shape[1]
+    if isinstance(n_q_heads, bool) or not isinstance(n_q_heads, int) \
+            or qkv.shape[2] != n_q_heads + 2 * n_kv:
+        raise ValueError(f"qkv must hold n_q_heads + 2 n_kv heads (n_kv = {n_kv}, keys' heads), "
+                         f"got {qkv.shape[2]} with n_q_heads {n_q_heads!r}")
+    check_tensor("slots", slots, dtypes=(torch.int64,), ndim=1, device=qkv.device)
+    check_shape("slots", slots, (qkv.shape[1],))
+    if slots.numel() and not bool(((slots >= 0) & (slots < keys.shape[2])).all()):
+        raise ValueError(f"slots must be in [0, {keys.shape[2]}) (keys' slots)")
+    return torch.ops.dmax.qk_norm_rotary_write_kv(qkv, q_weight, k_weight, cos, sin, n_q_heads,
+                                                  float(eps), keys, values, slots)
+
+
+def _qk_norm_rotary_write_kv_fake(qkv, q_weight, k_weight, cos, sin, n_q_heads, eps, keys,
+                                  values, slots):
+    return qkv.new_empty((qkv.shape[0], n_q_heads, qkv.shape[1], qkv.shape[3]))
+
+
+FAKE_KERNELS["qk_norm_rotary_write_kv"] = _qk_norm_rotary_write_kv_fake
+
+
 # ---- swiglu: a gated MLP's silu(gate) * up ------------------------------------------------------
 
 

@@ -285,6 +285,23 @@ def moe_combine_reference(sorted_out: torch.Tensor, inverse: torch.Tensor,
     return combine(sorted_out, inverse, weights)
 
 
+def qk_norm_rotary_write_kv_reference(qkv: torch.Tensor, q_weight: torch.Tensor,
+                                      k_weight: torch.Tensor, cos: torch.Tensor,
+                                      sin: torch.Tensor, n_q_heads: int, eps: float,
+                                      keys: torch.Tensor, values: torch.Tensor,
+                                      slots: torch.Tensor) -> torch.Tensor:
+    """qkv [B, L, n_q + 2 n_kv, D] (the qkv projection's query, key, value heads; n_kv =
+    keys.shape[1]): qk_norm_rotary_reference over the query and key heads; the key heads and the
+    value heads (as they are) written into keys / values [B, n_kv, S, D] at slots [L] (int64);
+    returns the query heads [B, n_q, L, D]. The cache's other slots are left as they were."""
+    n_kv = keys.shape[1]
+    qk = qk_norm_rotary_reference(qkv[:, :, :n_q_heads + n_kv], q_weight, k_weight, cos, sin,
+                                  n_q_heads, eps)
+    keys[:, :, slots] = qk[:, n_q_heads:]
+    values[:, :, slots] = qkv[:, :, n_q_heads + n_kv:].transpose(1, 2)
+    return qk[:, :n_q_heads]
+
+
 # ---- swiglu: a gated MLP's activation ----------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-// torch.ops.dmax.rms_norm / qk_norm_rotary on the kernel path (CUDA, or the simt emulation):
-// checks, then launch_rms_norm / launch_qk_norm_rotary (csrc/cuda/norms.cu).
+// torch.ops.dmax.rms_norm / qk_norm_rotary / qk_norm_rotary_write_kv on the kernel path (CUDA, or
+// the simt emulation): checks, then launch_rms_norm / launch_qk_norm_rotary (csrc/cuda/norms.cu).
 #pragma once
 #include <vector>
 
@@ -74,6 +74,52 @@ inline at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weigh
   args.rotary = cos.size(2);
   args.eps = static_cast<float>(eps);
   launch_qk_norm_rotary(args, current_stream(qk));
+  return out;
+}
+
+inline at::Tensor qk_norm_rotary_write_kv(const at::Tensor& qkv, const at::Tensor& q_weight,
+                                          const at::Tensor& k_weight, const at::Tensor& cos,
+                                          const at::Tensor& sin, int64_t n_q_heads, double eps,
+                                          const at::Tensor& keys, const at::Tensor& values,
+                                          const at::Tensor& slots) {
+  checks::check_qk_norm_rotary_write_kv_args(qkv, q_weight, k_weight, cos, sin, n_q_heads, keys,
+                                             values, slots);
+  check_kernel_device(qkv, "qkv");
+  DeviceGuard guard(qkv);
+  const at::Tensor q_w = q_weight.contiguous(), k_w = k_weight.contiguous();
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t n_kv = keys.size(1);
+  at::Tensor out = at::empty({qkv.size(0), n_q_heads, qkv.size(1), qkv.size(3)}, qkv.options());
+#ifdef DMAX_SIMT
+  out.fill_(NAN);
+#endif
+  QkNormRotaryArgs args;
+  args.qk = qkv.const_data_ptr();
+  args.dtype = float_type_of(qkv.scalar_type());
+  args.stride_b = qkv.stride(0);
+  args.stride_l = qkv.stride(1);
+  args.stride_g = qkv.stride(2);
+  args.q_weight = q_w.const_data_ptr();
+  args.k_weight = k_w.const_data_ptr();
+  args.cos = cos_c.const_data_ptr();
+  args.sin = sin_c.const_data_ptr();
+  args.out = out.mutable_data_ptr();
+  args.batch = qkv.size(0);
+  args.length = qkv.size(1);
+  args.heads = n_q_heads + n_kv;  // the normalized ones; the n_kv value heads follow
+  args.n_q_heads = n_q_heads;
+  args.dim = qkv.size(3);
+  args.rotary = cos.size(2);
+  args.eps = static_cast<float>(eps);
+  args.keys = keys.data_ptr();
+  args.values = values.data_ptr();
+  args.cache_stride_b = keys.stride(0);
+  args.cache_stride_h = keys.stride(1);
+  args.cache_stride_s = keys.stride(2);
+  args.slots = slots_c.const_data_ptr<int64_t>();
+  args.n_slots = keys.size(2);
+  launch_qk_norm_rotary(args, current_stream(qkv));
   return out;
 }
 

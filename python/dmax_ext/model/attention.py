@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import LLaDA2Config
 from .modules import Linear, RMSNorm, apply_rotary, rms_normalize
-from .native import CpuVariant
+from .native import CpuVariant, runs_hooks
 
 
 def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
@@ -118,9 +118,14 @@ class Attention(CpuVariant, nn.Module):
         With cache_kv = (keys, values) [B, n_kv, slots, hd], this call's keys/values are written at
         slots.fed and the queries attend to slots [0, slots.span) (S = span). out_rows: only the
         last out_rows tokens' outputs ([B, out_rows, H]; every token's keys/values written)."""
-        q, k, v = self._project(x, cos, sin)
+        q = (self._project_into_cache(x, cos, sin, cache_kv, slots) if cache_kv is not None
+             else None)
+        if q is None:
+            q, k, v = self._project(x, cos, sin)
+            if cache_kv is not None:
+                self._write(cache_kv, slots, k, v)
         if cache_kv is not None:
-            keys, values = self._write(cache_kv, slots, k, v)
+            keys, values = cache_kv
             k, v = keys[:, :, :slots.span], values[:, :, :slots.span]
         if out_rows is not None:
             first = q.shape[2] - out_rows
@@ -167,6 +172,27 @@ class Attention(CpuVariant, nn.Module):
         n_qk = self.n_heads + self.n_kv_heads
         qk = self._qk_norm_rotary(qkv[:, :, :n_qk], cos, sin)
         return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, :, n_qk:].transpose(1, 2)
+
+    def _project_into_cache(self, x, cos, sin, cache_kv, slots: CacheSlots):
+        """The queries [B, heads, T, hd], with this call's keys and values written into the
+        cache by the same op (dmax.qk_norm_rotary_write_kv: one launch where _project and
+        _write are three), where that applies: no gradients, no hooks on the norms, on CUDA (or
+        the CPU standing for it, its variants off; the CPU's own decode runs whole layers as
+        dmax.decoder_layer); else None."""
+        q_norm, k_norm = self.query_layernorm, self.key_layernorm
+        if (x.device.type == "cpu" and self.cpu_variant) or q_norm.eps != k_norm.eps \
+                or runs_hooks(q_norm) or runs_hooks(k_norm) or x.dtype != q_norm.weight.dtype:
+            return None
+        op = self.native("qk_norm_rotary_write_kv", x, q_norm.weight)
+        if op is None:
+            return None
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, -1, self.head_dim)
+        fed = slots.fed
+        fed = (torch.arange(fed.start, fed.stop, device=x.device) if isinstance(fed, slice)
+               else fed)
+        return op(qkv, q_norm.weight, k_norm.weight, cos, sin, self.n_heads, q_norm.eps,
+                  *cache_kv, fed)
 
     @staticmethod
     def _write(cache_kv, slots: CacheSlots, k, v):
