@@ -134,6 +134,15 @@ def _rank_main(ckpt: Path, out_dir: Path) -> None:
     for name, kwargs in DECODES.items():
         result = decode(model, PROMPTS, gen_length=16, block_length=8, **kwargs)
         out[name] = (result.tokens, result.nfe)
+    model.set_cpu_variants(False)  # the ranks' GPU path: the kernel ops on sharded heads,
+    model.set_moe_impl("grouped")  # widths and experts
+    from dmax_calls import dmax_calls
+    with dmax_calls() as calls:
+        result = decode(model, PROMPTS, gen_length=16, block_length=8, **DECODES["spd"])
+    out["gpu_path_spd"] = (result.tokens, result.nfe)
+    out["gpu_path_ops"] = {name for name, _ in calls}
+    model.set_cpu_variants(True)
+    model.set_moe_impl("auto")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # as under torchrun: WORLD_SIZE is set
         status = cli.main(_generate_args(ckpt.parent / "chat"))
@@ -216,6 +225,18 @@ def test_decoded_tokens_equal_single_process(run, name):
     want = decode(model, PROMPTS, gen_length=16, block_length=8, **DECODES[name])
     for r in ranks:
         assert r[name] == (want.tokens, want.nfe)
+
+
+def test_the_gpu_path_decodes_as_one_process(run):
+    """The sharded model as the ranks run it on CUDA (set_cpu_variants(False), the grouped MoE
+    path: the kernel ops on each rank's heads, widths and experts, the KV cache written by
+    qk_norm_rotary_write_kv) decodes the single process's tokens."""
+    from dmax_ext.model.native import KERNEL_OPS
+    _, ranks, model = run
+    want = decode(model, PROMPTS, gen_length=16, block_length=8, **DECODES["spd"])
+    for r in ranks:
+        assert r["gpu_path_spd"] == (want.tokens, want.nfe)
+        assert KERNEL_OPS - {"qk_norm_rotary"} <= r["gpu_path_ops"], r["gpu_path_ops"]
 
 
 def test_ranks_agree_on_an_unseeded_sample(run):
