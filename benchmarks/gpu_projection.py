@@ -269,12 +269,13 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
             f"per step, {kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3 / h200_tp2_later:.0%} of "
             f"the {h200_tp2_later:.2f} ms an {h200.name} at TP 2 takes to read a later step "
-            "(the launches overlap the reads only in part). The norms, the q|k prologue with "
-            "the KV cache writes, SwiGLU, the router's selection and the MoE layer's sort and "
-            "weighted sum run as one kernel each (csrc/kernels/: rms_norm, "
-            "qk_norm_rotary_write_kv, swiglu, moe_route, moe_dispatch, moe_combine); what is "
-            "left is mostly GEMMs, the attention, the residual adds and the per-forward mask "
-            "and rotary tables (next section).",
+            "(the launches overlap the reads only in part). The norms (the post-attention one "
+            "with its residual add), the q|k prologue with the KV cache writes, SwiGLU, the "
+            "router's selection and the MoE layer's sort and weighted sum run as one kernel "
+            "each (csrc/kernels/: rms_norm, add_rms_norm, qk_norm_rotary_write_kv, swiglu, "
+            "moe_route, moe_dispatch, moe_combine); what is left is mostly GEMMs, the "
+            "attention, a residual add per layer and the per-forward mask and rotary tables "
+            "(next section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -329,7 +330,9 @@ def step_section(config, later_step, first_step) -> list[str]:
                      "rotary, no `index_put_`); SDPA over the key span [0, span) with a bool "
                      "mask and GQA (a bool mask rules out the FlashAttention backend); output "
                      "transpose copy; dense GEMM",
-        "residual": "the two residual adds of each layer",
+        "residual_norms": "the layer's input RMSNorm (`dmax.rms_norm`), the residual add "
+                          "after the attention and the post-attention RMSNorm as one kernel "
+                          "(`dmax.add_rms_norm`), the residual add after the MLP",
         "moe": "router GEMM in fp32 (activations cast; the fp32 weight a copy kept with the "
                "parameter); the route as one kernel (`dmax.moe_route`: sigmoid, bias, group "
                "top-2 sums, top-4 groups, top-8, normalize, scale); the routed entries sorted "
@@ -339,8 +342,7 @@ def step_section(config, later_step, first_step) -> list[str]:
                "token in fp32 as one kernel (`dmax.moe_combine`); shared expert: gate+up GEMM "
                "over stacked weights, `dmax.swiglu`, down GEMM, added",
         "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
-        "norms": "RMSNorm as one kernel (`dmax.rms_norm`: fp32 math, rounded where the torch "
-                 "formulation rounds)",
+        "final_norm": "the final RMSNorm (`dmax.rms_norm`)",
         "other": "rotary cos/sin of the positions and the cached attention mask (from the "
                  "write-slot tensor, on the device), per forward",
         "lm_head": "one GEMM over all fed tokens",
@@ -350,8 +352,8 @@ def step_section(config, later_step, first_step) -> list[str]:
                       "hybrid_embed (one CUDA block per position: k + 1 embedding rows) and "
                       "~7 elementwise ops (live mask, where, copy_, done or converged, step + 1)",
     }
-    for section in ("attention", "moe", "dense_mlp", "norms", "residual", "other", "lm_head",
-                    "apply_step"):
+    for section in ("attention", "moe", "dense_mlp", "residual_norms", "final_norm", "other",
+                    "lm_head", "apply_step"):
         lines.append(f"| {section} | {per_unit[section]:.0f} | {units.get(section, 1)} | "
                      f"{later[section]:,} | {what[section]} |")
     lines.append(f"| **total** | | | **{sum(later.values()):,}** | first (eager) step: "

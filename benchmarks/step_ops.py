@@ -97,12 +97,14 @@ def _hook_sections(model, tracer: _Tracer) -> list:
 
     def leave(module, inputs, output):
         tracer.section.pop()
-    modules = [("embedding", model.model.word_embeddings), ("norms", model.model.norm),
+    modules = [("embedding", model.model.word_embeddings), ("final_norm", model.model.norm),
                ("lm_head", model.lm_head)]
+    # A layer's norms are not hooked: a hook on post_attention_layernorm would keep the layer
+    # from fusing it with the residual add before it (DecoderLayer._residual_and_norm), so the
+    # trace would count a step the model does not run. Their ops count in the layer's section.
     for layer in model.model.layers:
         mlp = "moe" if isinstance(layer.mlp, MoeBlock) else "dense_mlp"
-        modules += [("residual", layer), ("attention", layer.attention), (mlp, layer.mlp),
-                    ("norms", layer.input_layernorm), ("norms", layer.post_attention_layernorm)]
+        modules += [("residual_norms", layer), ("attention", layer.attention), (mlp, layer.mlp)]
     handles = []
     for name, module in modules:
         handles += [module.register_forward_pre_hook(enter(name)),
@@ -165,13 +167,13 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
 
 
 def section_units(config) -> dict:
-    """How many times a section runs per forward: per layer (attention, the residual adds of
-    DecoderLayer.forward), per dense / MoE layer,
-    per RMSNorm call (two per layer and the final one; q/k norms are in attention); else 1."""
+    """How many times a section runs per forward: per layer (attention; the residual adds and
+    the two RMSNorms of DecoderLayer.forward, q/k norms being in attention), per dense / MoE
+    layer; else 1 (the final norm, the lm_head, ...)."""
     n_layers = config.num_hidden_layers
     n_moe = sum(config.is_moe_layer(i) for i in range(n_layers))
-    return {"attention": n_layers, "residual": n_layers, "moe": n_moe,
-            "dense_mlp": n_layers - n_moe, "norms": 2 * n_layers + 1}
+    return {"attention": n_layers, "residual_norms": n_layers, "moe": n_moe,
+            "dense_mlp": n_layers - n_moe}
 
 
 def per_unit_counts(counts: OpCounts) -> dict:

@@ -31,6 +31,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits,
                                              const at::Tensor& expert_bias, int64_t n_group,
                                              int64_t topk_group, int64_t top_k, double scaling);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& update,
+                                                const at::Tensor& weight, double eps);
 at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                           const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
                           int64_t n_q_heads, double eps);

@@ -25,6 +25,7 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("skinny_linear", &dmax::cpu::skinny_linear);
   m.impl("moe_route", &dmax::cpu::moe_route);
   m.impl("rms_norm", &dmax::cpu::rms_norm);
+  m.impl("add_rms_norm", &dmax::cpu::add_rms_norm);
   m.impl("qk_norm_rotary", &dmax::cpu::qk_norm_rotary);
   m.impl("qk_norm_rotary_write_kv", &dmax::cpu::qk_norm_rotary_write_kv);
   m.impl("swiglu", &dmax::cpu::swiglu);

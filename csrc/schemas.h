@@ -22,6 +22,10 @@ constexpr const char* kOnpolicyNoiseSchema =
 // The model's RMSNorm, and the attention's q|k head norms + partial rotary, as one op each
 // (without gradients).
 constexpr const char* kRmsNormSchema = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor";
+// A residual add and the RMSNorm after it: (x + update, rms_norm(x + update)).
+constexpr const char* kAddRmsNormSchema =
+    "add_rms_norm(Tensor x, Tensor update, Tensor weight, float eps) -> "
+    "(Tensor sum, Tensor normed)";
 constexpr const char* kQkNormRotarySchema =
     "qk_norm_rotary(Tensor qk, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
     "int n_q_heads, float eps) -> Tensor";
@@ -87,6 +91,7 @@ void define_dmax_schemas(Library& m) {
   m.def(kHybridEmbedSchema);
   m.def(kOnpolicyNoiseSchema);
   m.def(kRmsNormSchema);
+  m.def(kAddRmsNormSchema);
   m.def(kQkNormRotarySchema);
   m.def(kQkNormRotaryWriteKvSchema);
   m.def(kSwigluSchema);

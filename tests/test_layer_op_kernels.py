@@ -1,11 +1,11 @@
-"""rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch and moe_combine on every
-backend: the CPU ops, the CUDA kernels (csrc/kernels/norms.cuh, swiglu.cuh, moe_route.cuh, moe_dispatch.cuh)
-on the simt emulation under three schedules and, with a
-GPU, on CUDA. Against the references (dmax_ext.reference) on random shapes and strided inputs,
-within tests/tolerances.py's rule (2x the naive computation's error, or 2x the a-priori bound of
-the float32 sums where a differently ordered naive sum happens to be exact); the emulated
-outputs start poisoned (NaN, in the bindings); the sizes of LLaDA2.0-mini; opcheck; argument
-errors on the kernel path."""
+"""rms_norm, add_rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch and
+moe_combine on every backend: the CPU ops, the CUDA kernels (csrc/kernels/norms.cuh, swiglu.cuh,
+moe_route.cuh, moe_dispatch.cuh) on the simt emulation under three schedules and, with a GPU, on
+CUDA. Against the references (dmax_ext.reference) on random shapes and strided inputs, within
+tests/tolerances.py's rule (2x the naive computation's error, or 2x the a-priori bound of the
+float32 sums where a differently ordered naive sum happens to be exact); the emulated outputs
+start poisoned (NaN, in the bindings); the sizes of LLaDA2.0-mini; opcheck; argument errors on
+the kernel path; the model's GPU path on the emulated kernels."""
 import math
 
 import pytest
@@ -17,7 +17,7 @@ from tolerances import assert_within_naive_error
 
 from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.model.native import KERNEL_OPS, has_device_kernel
-from dmax_ext.reference import (moe_combine_reference, moe_dispatch_reference, moe_route_reference,
+from dmax_ext.reference import (add_rms_norm_reference, moe_combine_reference, moe_dispatch_reference, moe_route_reference,
                                 qk_norm_rotary_reference, qk_norm_rotary_write_kv_reference,
                                 rms_norm_reference, swiglu_reference)
 
@@ -73,6 +73,37 @@ def test_rms_norm_matches_the_reference(backend, dtype):
         _check_case(b, got, rms_norm_reference(x.double(), w.double(), 1e-6),
                     rms_norm_reference(x, w, 1e-6), f"{dtype} {tuple(x.shape)} {layout}",
                     sum_error(H))
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_matches_the_reference(backend, dtype):
+    """The sum bit for bit torch's add; the norm of that sum within the rms_norm bound."""
+    b = Backend(backend)
+    simt = backend.startswith("simt")
+
+    @settings(max_examples=example_count(25, 10, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(dims=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+           H=st.sampled_from([1, 7, 33, 128, 512, 2048]),
+           layout=st.sampled_from(["contiguous", "padded", "transposed"]),
+           seed=st.integers(0, 2**31))
+    def check(dims, H, layout, seed):
+        if simt and H >= 512:
+            dims = dims[:1]
+        gen = torch.Generator().manual_seed(seed)
+        x = _leading(dims, gen, dtype, H, layout)
+        update = (3 * torch.randn(x.shape, generator=gen)).to(dtype)
+        w = torch.randn(H, generator=gen).to(dtype)
+        total, normed = (t.cpu() for t in b.op("add_rms_norm")(*b.to(x, update, w), 1e-6))
+        want_total, want = add_rms_norm_reference(x, update, w, 1e-6)
+        what = f"{dtype} {tuple(x.shape)} {layout}"
+        assert total.is_contiguous() and normed.is_contiguous() and normed.shape == x.shape, what
+        assert torch.equal(total, want_total), f"{b} {what}: the sum"
+        _check_case(b, normed, rms_norm_reference(want_total.double(), w.double(), 1e-6), want,
+                    what, sum_error(H))
 
     check()
 
@@ -186,6 +217,7 @@ def test_opcheck(backend):
     x = b.to(torch.randn(3, 4, 32, generator=gen).bfloat16())
     w = b.to(torch.randn(32, generator=gen).bfloat16())
     torch.library.opcheck(b.namespace.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(b.namespace.add_rms_norm.default, (x, x * 0.5, w, 1e-6))
     case = _qk_case(gen, torch.bfloat16, 2, 3, 5, 3, 16, 8, 1)
     torch.library.opcheck(b.namespace.qk_norm_rotary.default, (*b.to(*case[:5]), *case[5:]))
     torch.library.opcheck(b.namespace.swiglu.default, (b.to(torch.randn(4, 10).bfloat16()),))
@@ -211,6 +243,8 @@ def test_kernel_path_argument_errors(backend):
         b.op("rms_norm")(x.t(), w[:3], 1e-6)
     with pytest.raises(RuntimeError, match="rms_norm: x must be float32"):
         b.op("rms_norm")(x.long(), w.long(), 1e-6)
+    with pytest.raises(RuntimeError, match="add_rms_norm: update must be"):
+        b.op("add_rms_norm")(x, x[:2], w, 1e-6)
     case = _qk_case(torch.Generator().manual_seed(0), torch.float32, 2, 3, 5, 3, 16, 8, 0)
     qk, q_w, k_w, cos, sin, n_q, eps = b.to(*case)
     with pytest.raises(RuntimeError, match="qk_norm_rotary: n_q_heads must be in"):
@@ -237,7 +271,8 @@ def test_kernel_path_argument_errors(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_rounded_where_torch_rounds(backend, dtype):
     """In 16-bit dtypes the ops round their intermediates where the torch formulation stores
-    them (T(x * inv_rms), then the weight; each rotary product; silu before the product): their
+    them (T(x * inv_rms), then the weight; the residual sum before its norm; each rotary
+    product; silu before the product): their
     outputs are then the reference's bits but where a float32 sum order or exp moves a rounding,
     rarely (none in these draws on the CPU and the emulation). A kernel that skipped one of
     those roundings differs on ~25% of the elements; 1% allows a GPU's expf."""
@@ -252,6 +287,9 @@ def test_rounded_where_torch_rounds(backend, dtype):
     w = torch.randn(512, generator=gen).to(dtype)
     assert_mostly_equal(b.op("rms_norm")(*b.to(x, w), 1e-6), rms_norm_reference(x, w, 1e-6),
                         "rms_norm")
+    update = (3 * torch.randn(64, 512, generator=gen)).to(dtype)
+    assert_mostly_equal(b.op("add_rms_norm")(*b.to(x, update, w), 1e-6)[1],
+                        add_rms_norm_reference(x, update, w, 1e-6)[1], "add_rms_norm")
     case = _qk_case(gen, dtype, 2, 16, 10, 8, 64, 32, 2)
     assert_mostly_equal(b.op("qk_norm_rotary")(*b.to(*case[:5]), *case[5:]),
                         qk_norm_rotary_reference(*case), "qk_norm_rotary")

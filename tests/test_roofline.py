@@ -90,14 +90,19 @@ def test_step_ops_sees_the_four_step_ops_and_no_host_sync():
 
 
 def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
-    """The GPU step (the CPU variants off) runs the ops with CUDA kernels: one dmax.rms_norm per
-    RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route, moe_dispatch, moe_combine and two
+    """The GPU step (the CPU variants off) runs the ops with CUDA kernels: one dmax.rms_norm or
+    add_rms_norm per RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route, moe_dispatch, moe_combine and two
     swiglu (routed and shared experts) per MoE layer, one swiglu in the dense MLP; none of their
     torch formulations' ops (sigmoid, topk, rsqrt, silu, argsort) is left."""
     counts = step_ops.count_step_ops()
     units = step_ops.section_units(counts.config)
     names = counts.ops_by_section
-    assert names["norms"] == {"dmax.rms_norm.default": units["norms"]}
+    assert names["final_norm"] == {"dmax.rms_norm.default": 1}
+    # per layer: the input norm, then the residual add and the post-attention norm as one op,
+    # then the residual add after the MLP
+    assert names["residual_norms"] == {"dmax.rms_norm.default": units["residual_norms"],
+                                       "dmax.add_rms_norm.default": units["residual_norms"],
+                                       "add.Tensor": units["residual_norms"]}
     # the cached step's prologue also writes the KV cache: no index_put_ of its own
     assert names["attention"]["dmax.qk_norm_rotary_write_kv.default"] == units["attention"]
     assert "index_put_.default" not in names["attention"]
@@ -107,7 +112,7 @@ def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
     assert names["dense_mlp"]["dmax.swiglu.default"] == units["dense_mlp"]
     replaced = {"sigmoid.default", "topk.default", "rsqrt.default", "silu.default",
                 "pow.Tensor_Scalar", "mean.dim", "neg.default", "argsort.stable"}
-    for section in ("norms", "attention", "moe", "dense_mlp"):
+    for section in ("residual_norms", "final_norm", "attention", "moe", "dense_mlp"):
         assert not replaced & set(names[section]), (section, names[section])
 
 

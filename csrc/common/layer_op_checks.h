@@ -1,7 +1,8 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
-// (rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch, moe_combine), shared by csrc/cpu/ and the kernel bindings
-// (csrc/cuda/bindings/). They guard what the kernels rely on (dtypes, shapes, contiguous rows,
-// one device); the Python wrappers in dmax_ext.ops check the same things first.
+// (rms_norm, add_rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch,
+// moe_combine), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
+// what the kernels rely on (dtypes, shapes, contiguous rows, one device); the Python wrappers in
+// dmax_ext.ops check the same things first.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -29,6 +30,16 @@ inline void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight) {
               "rms_norm: x must have a contiguous, non-empty last dimension, got sizes ",
               x.sizes(), " strides ", x.strides());
   check_like("rms_norm", "weight", weight, x, {x.size(-1)});
+}
+
+inline void check_add_rms_norm_args(const at::Tensor& x, const at::Tensor& update,
+                                    const at::Tensor& weight) {
+  check_float_dtype("add_rms_norm", "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.stride(-1) == 1,
+              "add_rms_norm: x must have a contiguous, non-empty last dimension, got sizes ",
+              x.sizes(), " strides ", x.strides());
+  check_like("add_rms_norm", "update", update, x, x.sizes());
+  check_like("add_rms_norm", "weight", weight, x, {x.size(-1)});
 }
 
 inline void check_qk_norm_rotary_args(const at::Tensor& qk, const at::Tensor& q_weight,

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <tuple>
 #include <vector>
 
 #include "common/layer_op_checks.h"
@@ -105,6 +106,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return dispatch_float(x.scalar_type(), [&](auto t) {
     return rms_norm_typed<decltype(t)>(x, w, eps);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& update,
+                                                const at::Tensor& weight, double eps) {
+  checks::check_add_rms_norm_args(x, update, weight);
+  // The CPU's own decode runs whole layers as dmax.decoder_layer; this form serves the CPU
+  // standing for CUDA (set_cpu_variants(False)): the plain composition, torch's add.
+  const at::Tensor sum = at::add(x, update).contiguous();
+  return {sum, rms_norm(sum, weight, eps)};
 }
 
 at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,

@@ -24,6 +24,7 @@
   m.impl("hybrid_embed", &dmax::gpu::hybrid_embed);                       \
   m.impl("onpolicy_noise", &dmax::gpu::onpolicy_noise);                   \
   m.impl("rms_norm", &dmax::gpu::rms_norm);                               \
+  m.impl("add_rms_norm", &dmax::gpu::add_rms_norm);                       \
   m.impl("qk_norm_rotary", &dmax::gpu::qk_norm_rotary);                   \
   m.impl("qk_norm_rotary_write_kv", &dmax::gpu::qk_norm_rotary_write_kv); \
   m.impl("swiglu", &dmax::gpu::swiglu);                                   \

@@ -89,6 +89,11 @@ namespace dmax {
 void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* out,
                      FloatType dtype, int64_t rows, int64_t hidden, float eps,
                      cudaStream_t stream);
+// add_rms_norm: x rows at x_row_stride, update [rows, hidden] -> sum, normed [rows, hidden], all
+// contiguous but x, of `dtype`; weight [hidden].
+void launch_add_rms_norm(const void* x, int64_t x_row_stride, const void* update,
+                         const void* weight, void* sum, void* normed, FloatType dtype,
+                         int64_t rows, int64_t hidden, float eps, cudaStream_t stream);
 // qk [batch, length, heads, dim] at element strides (stride_b, stride_l, stride_g, 1);
 // q_weight / k_weight [dim]; cos / sin [batch, length, rotary] contiguous;
 // out [batch, heads, length, dim] contiguous. All of `dtype`.

@@ -47,7 +47,40 @@ void qk_norm_rotary_typed(const QkNormRotaryArgs& a, cudaStream_t stream) {
     qk_norm_rotary_launch<T, false>(a, stream);
 }
 
+template <class T>
+void add_rms_norm_typed(const void* x, int64_t x_row_stride, const void* update,
+                        const void* weight, void* sum, void* normed, int64_t rows,
+                        int64_t hidden, float eps, cudaStream_t stream) {
+  const LaunchConfig cfg = kernels::norm_launch_config(rows, 0);
+  const auto add_rms_norm_kernel = &kernels::add_rms_norm_kernel<T>;
+  DMAX_LAUNCH(add_rms_norm_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
+      static_cast<const T*>(x), x_row_stride, static_cast<const T*>(update),
+      static_cast<const T*>(weight), static_cast<T*>(sum), static_cast<T*>(normed), rows,
+      static_cast<int>(hidden), eps);
+}
+
 }  // namespace
+
+void launch_add_rms_norm(const void* x, int64_t x_row_stride, const void* update,
+                         const void* weight, void* sum, void* normed, FloatType dtype,
+                         int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
+  if (rows == 0 || hidden == 0) return;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      add_rms_norm_typed<float>(x, x_row_stride, update, weight, sum, normed, rows, hidden, eps,
+                                stream);
+      break;
+    case FloatType::kFloat16:
+      add_rms_norm_typed<__half>(x, x_row_stride, update, weight, sum, normed, rows, hidden, eps,
+                                 stream);
+      break;
+    case FloatType::kBFloat16:
+      add_rms_norm_typed<__nv_bfloat16>(x, x_row_stride, update, weight, sum, normed, rows,
+                                        hidden, eps, stream);
+      break;
+  }
+  DMAX_CHECK_LAUNCH("add_rms_norm");
+}
 
 void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* out,
                      FloatType dtype, int64_t rows, int64_t hidden, float eps,

@@ -25,7 +25,9 @@ void launch_swiglu(const void* gate_up, void* out, FloatType dtype, int64_t rows
   switch (dtype) {
     case FloatType::kFloat32: swiglu_typed<float>(gate_up, out, rows, inter, stream); break;
     case FloatType::kFloat16: swiglu_typed<__half>(gate_up, out, rows, inter, stream); break;
-    case FloatType::kBFloat16: swiglu_typed<__nv_bfloat16>(gate_up, out, rows, inter, stream); break;
+    case FloatType::kBFloat16:
+      swiglu_typed<__nv_bfloat16>(gate_up, out, rows, inter, stream);
+      break;
   }
   DMAX_CHECK_LAUNCH("swiglu");
 }

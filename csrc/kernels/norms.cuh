@@ -57,6 +57,32 @@ rms_norm_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restri
     out_row[i] = from_float<T>(normed(x_row, weight, i, inv_rms));
 }
 
+// add_rms_norm: a residual add and the RMSNorm after it (a decoder layer's h = x + attention,
+// then its post-attention norm): sum = T(x + update) as torch's add rounds it, normed =
+// rms_norm(sum). x's rows at x_row_stride, update's contiguous; sum and normed contiguous. The
+// sum goes out in the first pass and the second reads it back (each lane its own elements).
+template <class T>
+__global__ void __launch_bounds__(kNormThreads)
+add_rms_norm_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restrict__ update,
+                    const T* __restrict__ weight, T* __restrict__ sum, T* __restrict__ normed_out,
+                    int64_t rows, int hidden, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // the whole warp
+  const T* x_row = x + row * x_row_stride;
+  const T* u_row = update + row * hidden;
+  T* sum_row = sum + row * hidden;
+  float squares = 0.f;
+  for (int i = threadIdx.x & 31; i < hidden; i += 32) {
+    const T s = from_float<T>(to_float(x_row[i]) + to_float(u_row[i]));
+    sum_row[i] = s;
+    squares += to_float(s) * to_float(s);
+  }
+  const float inv_rms = 1.f / sqrtf(warp_sum(squares) / static_cast<float>(hidden) + eps);
+  T* out_row = normed_out + row * hidden;
+  for (int i = threadIdx.x & 31; i < hidden; i += 32)
+    out_row[i] = from_float<T>(normed(sum_row, weight, i, inv_rms));
+}
+
 // The KV cache a cached forward writes (qk_norm_rotary_write_kv): keys / values
 // [B, n_kv, S, D] at element strides (b, h, s; D contiguous), this call's tokens going to slots
 // slots[l] (a device tensor: a captured CUDA graph writes wherever it says at replay).
@@ -66,7 +92,8 @@ struct KvCache {
   T* values = nullptr;
   int64_t stride_b = 0, stride_h = 0, stride_s = 0;
   const int64_t* slots = nullptr;
-  int64_t n_slots = 0;  // S: a slot outside [0, S) (the wrapper and the CPU op reject it) is not written
+  int64_t n_slots = 0;  // S: a slot outside [0, S) (the wrapper and the CPU op reject it) is
+                        // not written
 };
 
 // qk [B, L, G, D] at element strides (stride_b, stride_l, stride_g, 1); heads g < n_q_heads use

@@ -568,6 +568,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.dmax.rms_norm(x, weight, float(eps))
 
 
+def add_rms_norm(x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float):
+    """A residual add and the RMSNorm after it, one op: (x + update rounded to the dtype as
+    torch's add, rms_norm of that sum), both new contiguous tensors shaped like x. x [..., H]
+    with a contiguous last dimension; update shaped like x; weight [H]; float32 / bfloat16 /
+    float16 (dmax_ext.reference.add_rms_norm_reference). CPU and CUDA, no autograd."""
+    check_tensor("x", x, dtypes=_FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    _check_contiguous_rows("x", x)
+    check_tensor("update", update, dtypes=(x.dtype,), device=x.device)
+    check_shape("update", update, x.shape)
+    check_tensor("weight", weight, dtypes=(x.dtype,), ndim=1, device=x.device)
+    check_shape("weight", weight, (x.shape[-1],))
+    return torch.ops.dmax.add_rms_norm(x, update, weight, float(eps))
+
+
+def _add_rms_norm_fake(x, update, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+FAKE_KERNELS["add_rms_norm"] = _add_rms_norm_fake
+
+
 def qk_norm_rotary(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
                    eps: float) -> torch.Tensor:

@@ -234,6 +234,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return rms_normalize(x, eps, weight)
 
 
+def add_rms_norm_reference(x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, normed): sum = x + update (torch's add, rounded to the dtype), normed =
+    rms_norm_reference(sum): a decoder layer's residual add and the norm after it."""
+    total = x + update
+    return total, rms_norm_reference(total, weight, eps)
+
+
 def qk_norm_rotary_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                              cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
                              eps: float) -> torch.Tensor:

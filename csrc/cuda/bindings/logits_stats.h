@@ -33,7 +33,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_stats(
 #endif
   const at::Tensor seeds_c = sample ? seeds->contiguous() : at::Tensor();
   launch_logits_stats(logits.const_data_ptr(), float_type_of(logits.scalar_type()), B, L, V,
-                      static_cast<int>(k), temperature, sample ? seeds_c.const_data_ptr<int64_t>() : nullptr,
+                      static_cast<int>(k), temperature,
+                      sample ? seeds_c.const_data_ptr<int64_t>() : nullptr,
                       pred.mutable_data_ptr<int64_t>(), conf.mutable_data_ptr<float>(),
                       topk_ids.mutable_data_ptr<int64_t>(), topk_probs.mutable_data_ptr<float>(),
                       current_stream(logits));

@@ -1,6 +1,7 @@
-// torch.ops.dmax.rms_norm / qk_norm_rotary / qk_norm_rotary_write_kv on the kernel path (CUDA, or
-// the simt emulation): checks, then launch_rms_norm / launch_qk_norm_rotary (csrc/cuda/norms.cu).
+// torch.ops.dmax.rms_norm / add_rms_norm / qk_norm_rotary / qk_norm_rotary_write_kv on the kernel
+// path (CUDA, or the simt emulation): checks, then the launchers of csrc/cuda/norms.cu.
 #pragma once
+#include <tuple>
 #include <vector>
 
 #include "common/layer_op_checks.h"
@@ -41,6 +42,29 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
                   w.const_data_ptr(), out.mutable_data_ptr(), float_type_of(x.scalar_type()),
                   x.numel() / hidden, hidden, static_cast<float>(eps), current_stream(x));
   return out;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x,
+                                                       const at::Tensor& update,
+                                                       const at::Tensor& weight, double eps) {
+  checks::check_add_rms_norm_args(x, update, weight);
+  check_kernel_device(x, "x");
+  DeviceGuard guard(x);
+  const int64_t row_stride = uniform_row_stride(x);
+  const at::Tensor rows = row_stride >= 0 ? x : x.contiguous();
+  const at::Tensor u = update.contiguous(), w = weight.contiguous();
+  at::Tensor sum = at::empty(x.sizes(), x.options());
+  at::Tensor normed = at::empty(x.sizes(), x.options());
+#ifdef DMAX_SIMT
+  sum.fill_(NAN);
+  normed.fill_(NAN);
+#endif
+  const int64_t hidden = x.size(-1);
+  launch_add_rms_norm(rows.const_data_ptr(), row_stride >= 0 ? row_stride : hidden,
+                      u.const_data_ptr(), w.const_data_ptr(), sum.mutable_data_ptr(),
+                      normed.mutable_data_ptr(), float_type_of(x.scalar_type()),
+                      x.numel() / hidden, hidden, static_cast<float>(eps), current_stream(x));
+  return {sum, normed};
 }
 
 inline at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,

@@ -41,8 +41,24 @@ class DecoderLayer(CpuVariant, nn.Module):
             return fused
         attended = self.attention(self.input_layernorm(x), cos, sin, mask, cache_kv, slots,
                                   out_rows)
-        h = (x if out_rows is None else x[:, x.shape[1] - out_rows:]) + attended
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, normed = self._residual_and_norm(
+            x if out_rows is None else x[:, x.shape[1] - out_rows:], attended)
+        return h + self.mlp(normed)
+
+    def _residual_and_norm(self, x, attended):
+        """(x + attended, post_attention_layernorm of it): one dmax.add_rms_norm where the
+        torch formulation is an add and a norm, on CUDA (or the CPU standing for it, its variants
+        off; the CPU's own decode runs whole layers as dmax.decoder_layer), without gradients
+        or a hook on the norm; else the two."""
+        norm = self.post_attention_layernorm
+        fused = None
+        if (x.device.type != "cpu" or not norm.cpu_variant) and not runs_hooks(norm) \
+                and x.dtype == norm.weight.dtype:
+            fused = norm.native("add_rms_norm", x, norm.weight)
+        if fused is not None:
+            return fused(x, attended, norm.weight, norm.eps)
+        h = x + attended
+        return h, norm(h)
 
     def forward_rows(self, x, cos, sin, mask, rows: torch.Tensor) -> torch.Tensor | None:
         """forward(x, cos, sin, mask) at the flattened tokens `rows` only (int64 [N] into
