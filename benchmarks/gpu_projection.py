@@ -339,8 +339,9 @@ def step_section(config, later_step, first_step) -> list[str]:
                "by expert as one kernel (`dmax.moe_dispatch`: the rows' tokens, the inverse "
                "permutation, int32 offsets, on the device), row gather, two `torch._grouped_mm` "
                "(gate and up fused, then down) around `dmax.swiglu`, the weighted sum back per "
-               "token in fp32 as one kernel (`dmax.moe_combine`); shared expert: gate+up GEMM "
-               "over stacked weights, `dmax.swiglu`, down GEMM, added",
+               "token in fp32 plus the shared expert's output as one kernel "
+               "(`dmax.moe_combine`); shared expert: gate+up GEMM over stacked weights, "
+               "`dmax.swiglu`, down GEMM",
         "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
         "final_norm": "the final RMSNorm (`dmax.rms_norm`)",
         "other": "rotary cos/sin of the positions and the cached attention mask (from the "

@@ -45,7 +45,7 @@ at::Tensor swiglu(const at::Tensor& gate_up);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& ids,
                                                             int64_t n_experts);
 at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                       const at::Tensor& weights);
+                       const at::Tensor& weights, const std::optional<at::Tensor>& addend);
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale);
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

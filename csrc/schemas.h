@@ -44,11 +44,12 @@ constexpr const char* kMoeRouteSchema =
     "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
     "float scaling) -> (Tensor ids, Tensor weights)";
 // The permutation around a MoE layer's grouped GEMMs: the routed entries sorted by expert, and
-// the weighted sum of the experts' rows back per token.
+// the weighted sum of the experts' rows back per token (plus the shared expert's output).
 constexpr const char* kMoeDispatchSchema =
     "moe_dispatch(Tensor ids, int n_experts) -> (Tensor rows, Tensor inverse, Tensor offsets)";
 constexpr const char* kMoeCombineSchema =
-    "moe_combine(Tensor sorted_out, Tensor inverse, Tensor weights) -> Tensor";
+    "moe_combine(Tensor sorted_out, Tensor inverse, Tensor weights, Tensor? addend=None) -> "
+    "Tensor";
 
 // CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
 // torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.

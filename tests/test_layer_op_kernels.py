@@ -229,6 +229,9 @@ def test_opcheck(backend):
     torch.library.opcheck(b.namespace.qk_norm_rotary_write_kv.default, case)
     torch.library.opcheck(b.namespace.moe_combine.default,
                           (*b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8)),))
+    torch.library.opcheck(b.namespace.moe_combine.default,
+                          b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8),
+                               torch.randn(5, 16)))
 
 
 @pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
@@ -475,6 +478,10 @@ def test_moe_combine_matches_the_reference(backend, dtype):
         exact = moe_combine_reference(sorted_out.double(), inverse, weights.double())
         _check_case(b, got, exact, moe_combine_reference(sorted_out, inverse, weights),
                     f"{dtype} N{tokens} k{k} H{hidden}", (k + 2) * UNIT_ROUNDOFF)
+        # with the shared expert's output: the routed sum rounded, then the rounded add
+        shared = (2 * torch.randn(tokens, hidden, generator=gen)).to(dtype)
+        with_shared = b.op("moe_combine")(*b.to(sorted_out, inverse, weights, shared)).cpu()
+        assert torch.equal(with_shared, got.cpu() + shared), f"{b} {dtype}: the addend"
 
     check()
 
@@ -494,6 +501,8 @@ def test_moe_ops_argument_errors(backend):
         b.op("moe_combine")(sorted_out, inverse[:5], weights)
     with pytest.raises(RuntimeError, match="moe_combine: weights must be float32"):
         b.op("moe_combine")(sorted_out, inverse, weights.double())
+    with pytest.raises(RuntimeError, match="moe_combine: addend must be"):
+        b.op("moe_combine")(sorted_out, inverse, weights, sorted_out)
     if backend == "cpu":  # values: the CPU op reads them; on a GPU the wrapper does (a sync)
         with pytest.raises(RuntimeError, match=r"moe_dispatch: ids must be in \[0, 8\)"):
             b.op("moe_dispatch")(ids + 8, 8)

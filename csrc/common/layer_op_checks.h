@@ -6,6 +6,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace dmax::checks {
 
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -128,7 +130,8 @@ inline void check_moe_dispatch_args(const at::Tensor& ids, int64_t n_experts) {
 }
 
 inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                                   const at::Tensor& weights) {
+                                   const at::Tensor& weights,
+                                   const std::optional<at::Tensor>& addend) {
   check_float_dtype("moe_combine", "sorted_out", sorted_out);
   TORCH_CHECK(sorted_out.dim() == 2, "moe_combine: sorted_out must be [N * k, H], got ",
               sorted_out.sizes());
@@ -144,6 +147,10 @@ inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tenso
   TORCH_CHECK(inverse.device() == sorted_out.device() && weights.device() == sorted_out.device(),
               "moe_combine: inverse and weights must be on ", sorted_out.device(),
               " like sorted_out, got ", inverse.device(), " and ", weights.device());
+  if (addend.has_value()) {
+    check_like("moe_combine", "addend", *addend, sorted_out,
+               {weights.size(0), sorted_out.size(1)});
+  }
 }
 
 }  // namespace dmax::checks

@@ -142,10 +142,11 @@ namespace dmax {
 // [experts] int32. Throws past the kernel's sizes (kernels/moe_dispatch.cuh kMaxDispatch*).
 void launch_moe_dispatch(const int64_t* ids, int64_t entries, int64_t k, int64_t experts,
                          int64_t* rows, int64_t* inverse, int32_t* offsets, cudaStream_t stream);
-// sorted_out [entries, hidden] of `dtype`, inverse [tokens * k], weights [tokens, k] float32 ->
-// out [tokens, hidden] of `dtype`; all contiguous.
+// sorted_out [entries, hidden] of `dtype`, inverse [tokens * k], weights [tokens, k] float32,
+// addend [tokens, hidden] of `dtype` or nullptr -> out [tokens, hidden] of `dtype`; all
+// contiguous.
 void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* inverse,
-                        const float* weights, void* out, int64_t tokens, int64_t k,
-                        int64_t hidden, cudaStream_t stream);
+                        const float* weights, const void* addend, void* out, int64_t tokens,
+                        int64_t k, int64_t hidden, cudaStream_t stream);
 
 }  // namespace dmax

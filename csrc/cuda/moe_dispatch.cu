@@ -12,11 +12,13 @@ namespace {
 
 template <class T>
 void combine_typed(const void* sorted_out, const int64_t* inverse, const float* weights,
-                   void* out, int64_t tokens, int64_t k, int64_t hidden, cudaStream_t stream) {
+                   const void* addend, void* out, int64_t tokens, int64_t k, int64_t hidden,
+                   cudaStream_t stream) {
   const LaunchConfig cfg = kernels::moe_combine_launch_config(tokens, hidden);
   const auto moe_combine_kernel = &kernels::moe_combine_kernel<T>;
   DMAX_LAUNCH(moe_combine_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
-      static_cast<const T*>(sorted_out), inverse, weights, static_cast<T*>(out),
+      static_cast<const T*>(sorted_out), inverse, weights, static_cast<const T*>(addend),
+      static_cast<T*>(out),
       static_cast<int>(k), static_cast<int>(hidden));
 }
 
@@ -38,16 +40,19 @@ void launch_moe_dispatch(const int64_t* ids, int64_t entries, int64_t k, int64_t
 }
 
 void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* inverse,
-                        const float* weights, void* out, int64_t tokens, int64_t k,
-                        int64_t hidden, cudaStream_t stream) {
+                        const float* weights, const void* addend, void* out, int64_t tokens,
+                        int64_t k, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
   switch (dtype) {
     case FloatType::kFloat32:
-      combine_typed<float>(sorted_out, inverse, weights, out, tokens, k, hidden, stream); break;
+      combine_typed<float>(sorted_out, inverse, weights, addend, out, tokens, k, hidden, stream);
+      break;
     case FloatType::kFloat16:
-      combine_typed<__half>(sorted_out, inverse, weights, out, tokens, k, hidden, stream); break;
+      combine_typed<__half>(sorted_out, inverse, weights, addend, out, tokens, k, hidden, stream);
+      break;
     case FloatType::kBFloat16:
-      combine_typed<__nv_bfloat16>(sorted_out, inverse, weights, out, tokens, k, hidden, stream);
+      combine_typed<__nv_bfloat16>(sorted_out, inverse, weights, addend, out, tokens, k, hidden,
+                                   stream);
       break;
   }
   DMAX_CHECK_LAUNCH("moe_combine");

@@ -68,10 +68,13 @@ moe_dispatch_kernel(const int64_t* __restrict__ ids, int entries, int k, int exp
 
 // sorted_out [entries, hidden] (rows in expert order), inverse [tokens * k], weights [tokens, k]
 // float32 -> out [tokens, hidden], all contiguous.
+// addend [tokens, hidden] or nullptr (the shared expert's output): out = T(T(sum) + addend), as
+// the torch formulation adds the two rounded tensors.
 template <class T>
 __global__ void __launch_bounds__(kCombineMaxThreads)
 moe_combine_kernel(const T* __restrict__ sorted_out, const int64_t* __restrict__ inverse,
-                   const float* __restrict__ weights, T* __restrict__ out, int k, int hidden) {
+                   const float* __restrict__ weights, const T* __restrict__ addend,
+                   T* __restrict__ out, int k, int hidden) {
   const int64_t n = blockIdx.x;
   const int64_t* places = inverse + n * k;
   const float* w = weights + n * k;
@@ -79,7 +82,10 @@ moe_combine_kernel(const T* __restrict__ sorted_out, const int64_t* __restrict__
     float acc = 0.f;
     for (int j = 0; j < k; ++j)
       acc = __fadd_rn(acc, __fmul_rn(w[j], to_float(sorted_out[places[j] * hidden + h])));
-    out[n * hidden + h] = from_float<T>(acc);
+    T value = from_float<T>(acc);
+    if (addend != nullptr)
+      value = from_float<T>(to_float(value) + to_float(addend[n * hidden + h]));
+    out[n * hidden + h] = value;
   }
 }
 

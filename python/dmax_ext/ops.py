@@ -511,13 +511,14 @@ def moe_dispatch(ids: torch.Tensor, n_experts: int):
     return torch.ops.dmax.moe_dispatch(ids, n_experts)
 
 
-def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' rows back per token: sorted_out [N k, H] (float32 / bfloat16 / float16, rows
     in moe_dispatch's order), inverse int64 [N k] (moe_dispatch's), weights float32 [N, k] ->
     [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
-    each product rounded, summed in j order, cast once (dmax_ext.reference.moe_combine_reference).
-    CPU and CUDA. inverse's range is checked here (on CUDA a host sync)."""
+    each product rounded, summed in j order, cast once; plus addend [N, H] (sorted_out's dtype)
+    if given, the two rounded values added (dmax_ext.reference.moe_combine_reference). CPU and
+    CUDA. inverse's range is checked here (on CUDA a host sync)."""
     check_tensor("sorted_out", sorted_out, dtypes=_FLOAT_DTYPES, ndim=2)
     check_tensor("weights", weights, dtypes=(torch.float32,), ndim=2, device=sorted_out.device)
     if weights.numel() != sorted_out.shape[0]:
@@ -527,7 +528,10 @@ def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor,
     check_shape("inverse", inverse, (sorted_out.shape[0],))
     if inverse.numel() and not bool(((inverse >= 0) & (inverse < inverse.numel())).all()):
         raise ValueError(f"inverse must be in [0, {inverse.numel()}) (sorted_out's rows)")
-    return torch.ops.dmax.moe_combine(sorted_out, inverse, weights)
+    if addend is not None:
+        check_tensor("addend", addend, dtypes=(sorted_out.dtype,), device=sorted_out.device)
+        check_shape("addend", addend, (weights.shape[0], sorted_out.shape[1]))
+    return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend)
 
 
 def _moe_dispatch_fake(ids, n_experts):
@@ -536,7 +540,7 @@ def _moe_dispatch_fake(ids, n_experts):
             ids.new_empty((n_experts,), dtype=torch.int32))
 
 
-def _moe_combine_fake(sorted_out, inverse, weights):
+def _moe_combine_fake(sorted_out, inverse, weights, addend=None):
     torch._check(weights.dim() == 2, lambda: f"weights must be [N, k], got {weights.shape}")
     return sorted_out.new_empty((weights.shape[0], sorted_out.shape[1]))
 

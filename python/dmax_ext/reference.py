@@ -284,13 +284,13 @@ def moe_dispatch_reference(ids: torch.Tensor, n_experts: int):
 
 
 def moe_combine_reference(sorted_out: torch.Tensor, inverse: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:
+                          weights: torch.Tensor, addend: torch.Tensor | None = None):
     """sorted_out [N k, H] (rows in dispatch order), inverse [N k], weights float32 [N, k] ->
     [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
-    each product rounded, then summed (torch's order; the kernels sum in j order), cast once
-    (model.moe.combine)."""
+    each product rounded, then summed (torch's order; the kernels sum in j order), cast once;
+    then + addend [N, H] if given (torch's add of the two rounded tensors) (model.moe.combine)."""
     from .model.moe import combine
-    return combine(sorted_out, inverse, weights)
+    return combine(sorted_out, inverse, weights, addend)
 
 
 def qk_norm_rotary_write_kv_reference(qkv: torch.Tensor, q_weight: torch.Tensor,

@@ -1,6 +1,7 @@
 // torch.ops.dmax.moe_dispatch / moe_combine on the kernel path (CUDA, or the simt emulation):
 // checks, then launch_moe_dispatch / launch_moe_combine (csrc/cuda/moe_dispatch.cu).
 #pragma once
+#include <optional>
 #include <tuple>
 
 #include "common/layer_op_checks.h"
@@ -31,12 +32,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Ten
 }
 
 inline at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                              const at::Tensor& weights) {
-  checks::check_moe_combine_args(sorted_out, inverse, weights);
+                              const at::Tensor& weights, const std::optional<at::Tensor>& addend) {
+  checks::check_moe_combine_args(sorted_out, inverse, weights, addend);
   check_kernel_device(sorted_out, "sorted_out");
   DeviceGuard guard(sorted_out);
   const at::Tensor x = sorted_out.contiguous(), inverse_c = inverse.contiguous();
   const at::Tensor weights_c = weights.contiguous();
+  const at::Tensor addend_c = addend.has_value() ? addend->contiguous() : at::Tensor();
   const int64_t tokens = weights.size(0), hidden = sorted_out.size(1);
   at::Tensor out = at::empty({tokens, hidden}, sorted_out.options());
 #ifdef DMAX_SIMT
@@ -44,6 +46,7 @@ inline at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& in
 #endif
   launch_moe_combine(x.const_data_ptr(), float_type_of(x.scalar_type()),
                      inverse_c.const_data_ptr<int64_t>(), weights_c.const_data_ptr<float>(),
+                     addend.has_value() ? addend_c.const_data_ptr() : nullptr,
                      out.mutable_data_ptr(), tokens, weights.size(1), hidden,
                      current_stream(sorted_out));
   return out;

@@ -16,7 +16,7 @@ from . import onednn_matmul
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear
 from .native import (CpuVariant, derived_copy, has_amx_bf16, native_op, native_ops,
-                     packs_expert_weights)
+                     packs_expert_weights, runs_hooks)
 
 # Tensors that stay float32 whatever the model dtype (loaders and random init consult this).
 FLOAT32_TENSORS = ("expert_bias",)
@@ -111,14 +111,17 @@ def dispatch(ids: torch.Tensor, n_experts: int):
     return order // ids.shape[1], inverse, expert_counts(flat, n_experts)
 
 
-def combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor):
+def combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor,
+            addend: torch.Tensor | None = None):
     """sorted_out [N k, H] (the experts' rows in dispatch order) back per token: out[n] =
     sum_j weights[n, j] sorted_out[inverse[n k + j]], in float32 (each product rounded, then
     summed: torch's reduction order), cast once to sorted_out's dtype (as the checkpoint's
-    reference)."""
+    reference); plus addend [N, H] (the shared expert's output) if given, the two rounded
+    tensors added."""
     n, k = weights.shape
     rows = sorted_out.index_select(0, inverse).view(n, k, sorted_out.shape[-1])
-    return (rows.float() * weights[..., None]).sum(1).to(sorted_out.dtype)
+    out = (rows.float() * weights[..., None]).sum(1).to(sorted_out.dtype)
+    return out if addend is None else out + addend
 
 
 # = kMaxDispatchEntries of csrc/kernels/moe_dispatch.cuh, the most routed entries (N k) the
@@ -260,14 +263,17 @@ class StackedExperts(CpuVariant, nn.Module):
                             lambda *w: tuple(ops.pack_moe_weights(t) for t in w))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                impl: str) -> torch.Tensor:
-        """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype."""
+                impl: str, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype;
+        plus addend [N, H] if given (MoeBlock's shared expert output: added by moe_combine on
+        the kernel path, else as a torch add of the two rounded tensors)."""
         native = (self.native("moe_experts", x, self.gate_up_proj,
                               native_experts_max_tokens(x.dtype)) if impl == "cpu" else None)
         if native is not None:
-            return native(x, ids, weights, *self.kernel_weights())
+            out = native(x, ids, weights, *self.kernel_weights())
+            return out if addend is None else out + addend
         if impl == "grouped":
-            out = self._grouped_on_kernels(x, ids, weights)
+            out = self._grouped_on_kernels(x, ids, weights, addend)
             if out is not None:
                 return out
         rows, inverse, counts = dispatch(ids, self.gate_up_proj.shape[0])
@@ -276,9 +282,9 @@ class StackedExperts(CpuVariant, nn.Module):
             experts = functools.partial(experts, onednn=self.cpu_variant)
         # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
         sorted_out = experts(x.index_select(0, rows), counts, self.gate_up_proj, self.down_proj)
-        return combine(sorted_out, inverse, weights)
+        return combine(sorted_out, inverse, weights, addend)
 
-    def _grouped_on_kernels(self, x, ids, weights):
+    def _grouped_on_kernels(self, x, ids, weights, addend):
         """The "grouped" path with its sort and weighted sum as dmax.moe_dispatch and
         dmax.moe_combine: two launches where dispatch() and combine() are ~16 on CUDA
         (docs/PERFORMANCE.md, "GPU projections"); where they apply (no gradients, at most
@@ -293,7 +299,7 @@ class StackedExperts(CpuVariant, nn.Module):
         rows, inverse, offsets = sort(ids, self.gate_up_proj.shape[0])
         sorted_out = _experts_grouped(x.index_select(0, rows), None, self.gate_up_proj,
                                       self.down_proj, onednn=False, offsets=offsets)
-        return torch.ops.dmax.moe_combine(sorted_out, inverse, weights)
+        return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend)
 
 
 def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
@@ -333,7 +339,12 @@ class MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         ids, weights = self.gate(flat)
-        out = self.experts(flat, ids, weights, resolve_impl(self.impl, x.device)).view_as(x)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        impl = resolve_impl(self.impl, x.device)
+        if self.shared_experts is None:
+            return self.experts(flat, ids, weights, impl).view_as(x)
+        shared = self.shared_experts(x)
+        if runs_hooks(self.experts):  # a hook sees the routed experts' output alone
+            return self.experts(flat, ids, weights, impl).view_as(x) + shared
+        # The experts add it (routed + shared, each rounded, as here): on the kernel path inside
+        # dmax.moe_combine, one launch fewer.
+        return self.experts(flat, ids, weights, impl, shared.view(-1, x.shape[-1])).view_as(x)
