@@ -180,8 +180,8 @@ class Attention(CpuVariant, nn.Module):
         the CPU standing for it, its variants off; the CPU's own decode runs whole layers as
         dmax.decoder_layer); else None."""
         q_norm, k_norm = self.query_layernorm, self.key_layernorm
-        if (x.device.type == "cpu" and self.cpu_variant) or q_norm.eps != k_norm.eps \
-                or runs_hooks(q_norm) or runs_hooks(k_norm) or x.dtype != q_norm.weight.dtype:
+        if not self.runs_cuda_path(x) or q_norm.eps != k_norm.eps or runs_hooks(q_norm) \
+                or runs_hooks(k_norm) or x.dtype != q_norm.weight.dtype:
             return None
         op = self.native("qk_norm_rotary_write_kv", x, q_norm.weight)
         if op is None:

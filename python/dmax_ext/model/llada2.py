@@ -52,8 +52,7 @@ class DecoderLayer(CpuVariant, nn.Module):
         or a hook on the norm; else the two."""
         norm = self.post_attention_layernorm
         fused = None
-        if (x.device.type != "cpu" or not norm.cpu_variant) and not runs_hooks(norm) \
-                and x.dtype == norm.weight.dtype:
+        if norm.runs_cuda_path(x) and not runs_hooks(norm) and x.dtype == norm.weight.dtype:
             fused = norm.native("add_rms_norm", x, norm.weight)
         if fused is not None:
             return fused(x, attended, norm.weight, norm.eps)

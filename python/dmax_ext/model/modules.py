@@ -140,7 +140,7 @@ class GatedMLP(CpuVariant, nn.Module):
         adds gate's and up's bytes to the memory (0.4% of LLaDA2.0-mini: its dense MLP and
         shared experts), not to a forward's reads."""
         gate, up = self.gate_proj, self.up_proj
-        return ((x.device.type != "cpu" or not (gate.cpu_variant or up.cpu_variant))
+        return (gate.runs_cuda_path(x) and up.runs_cuda_path(x)
                 and self.native("swiglu", x, gate.weight) is not None
                 and not runs_hooks(gate) and not runs_hooks(up))
 

@@ -291,7 +291,7 @@ class StackedExperts(CpuVariant, nn.Module):
         MOE_DISPATCH_MAX_ENTRIES entries; on CUDA, or on the CPU with the CPU variants off, which
         stands for it: the CPU's grouped products go through oneDNN, which wants counts), else
         None."""
-        if (x.device.type == "cpu" and self.cpu_variant) or ids.numel() > MOE_DISPATCH_MAX_ENTRIES:
+        if not self.runs_cuda_path(x) or ids.numel() > MOE_DISPATCH_MAX_ENTRIES:
             return None
         sort = native_op("moe_dispatch", x, self.gate_up_proj)
         if sort is None:

@@ -133,3 +133,9 @@ class CpuVariant:
         if self.cpu_variant or name in KERNEL_OPS:
             return native_op(name, x, weight, max_rows)
         return None
+
+    def runs_cuda_path(self, x: torch.Tensor) -> bool:
+        """Whether this module, called on x, runs what CUDA runs: x on a GPU, or on the CPU with
+        this module's variant off (standing for CUDA). The fused forms built for CUDA's launch
+        count apply there; the CPU's own path keeps its tuned native forms."""
+        return x.device.type != "cpu" or not self.cpu_variant
