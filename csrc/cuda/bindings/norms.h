@@ -2,7 +2,7 @@
 // path (CUDA, or the simt emulation): checks, then the launchers of csrc/cuda/norms.cu.
 #pragma once
 #include <tuple>
-#include <vector>
+#include <utility>
 
 #include "common/layer_op_checks.h"
 #include "cuda/bindings/common.h"
@@ -26,21 +26,28 @@ inline int64_t uniform_row_stride(const at::Tensor& x) {
   return stride < 0 ? x.size(-1) : stride;
 }
 
+// x's rows as the kernels read them: (x itself and its row stride) where one stride walks them,
+// else (a contiguous copy, its width).
+inline std::pair<at::Tensor, int64_t> strided_rows(const at::Tensor& x) {
+  const int64_t stride = uniform_row_stride(x);
+  if (stride >= 0) return {x, stride};
+  return {x.contiguous(), x.size(-1)};
+}
+
 inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   checks::check_rms_norm_args(x, weight);
   check_kernel_device(x, "x");
   DeviceGuard guard(x);
-  const int64_t row_stride = uniform_row_stride(x);
-  const at::Tensor rows = row_stride >= 0 ? x : x.contiguous();
+  const auto [rows, row_stride] = strided_rows(x);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
 #ifdef DMAX_SIMT
   out.fill_(NAN);  // poisoned: an element the emulated kernel forgets to write shows up
 #endif
   const int64_t hidden = x.size(-1);
-  launch_rms_norm(rows.const_data_ptr(), row_stride >= 0 ? row_stride : hidden,
-                  w.const_data_ptr(), out.mutable_data_ptr(), float_type_of(x.scalar_type()),
-                  x.numel() / hidden, hidden, static_cast<float>(eps), current_stream(x));
+  launch_rms_norm(rows.const_data_ptr(), row_stride, w.const_data_ptr(), out.mutable_data_ptr(),
+                  float_type_of(x.scalar_type()), x.numel() / hidden, hidden,
+                  static_cast<float>(eps), current_stream(x));
   return out;
 }
 
@@ -50,8 +57,7 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x,
   checks::check_add_rms_norm_args(x, update, weight);
   check_kernel_device(x, "x");
   DeviceGuard guard(x);
-  const int64_t row_stride = uniform_row_stride(x);
-  const at::Tensor rows = row_stride >= 0 ? x : x.contiguous();
+  const auto [rows, row_stride] = strided_rows(x);
   const at::Tensor u = update.contiguous(), w = weight.contiguous();
   at::Tensor sum = at::empty(x.sizes(), x.options());
   at::Tensor normed = at::empty(x.sizes(), x.options());
@@ -60,10 +66,10 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x,
   normed.fill_(NAN);
 #endif
   const int64_t hidden = x.size(-1);
-  launch_add_rms_norm(rows.const_data_ptr(), row_stride >= 0 ? row_stride : hidden,
-                      u.const_data_ptr(), w.const_data_ptr(), sum.mutable_data_ptr(),
-                      normed.mutable_data_ptr(), float_type_of(x.scalar_type()),
-                      x.numel() / hidden, hidden, static_cast<float>(eps), current_stream(x));
+  launch_add_rms_norm(rows.const_data_ptr(), row_stride, u.const_data_ptr(), w.const_data_ptr(),
+                      sum.mutable_data_ptr(), normed.mutable_data_ptr(),
+                      float_type_of(x.scalar_type()), x.numel() / hidden, hidden,
+                      static_cast<float>(eps), current_stream(x));
   return {sum, normed};
 }
 
