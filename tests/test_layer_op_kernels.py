@@ -308,6 +308,7 @@ def test_the_library_binds_the_kernels_where_it_was_built_with_cuda():
         assert has_device_kernel(name, "cpu")
         assert has_device_kernel(name, "cuda") == _build_info.BUILT_CUDA
     assert not has_device_kernel("skinny_linear", "cuda")  # a CPU variant
+    assert not has_device_kernel("rms_norm", "meta")  # no "META" key: the torch formulation
 
 
 @pytest.mark.gpu

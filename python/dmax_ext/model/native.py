@@ -83,8 +83,13 @@ KERNEL_OPS = frozenset({"rms_norm", "add_rms_norm", "qk_norm_rotary", "qk_norm_r
 @functools.cache
 def has_device_kernel(name: str, device_type: str) -> bool:
     """Whether the loaded library binds torch.ops.dmax.<name> on `device_type` ("cuda": built
-    with the CUDA kernels)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dmax::{name}", device_type.upper())
+    with the CUDA kernels). False for a device type without a dispatch key of that name
+    ("meta": the model then runs its torch formulation there)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dmax::{name}",
+                                                              device_type.upper())
+    except RuntimeError:  # "could not parse dispatch key"
+        return False
 
 
 def native_op(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None):
