@@ -271,11 +271,11 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"the {h200_tp2_later:.2f} ms an {h200.name} at TP 2 takes to read a later step "
             "(the launches overlap the reads only in part). The norms (the post-attention one "
             "with its residual add), the q|k prologue with the KV cache writes, SwiGLU, the "
-            "router's selection and the MoE layer's sort and weighted sum run as one kernel "
-            "each (csrc/kernels/: rms_norm, add_rms_norm, qk_norm_rotary_write_kv, swiglu, "
-            "moe_route, moe_dispatch, moe_combine); what is left is mostly GEMMs, the "
-            "attention, a residual add per layer and the per-forward mask and rotary tables "
-            "(next section).",
+            "router's selection, the MoE layer's sort and weighted sum and the per-forward "
+            "rotary and mask tables run as one kernel each (csrc/kernels/: rms_norm, "
+            "add_rms_norm, qk_norm_rotary_write_kv, swiglu, moe_route, moe_dispatch, "
+            "moe_combine, step_tables); what is left is mostly GEMMs, the attention, a "
+            "residual add per layer and the SPD step's small ops (next section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -344,8 +344,9 @@ def step_section(config, later_step, first_step) -> list[str]:
                "`dmax.swiglu`, down GEMM",
         "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
         "final_norm": "the final RMSNorm (`dmax.rms_norm`)",
-        "other": "rotary cos/sin of the positions and the cached attention mask (from the "
-                 "write-slot tensor, on the device), per forward",
+        "other": "the fed slots, the rotary cos/sin of the positions and the cached "
+                 "attention mask, from the write-slot tensor on the device, as one kernel "
+                 "(`dmax.step_tables`), per forward",
         "lm_head": "one GEMM over all fed tokens",
         "embedding": "embedding gather (first step only: later steps feed embeddings)",
         "apply_step": "logits_stats (one CUDA block per position, <= 512 threads, one pass over "

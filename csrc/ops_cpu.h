@@ -42,6 +42,9 @@ at::Tensor qk_norm_rotary_write_kv(const at::Tensor& qkv, const at::Tensor& q_we
                                    const at::Tensor& keys, const at::Tensor& values,
                                    const at::Tensor& slots);
 at::Tensor swiglu(const at::Tensor& gate_up);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_tables(
+    const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& valid_from,
+    const at::Tensor& write_slot, int64_t span, int64_t block_length, at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& ids,
                                                             int64_t n_experts);
 at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,

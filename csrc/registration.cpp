@@ -31,6 +31,7 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("swiglu", &dmax::cpu::swiglu);
   m.impl("moe_dispatch", &dmax::cpu::moe_dispatch);
   m.impl("moe_combine", &dmax::cpu::moe_combine);
+  m.impl("step_tables", &dmax::cpu::step_tables);
   m.impl("block_attention", &dmax::cpu::block_attention);
   m.impl("decoder_layer", &dmax::cpu::decoder_layer);
   m.impl("pack_moe_weights", &dmax::cpu::pack_moe_weights);

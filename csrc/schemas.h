@@ -43,6 +43,12 @@ constexpr const char* kSwigluSchema = "swiglu(Tensor gate_up) -> Tensor";
 constexpr const char* kMoeRouteSchema =
     "moe_route(Tensor logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
     "float scaling) -> (Tensor ids, Tensor weights)";
+// What a cached forward derives from its positions and slots before the layers: the fed slots,
+// the rotary's cos / sin (in `dtype`) and the block-causal mask over the key span.
+constexpr const char* kStepTablesSchema =
+    "step_tables(Tensor position_ids, Tensor inv_freq, Tensor valid_from, Tensor write_slot, "
+    "int span, int block_length, ScalarType dtype) -> "
+    "(Tensor fed, Tensor cos, Tensor sin, Tensor mask)";
 // The permutation around a MoE layer's grouped GEMMs: the routed entries sorted by expert, and
 // the weighted sum of the experts' rows back per token (plus the shared expert's output).
 constexpr const char* kMoeDispatchSchema =
@@ -99,6 +105,7 @@ void define_dmax_schemas(Library& m) {
   m.def(kMoeRouteSchema);
   m.def(kMoeDispatchSchema);
   m.def(kMoeCombineSchema);
+  m.def(kStepTablesSchema);
 }
 
 }  // namespace dmax

@@ -19,7 +19,7 @@ from dmax_ext.model.modules import rotary_cos_sin, rotary_inv_freq
 from dmax_ext.model.native import KERNEL_OPS, has_device_kernel
 from dmax_ext.reference import (add_rms_norm_reference, moe_combine_reference, moe_dispatch_reference, moe_route_reference,
                                 qk_norm_rotary_reference, qk_norm_rotary_write_kv_reference,
-                                rms_norm_reference, swiglu_reference)
+                                rms_norm_reference, step_tables_reference, swiglu_reference)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = 2.0**-24  # float32, the kernels' arithmetic
@@ -557,7 +557,8 @@ def test_the_model_gpu_path_on_the_emulated_kernels(dtype):
     mode = _OnEmulatedKernels()
     with torch.no_grad(), mode:
         fast = model(input_ids=ids)
-    assert mode.calls == KERNEL_OPS - {"qk_norm_rotary_write_kv"}  # (no KV cache here)
+    # (no KV cache here: neither the cache-writing prologue nor a cached forward's tables)
+    assert mode.calls == KERNEL_OPS - {"qk_norm_rotary_write_kv", "step_tables"}
     slow = model(input_ids=ids).detach()  # gradients wanted: torch's formulation throughout
     # (measured: float32 2.2e-7 apart at logits of ~0.6, bfloat16 the same bits)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2**-8)
@@ -580,8 +581,10 @@ def test_a_decode_on_the_gpu_path_with_the_emulated_kernels():
     mode = _OnEmulatedKernels()
     with mode:
         got = dmax_ext.decode(model, prompts, gen_length=64, block_length=32, threshold=0.5)
-    # every forward writes the KV cache: the prologue is qk_norm_rotary_write_kv throughout
-    assert mode.calls == ((KERNEL_OPS - {"qk_norm_rotary"})
+    # every forward writes the KV cache: the prologue is qk_norm_rotary_write_kv throughout;
+    # decode() on the CPU feeds host write slots, so the tables are torch's (step_tables serves
+    # a device slot: test_step_tables_in_a_cached_forward_at_a_device_slot)
+    assert mode.calls == ((KERNEL_OPS - {"qk_norm_rotary", "step_tables"})
                           | {"logits_stats", "promote", "spd_update", "hybrid_embed"})
     assert got.tokens == want.tokens and got.seq_nfe == want.seq_nfe
 
@@ -661,3 +664,74 @@ def test_qk_norm_rotary_write_kv_errors(backend):
                               10, False)
     with pytest.raises(ValueError, match=r"slots must be in \[0, 10\) \(keys' slots\)"):
         ops.qk_norm_rotary_write_kv(*cpu_case[:9], cpu_case[9] - 1 - cpu_case[9].max())
+
+
+# ---- step_tables ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_tables_match_the_reference(backend, dtype):
+    """fed and the mask exactly the reference's (every mask byte written: the emulated output
+    starts at 2, neither false nor true), cos / sin within one rounding of the dtype past the
+    float32 angle's (the exact cos of the same float32 angle as the yardstick)."""
+    b = Backend(backend)
+
+    @settings(max_examples=example_count(25, 10, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.integers(1, 4), block=st.sampled_from([4, 8, 32]), blocks=st.integers(1, 3),
+           short=st.integers(0, 3), extra=st.integers(0, 40), half=st.sampled_from([1, 4, 16, 32]),
+           seed=st.integers(0, 2**31))
+    def check(batch, block, blocks, short, extra, half, seed):
+        gen = torch.Generator().manual_seed(seed)
+        length = block * blocks - short  # (short > 0: the fed tokens end inside a block)
+        first = block * int(torch.randint(0, 4, (1,), generator=gen))
+        span = first + length + extra
+        positions = torch.randint(0, 5000, (batch, length), generator=gen)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(half).float() / half))
+        valid_from = torch.randint(0, first + 1, (batch,), generator=gen)
+        slot = torch.tensor([first])
+        got = [t.cpu() for t in b.op("step_tables")(*b.to(positions, inv_freq, valid_from, slot),
+                                                    span, block, dtype)]
+        want = step_tables_reference(positions, inv_freq, valid_from, slot, span, block, dtype)
+        what = f"{b} {dtype} B{batch} T{length} at {first} span {span} R{2 * half}"
+        assert torch.equal(got[0], want[0]), what + ": fed"
+        assert (got[3].view(torch.uint8) <= 1).all(), what + ": unwritten mask bytes"
+        assert torch.equal(got[3], want[3]), what + ": mask"
+        angles = positions.float()[..., None] * torch.cat((inv_freq, inv_freq))
+        for name, g, w, exact in (("cos", got[1], want[1], angles.double().cos()),
+                                  ("sin", got[2], want[2], angles.double().sin())):
+            assert g.dtype == dtype and g.shape == w.shape, what + name
+            _check_case(b, g, exact, w, what + " " + name, 4 * UNIT_ROUNDOFF)
+
+    check()
+
+
+def test_step_tables_in_a_cached_forward_at_a_device_slot():
+    """The model's forward at a device write slot (a replayed CUDA graph's form) on the GPU path
+    makes its tables with step_tables, and its logits are those of the same forward at an int
+    slot (the torch tables), here and with the op on its emulated kernel."""
+    from dmax_calls import dmax_calls
+    from dmax_ext.model import random_model
+    Backend("simt-random")
+    model = random_model("tiny", dtype=torch.float32)
+    model.set_cpu_variants(False)
+    model.set_moe_impl("grouped")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 500, (2, 8), generator=gen)
+    positions, valid_from = torch.arange(8, 16).expand(2, 8), torch.tensor([0, 3])
+
+    def forward(write_slot, mode=None):
+        cache = model.new_cache(2, 24)
+        with torch.no_grad(), (mode or dmax_calls()) as calls:
+            out = model.forward_cached(cache, input_ids=x, position_ids=positions,
+                                       write_slot=write_slot, valid_from=valid_from,
+                                       block_length=8, span=24)
+        return out, calls
+    want, calls = forward(8)
+    assert "step_tables" not in {name for name, _ in calls}
+    got, calls = forward(torch.tensor(8))
+    assert "step_tables" in {name for name, _ in calls}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mode = _OnEmulatedKernels()
+    emulated, _ = forward(torch.tensor(8), mode)
+    assert "step_tables" in mode.calls
+    torch.testing.assert_close(emulated, want, rtol=1e-5, atol=1e-5)

@@ -92,8 +92,9 @@ def test_step_ops_sees_the_four_step_ops_and_no_host_sync():
 def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
     """The GPU step (the CPU variants off) runs the ops with CUDA kernels: one dmax.rms_norm or
     add_rms_norm per RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route, moe_dispatch, moe_combine and two
-    swiglu (routed and shared experts) per MoE layer, one swiglu in the dense MLP; none of their
-    torch formulations' ops (sigmoid, topk, rsqrt, silu, argsort) is left."""
+    swiglu (routed and shared experts) per MoE layer, one swiglu in the dense MLP, one
+    step_tables a forward; none of their torch formulations' ops (sigmoid, topk, rsqrt, silu,
+    argsort, cos) is left."""
     counts = step_ops.count_step_ops()
     units = step_ops.section_units(counts.config)
     names = counts.ops_by_section
@@ -108,11 +109,12 @@ def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
     assert "index_put_.default" not in names["attention"]
     for op in ("moe_route", "moe_dispatch", "moe_combine"):
         assert names["moe"][f"dmax.{op}.default"] == units["moe"]
+    assert names["other"] == {"dmax.step_tables.default": 1}  # the per-forward tables
     assert names["moe"]["dmax.swiglu.default"] == 2 * units["moe"]
     assert names["dense_mlp"]["dmax.swiglu.default"] == units["dense_mlp"]
     replaced = {"sigmoid.default", "topk.default", "rsqrt.default", "silu.default",
-                "pow.Tensor_Scalar", "mean.dim", "neg.default", "argsort.stable"}
-    for section in ("residual_norms", "final_norm", "attention", "moe", "dense_mlp"):
+                "pow.Tensor_Scalar", "mean.dim", "neg.default", "argsort.stable", "cos.default"}
+    for section in ("residual_norms", "final_norm", "attention", "moe", "dense_mlp", "other"):
         assert not replaced & set(names[section]), (section, names[section])
 
 

@@ -236,7 +236,8 @@ def test_the_gpu_path_decodes_as_one_process(run):
     want = decode(model, PROMPTS, gen_length=16, block_length=8, **DECODES["spd"])
     for r in ranks:
         assert r["gpu_path_spd"] == (want.tokens, want.nfe)
-        assert KERNEL_OPS - {"qk_norm_rotary"} <= r["gpu_path_ops"], r["gpu_path_ops"]
+        # (host write slots: the tables are torch's, as in any eager decode)
+        assert KERNEL_OPS - {"qk_norm_rotary", "step_tables"} <= r["gpu_path_ops"]
 
 
 def test_ranks_agree_on_an_unseeded_sample(run):

@@ -1,12 +1,13 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
 // (rms_norm, add_rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch,
-// moe_combine), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
+// moe_combine, step_tables), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
 // what the kernels rely on (dtypes, shapes, contiguous rows, one device); the Python wrappers in
 // dmax_ext.ops check the same things first.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 namespace dmax::checks {
 
@@ -90,6 +91,36 @@ inline void check_qk_norm_rotary_write_kv_args(const at::Tensor& qkv, const at::
               slots.scalar_type(), " ", slots.sizes());
   TORCH_CHECK(slots.device() == qkv.device(), "qk_norm_rotary_write_kv: slots must be on ",
               qkv.device(), " like qkv, got ", slots.device());
+}
+
+// step_tables: positions [B, T] int64, inv_freq [R/2] float32, valid_from [B] int64, write_slot
+// one int64 (on the device: its value is checked by the CPU op and the Python wrapper), one
+// device; a float dtype for cos / sin.
+inline void check_step_tables_args(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                   const at::Tensor& valid_from, const at::Tensor& write_slot,
+                                   int64_t span, int64_t block_length, at::ScalarType dtype) {
+  TORCH_CHECK(positions.dim() == 2 && positions.scalar_type() == at::kLong,
+              "step_tables: position_ids must be int64 [B, T], got ", positions.scalar_type(),
+              " ", positions.sizes());
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.scalar_type() == at::kFloat,
+              "step_tables: inv_freq must be float32 [R/2], got ", inv_freq.scalar_type(), " ",
+              inv_freq.sizes());
+  TORCH_CHECK(valid_from.scalar_type() == at::kLong &&
+                  valid_from.sizes() == at::IntArrayRef{positions.size(0)},
+              "step_tables: valid_from must be int64 [", positions.size(0), "], got ",
+              valid_from.scalar_type(), " ", valid_from.sizes());
+  TORCH_CHECK(write_slot.scalar_type() == at::kLong && write_slot.numel() == 1,
+              "step_tables: write_slot must be one int64, got ", write_slot.scalar_type(), " ",
+              write_slot.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"inv_freq", &inv_freq},
+                                {"valid_from", &valid_from}, {"write_slot", &write_slot}}) {
+    TORCH_CHECK(t->device() == positions.device(), "step_tables: ", name, " must be on ",
+                positions.device(), " like position_ids, got ", t->device());
+  }
+  TORCH_CHECK(span >= 1 && block_length >= 1, "step_tables: span and block_length must be >= 1, "
+              "got ", span, " and ", block_length);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "step_tables: dtype must be float32, bfloat16 or float16, got ", dtype);
 }
 
 inline void check_swiglu_args(const at::Tensor& gate_up) {

@@ -14,6 +14,7 @@
 #include "cuda/bindings/onpolicy_noise.h"
 #include "cuda/bindings/promote.h"
 #include "cuda/bindings/spd_update.h"
+#include "cuda/bindings/step_tables.h"
 #include "cuda/bindings/swiglu.h"
 #include "schemas.h"
 
@@ -30,7 +31,8 @@
   m.impl("swiglu", &dmax::gpu::swiglu);                                   \
   m.impl("moe_route", &dmax::gpu::moe_route);                             \
   m.impl("moe_dispatch", &dmax::gpu::moe_dispatch);                       \
-  m.impl("moe_combine", &dmax::gpu::moe_combine)
+  m.impl("moe_combine", &dmax::gpu::moe_combine);                         \
+  m.impl("step_tables", &dmax::gpu::step_tables)
 
 #ifdef DMAX_SIMT
 #include "simt/simt.h"

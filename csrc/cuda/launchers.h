@@ -150,3 +150,25 @@ void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* 
                         int64_t k, int64_t hidden, cudaStream_t stream);
 
 }  // namespace dmax
+
+namespace dmax {
+
+// ---- step_tables (csrc/cuda/step_tables.cu) ----
+// positions [batch, length] int64, inv_freq [half] float32, valid_from [batch] int64, write_slot
+// [1] int64 -> fed [length] int64, cos / sin [batch, length, 2 half] of `dtype`, mask [batch, 1,
+// length, span] bool; all contiguous.
+struct StepTablesArgs {
+  const int64_t* positions = nullptr;
+  const float* inv_freq = nullptr;
+  const int64_t* valid_from = nullptr;
+  const int64_t* write_slot = nullptr;
+  int64_t* fed = nullptr;
+  void* cos = nullptr;
+  void* sin = nullptr;
+  bool* mask = nullptr;
+  FloatType dtype = FloatType::kFloat32;
+  int64_t batch = 0, length = 0, half = 0, span = 0, block_length = 0;
+};
+void launch_step_tables(const StepTablesArgs& args, cudaStream_t stream);
+
+}  // namespace dmax

@@ -674,6 +674,50 @@ def _qk_norm_rotary_write_kv_fake(qkv, q_weight, k_weight, cos, sin, n_q_heads, 
 FAKE_KERNELS["qk_norm_rotary_write_kv"] = _qk_norm_rotary_write_kv_fake
 
 
+# ---- step_tables: a cached forward's slots, rotary tables and mask ------------------------------
+
+
+def step_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, valid_from: torch.Tensor,
+                write_slot: torch.Tensor, span: int, block_length: int, dtype: torch.dtype):
+    """(fed int64 [T], cos, sin [B, T, 2 len(inv_freq)] in dtype, mask bool [B, 1, T, span]) of
+    a cached forward of T tokens at position_ids int64 [B, T], fed at the one-element int64
+    write_slot (a multiple of block_length, write_slot + T <= span: checked here, on CUDA a
+    host sync), sequence b's first slot valid_from[b] (dmax_ext.reference.step_tables_reference).
+    CPU and CUDA."""
+    check_tensor("position_ids", position_ids, dtypes=(torch.int64,), ndim=2)
+    check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1,
+                 device=position_ids.device)
+    check_tensor("valid_from", valid_from, dtypes=(torch.int64,), ndim=1,
+                 device=position_ids.device)
+    check_shape("valid_from", valid_from, (position_ids.shape[0],))
+    check_tensor("write_slot", write_slot, dtypes=(torch.int64,), device=position_ids.device)
+    if write_slot.numel() != 1:
+        raise ValueError(f"write_slot must hold one slot, got shape {tuple(write_slot.shape)}")
+    for name, value in (("span", span), ("block_length", block_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    first, length = int(write_slot.reshape(())), position_ids.shape[1]
+    if first < 0 or first % block_length or first + length > span:
+        raise ValueError(f"write_slot ({first}) must be a multiple of block_length "
+                         f"({block_length}) with write_slot + T ({length}) <= span ({span})")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype}")
+    return torch.ops.dmax.step_tables(position_ids, inv_freq, valid_from, write_slot, span,
+                                      block_length, dtype)
+
+
+def _step_tables_fake(position_ids, inv_freq, valid_from, write_slot, span, block_length, dtype):
+    batch, length = position_ids.shape
+    rotary = 2 * inv_freq.shape[0]
+    return (position_ids.new_empty((length,)),
+            position_ids.new_empty((batch, length, rotary), dtype=dtype),
+            position_ids.new_empty((batch, length, rotary), dtype=dtype),
+            position_ids.new_empty((batch, 1, length, span), dtype=torch.bool))
+
+
+FAKE_KERNELS["step_tables"] = _step_tables_fake
+
+
 # ---- swiglu: a gated MLP's silu(gate) * up ------------------------------------------------------
 
 

@@ -310,6 +310,23 @@ def qk_norm_rotary_write_kv_reference(qkv: torch.Tensor, q_weight: torch.Tensor,
     return qk[:, :n_q_heads]
 
 
+# ---- step_tables: a cached forward's slots, rotary tables and mask ------------------------------
+
+
+def step_tables_reference(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                          valid_from: torch.Tensor, write_slot: torch.Tensor, span: int,
+                          block_length: int, dtype: torch.dtype):
+    """(fed, cos, sin, mask) of a cached forward of T = position_ids.shape[1] tokens fed at the
+    one-element int64 write_slot: fed = write_slot + arange(T); cos, sin [B, T, 2 len(inv_freq)]
+    of the positions in dtype (model.modules.rotary_cos_sin); mask [B, 1, T, span] bool
+    (model.attention.cached_attention_mask), as LLaDA2MoeModel.forward_cached makes them."""
+    from .model.attention import cached_attention_mask
+    from .model.modules import rotary_cos_sin
+    fed = write_slot.reshape(()) + torch.arange(position_ids.shape[1], device=position_ids.device)
+    cos, sin = rotary_cos_sin(position_ids, inv_freq, dtype)
+    return fed, cos, sin, cached_attention_mask(valid_from, fed, span, block_length)
+
+
 # ---- swiglu: a gated MLP's activation ----------------------------------------------------------
 
 

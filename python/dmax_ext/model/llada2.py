@@ -96,7 +96,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LLaDA2MoeModel(nn.Module):
+class LLaDA2MoeModel(CpuVariant, nn.Module):
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.config = config
@@ -240,12 +240,28 @@ class LLaDA2MoeModel(nn.Module):
                 or not 0 <= n_logits <= length:
             raise ValueError(f"n_logits must be an int in [0, {length}] (the fed tokens), "
                              f"got {n_logits!r}")
-        if isinstance(write_slot, torch.Tensor):
-            fed = write_slot + torch.arange(length, device=x.device)
+        tables = (self._step_tables(x, position_ids, valid_from, write_slot, span, block_length)
+                  if isinstance(write_slot, torch.Tensor) else None)
+        if tables is not None:
+            fed, cos, sin, mask = tables
         else:
-            fed = slice(write_slot, write_slot + length)
-        cos, sin, mask = self._step_inputs(x, position_ids, valid_from, fed, span, block_length)
+            fed = (write_slot + torch.arange(length, device=x.device)
+                   if isinstance(write_slot, torch.Tensor)
+                   else slice(write_slot, write_slot + length))
+            cos, sin, mask = self._step_inputs(x, position_ids, valid_from, fed, span,
+                                               block_length)
         return self._run(x, cos, sin, mask, cache, CacheSlots(fed, span), n_logits)
+
+    def _step_tables(self, x, position_ids, valid_from, write_slot, span: int,
+                     block_length: int):
+        """(fed, cos, sin, mask) of a cached forward at a device write slot (a replayed CUDA
+        graph's) as one dmax.step_tables, where the torch formulation is ~16 small kernels: on
+        CUDA, or the CPU standing for it (its variants off); else None."""
+        op = self.native("step_tables", x, self.embedding_weight)
+        if op is None or not self.runs_cuda_path(x):
+            return None
+        return op(position_ids.to(x.device), self._inv_freq(x.device), valid_from.to(x.device),
+                  write_slot, span, block_length, x.dtype)
 
     # -- internals -----------------------------------------------------------------------------
     def _inputs(self, input_ids, inputs_embeds) -> torch.Tensor:

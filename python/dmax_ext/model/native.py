@@ -77,7 +77,7 @@ def native_ops():
 # The native ops with a CUDA kernel beside the CPU one (csrc/kernels/): the model runs them on
 # either device. The others are CPU variants (CpuVariant): on CUDA the model runs torch's ops.
 KERNEL_OPS = frozenset({"rms_norm", "add_rms_norm", "qk_norm_rotary", "qk_norm_rotary_write_kv",
-                        "swiglu", "moe_route", "moe_dispatch", "moe_combine"})
+                        "swiglu", "moe_route", "moe_dispatch", "moe_combine", "step_tables"})
 
 
 @functools.cache
