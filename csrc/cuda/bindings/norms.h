@@ -73,6 +73,34 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x,
   return {sum, normed};
 }
 
+// The launch arguments both q|k forms share: qk's heads [0, heads) normalized and rotated, the
+// queries (and, without a cache, the keys) into out; q_w, k_w, cos and sin contiguous, kept alive
+// by the caller until the launch.
+inline QkNormRotaryArgs qk_norm_rotary_args(const at::Tensor& qk, int64_t heads,
+                                            int64_t n_q_heads, const at::Tensor& q_w,
+                                            const at::Tensor& k_w, const at::Tensor& cos,
+                                            const at::Tensor& sin, at::Tensor& out, double eps) {
+  QkNormRotaryArgs args;
+  args.qk = qk.const_data_ptr();
+  args.dtype = float_type_of(qk.scalar_type());
+  args.stride_b = qk.stride(0);
+  args.stride_l = qk.stride(1);
+  args.stride_g = qk.stride(2);
+  args.q_weight = q_w.const_data_ptr();
+  args.k_weight = k_w.const_data_ptr();
+  args.cos = cos.const_data_ptr();
+  args.sin = sin.const_data_ptr();
+  args.out = out.mutable_data_ptr();
+  args.batch = qk.size(0);
+  args.length = qk.size(1);
+  args.heads = heads;
+  args.n_q_heads = n_q_heads;
+  args.dim = qk.size(3);
+  args.rotary = cos.size(2);
+  args.eps = static_cast<float>(eps);
+  return args;
+}
+
 inline at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weight,
                                  const at::Tensor& k_weight, const at::Tensor& cos,
                                  const at::Tensor& sin, int64_t n_q_heads, double eps) {
@@ -85,25 +113,9 @@ inline at::Tensor qk_norm_rotary(const at::Tensor& qk, const at::Tensor& q_weigh
 #ifdef DMAX_SIMT
   out.fill_(NAN);
 #endif
-  QkNormRotaryArgs args;
-  args.qk = qk.const_data_ptr();
-  args.dtype = float_type_of(qk.scalar_type());
-  args.stride_b = qk.stride(0);
-  args.stride_l = qk.stride(1);
-  args.stride_g = qk.stride(2);
-  args.q_weight = q_w.const_data_ptr();
-  args.k_weight = k_w.const_data_ptr();
-  args.cos = cos_c.const_data_ptr();
-  args.sin = sin_c.const_data_ptr();
-  args.out = out.mutable_data_ptr();
-  args.batch = qk.size(0);
-  args.length = qk.size(1);
-  args.heads = qk.size(2);
-  args.n_q_heads = n_q_heads;
-  args.dim = qk.size(3);
-  args.rotary = cos.size(2);
-  args.eps = static_cast<float>(eps);
-  launch_qk_norm_rotary(args, current_stream(qk));
+  launch_qk_norm_rotary(
+      qk_norm_rotary_args(qk, qk.size(2), n_q_heads, q_w, k_w, cos_c, sin_c, out, eps),
+      current_stream(qk));
   return out;
 }
 
@@ -124,24 +136,9 @@ inline at::Tensor qk_norm_rotary_write_kv(const at::Tensor& qkv, const at::Tenso
 #ifdef DMAX_SIMT
   out.fill_(NAN);
 #endif
-  QkNormRotaryArgs args;
-  args.qk = qkv.const_data_ptr();
-  args.dtype = float_type_of(qkv.scalar_type());
-  args.stride_b = qkv.stride(0);
-  args.stride_l = qkv.stride(1);
-  args.stride_g = qkv.stride(2);
-  args.q_weight = q_w.const_data_ptr();
-  args.k_weight = k_w.const_data_ptr();
-  args.cos = cos_c.const_data_ptr();
-  args.sin = sin_c.const_data_ptr();
-  args.out = out.mutable_data_ptr();
-  args.batch = qkv.size(0);
-  args.length = qkv.size(1);
-  args.heads = n_q_heads + n_kv;  // the normalized ones; the n_kv value heads follow
-  args.n_q_heads = n_q_heads;
-  args.dim = qkv.size(3);
-  args.rotary = cos.size(2);
-  args.eps = static_cast<float>(eps);
+  // heads: the normalized ones; the n_kv value heads follow them
+  QkNormRotaryArgs args = qk_norm_rotary_args(qkv, n_q_heads + n_kv, n_q_heads, q_w, k_w, cos_c,
+                                              sin_c, out, eps);
   args.keys = keys.data_ptr();
   args.values = values.data_ptr();
   args.cache_stride_b = keys.stride(0);
