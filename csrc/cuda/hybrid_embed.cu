@@ -2,6 +2,7 @@
 // picks the element type and the vector width (16-byte accesses when every row start allows).
 #include <cstdint>
 
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/hybrid_embed.cuh"
 
@@ -40,11 +41,8 @@ void launch_vectorized(const HybridEmbedArgs& a, cudaStream_t stream) {
 
 void launch_hybrid_embed(const HybridEmbedArgs& args, cudaStream_t stream) {
   if (args.batch == 0 || args.length == 0 || args.hidden == 0) return;
-  switch (args.dtype) {
-    case FloatType::kFloat32: launch_vectorized<float>(args, stream); break;
-    case FloatType::kFloat16: launch_vectorized<__half>(args, stream); break;
-    case FloatType::kBFloat16: launch_vectorized<__nv_bfloat16>(args, stream); break;
-  }
+  with_element_type(args.dtype,
+                    [&](auto t) { launch_vectorized<decltype(t)>(args, stream); });
   DMAX_CHECK_LAUNCH("hybrid_embed");
 }
 

@@ -1,5 +1,6 @@
 // Launcher of the logits_stats kernel (csrc/kernels/logits_stats.cuh) over raw device pointers:
 // dispatch over the logits' element type and the top-K list size (1, or 8 for k = 2..8).
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/logits_stats.cuh"
 
@@ -41,17 +42,10 @@ void launch_logits_stats(const void* logits, FloatType dtype, int64_t batch, int
                          int64_t* pred, float* conf, int64_t* topk_ids, float* topk_probs,
                          cudaStream_t stream) {
   if (batch == 0 || length == 0) return;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      return launch_k<float>(logits, batch, length, vocab, k, temperature, seeds, pred, conf,
-                             topk_ids, topk_probs, stream);
-    case FloatType::kFloat16:
-      return launch_k<__half>(logits, batch, length, vocab, k, temperature, seeds, pred, conf,
-                              topk_ids, topk_probs, stream);
-    case FloatType::kBFloat16:
-      return launch_k<__nv_bfloat16>(logits, batch, length, vocab, k, temperature, seeds, pred,
-                                     conf, topk_ids, topk_probs, stream);
-  }
+  with_element_type(dtype, [&](auto t) {
+    launch_k<decltype(t)>(logits, batch, length, vocab, k, temperature, seeds, pred, conf,
+                          topk_ids, topk_probs, stream);
+  });
 }
 
 }  // namespace dmax

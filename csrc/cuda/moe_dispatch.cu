@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/moe_dispatch.cuh"
 
@@ -18,8 +19,7 @@ void combine_typed(const void* sorted_out, const int64_t* inverse, const float* 
   const auto moe_combine_kernel = &kernels::moe_combine_kernel<T>;
   DMAX_LAUNCH(moe_combine_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
       static_cast<const T*>(sorted_out), inverse, weights, static_cast<const T*>(addend),
-      static_cast<T*>(out),
-      static_cast<int>(k), static_cast<int>(hidden));
+      static_cast<T*>(out), static_cast<int>(k), static_cast<int>(hidden));
 }
 
 }  // namespace
@@ -43,18 +43,10 @@ void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* 
                         const float* weights, const void* addend, void* out, int64_t tokens,
                         int64_t k, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      combine_typed<float>(sorted_out, inverse, weights, addend, out, tokens, k, hidden, stream);
-      break;
-    case FloatType::kFloat16:
-      combine_typed<__half>(sorted_out, inverse, weights, addend, out, tokens, k, hidden, stream);
-      break;
-    case FloatType::kBFloat16:
-      combine_typed<__nv_bfloat16>(sorted_out, inverse, weights, addend, out, tokens, k, hidden,
-                                   stream);
-      break;
-  }
+  with_element_type(dtype, [&](auto t) {
+    combine_typed<decltype(t)>(sorted_out, inverse, weights, addend, out, tokens, k, hidden,
+                               stream);
+  });
   DMAX_CHECK_LAUNCH("moe_combine");
 }
 

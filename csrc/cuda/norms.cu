@@ -2,6 +2,7 @@
 // pointers: pick the element type.
 #include <cstdint>
 
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/norms.cuh"
 
@@ -65,20 +66,10 @@ void launch_add_rms_norm(const void* x, int64_t x_row_stride, const void* update
                          const void* weight, void* sum, void* normed, FloatType dtype,
                          int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      add_rms_norm_typed<float>(x, x_row_stride, update, weight, sum, normed, rows, hidden, eps,
-                                stream);
-      break;
-    case FloatType::kFloat16:
-      add_rms_norm_typed<__half>(x, x_row_stride, update, weight, sum, normed, rows, hidden, eps,
-                                 stream);
-      break;
-    case FloatType::kBFloat16:
-      add_rms_norm_typed<__nv_bfloat16>(x, x_row_stride, update, weight, sum, normed, rows,
-                                        hidden, eps, stream);
-      break;
-  }
+  with_element_type(dtype, [&](auto t) {
+    add_rms_norm_typed<decltype(t)>(x, x_row_stride, update, weight, sum, normed, rows, hidden,
+                                    eps, stream);
+  });
   DMAX_CHECK_LAUNCH("add_rms_norm");
 }
 
@@ -86,24 +77,16 @@ void launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, vo
                      FloatType dtype, int64_t rows, int64_t hidden, float eps,
                      cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return;
-  switch (dtype) {
-    case FloatType::kFloat32:
-      rms_norm_typed<float>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
-    case FloatType::kFloat16:
-      rms_norm_typed<__half>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
-    case FloatType::kBFloat16:
-      rms_norm_typed<__nv_bfloat16>(x, x_row_stride, weight, out, rows, hidden, eps, stream); break;
-  }
+  with_element_type(dtype, [&](auto t) {
+    rms_norm_typed<decltype(t)>(x, x_row_stride, weight, out, rows, hidden, eps, stream);
+  });
   DMAX_CHECK_LAUNCH("rms_norm");
 }
 
 void launch_qk_norm_rotary(const QkNormRotaryArgs& args, cudaStream_t stream) {
   if (args.batch == 0 || args.length == 0 || args.heads == 0 || args.dim == 0) return;
-  switch (args.dtype) {
-    case FloatType::kFloat32: qk_norm_rotary_typed<float>(args, stream); break;
-    case FloatType::kFloat16: qk_norm_rotary_typed<__half>(args, stream); break;
-    case FloatType::kBFloat16: qk_norm_rotary_typed<__nv_bfloat16>(args, stream); break;
-  }
+  with_element_type(args.dtype,
+                    [&](auto t) { qk_norm_rotary_typed<decltype(t)>(args, stream); });
   DMAX_CHECK_LAUNCH("qk_norm_rotary");
 }
 

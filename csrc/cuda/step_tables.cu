@@ -2,6 +2,7 @@
 // picks the element type of cos / sin.
 #include <cstdint>
 
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/step_tables.cuh"
 
@@ -23,11 +24,8 @@ void step_tables_typed(const StepTablesArgs& a, cudaStream_t stream) {
 
 void launch_step_tables(const StepTablesArgs& args, cudaStream_t stream) {
   if (args.batch == 0 || args.length == 0) return;
-  switch (args.dtype) {
-    case FloatType::kFloat32: step_tables_typed<float>(args, stream); break;
-    case FloatType::kFloat16: step_tables_typed<__half>(args, stream); break;
-    case FloatType::kBFloat16: step_tables_typed<__nv_bfloat16>(args, stream); break;
-  }
+  with_element_type(args.dtype,
+                    [&](auto t) { step_tables_typed<decltype(t)>(args, stream); });
   DMAX_CHECK_LAUNCH("step_tables");
 }
 

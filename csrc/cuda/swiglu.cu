@@ -2,6 +2,7 @@
 // element type.
 #include <cstdint>
 
+#include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "kernels/swiglu.cuh"
 
@@ -22,13 +23,9 @@ void swiglu_typed(const void* gate_up, void* out, int64_t rows, int64_t inter,
 void launch_swiglu(const void* gate_up, void* out, FloatType dtype, int64_t rows, int64_t inter,
                    cudaStream_t stream) {
   if (rows == 0 || inter == 0) return;
-  switch (dtype) {
-    case FloatType::kFloat32: swiglu_typed<float>(gate_up, out, rows, inter, stream); break;
-    case FloatType::kFloat16: swiglu_typed<__half>(gate_up, out, rows, inter, stream); break;
-    case FloatType::kBFloat16:
-      swiglu_typed<__nv_bfloat16>(gate_up, out, rows, inter, stream);
-      break;
-  }
+  with_element_type(dtype, [&](auto t) {
+    swiglu_typed<decltype(t)>(gate_up, out, rows, inter, stream);
+  });
   DMAX_CHECK_LAUNCH("swiglu");
 }
 
