@@ -270,12 +270,15 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             f"per step, {kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3 / h200_tp2_later:.0%} of "
             f"the {h200_tp2_later:.2f} ms an {h200.name} at TP 2 takes to read a later step "
             "(the launches overlap the reads only in part). The norms (the post-attention one "
-            "with its residual add), the q|k prologue with the KV cache writes, SwiGLU, the "
-            "router's selection, the MoE layer's sort and weighted sum and the per-forward "
+            "with its residual add), the q|k prologue with the KV cache writes, the attention, "
+            "SwiGLU, the router's selection, the MoE layer's sort and its weighted sum (with "
+            "the shared expert's output and the layer's residual add) and the per-forward "
             "rotary and mask tables run as one kernel each (csrc/kernels/: rms_norm, "
-            "add_rms_norm, qk_norm_rotary_write_kv, swiglu, moe_route, moe_dispatch, "
-            "moe_combine, step_tables); what is left is mostly GEMMs, the attention, a "
-            "residual add per layer and the SPD step's small ops (next section).",
+            "add_rms_norm, qk_norm_rotary_write_kv, block_attention, swiglu, moe_route, "
+            "moe_dispatch, moe_combine, step_tables); block_attention adds a second launch "
+            "(the merge of its key splits) where the rows alone would not fill the device, as "
+            "at batch 1: ~20 more. What is left is mostly GEMMs, the router's float32 cast and "
+            "the SPD step's small ops (next section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "
@@ -327,22 +330,33 @@ def step_section(config, later_step, first_step) -> list[str]:
         "attention": "qkv GEMM; one kernel normalizes and rotates the q and k heads and "
                      "writes the keys and values into the static cache at the device write "
                      "slot (`dmax.qk_norm_rotary_write_kv`: per-head RMSNorm in fp32, partial "
-                     "rotary, no `index_put_`); SDPA over the key span [0, span) with a bool "
-                     "mask and GQA (a bool mask rules out the FlashAttention backend); output "
-                     "transpose copy; dense GEMM",
+                     "rotary, no `index_put_`); the attention over the key span [0, span) as "
+                     "one op, `dmax.block_attention` (float32 online softmax, GQA, the bool "
+                     "mask read in place, the output in the layout the dense GEMM reads; the "
+                     "keys split over blocks where the rows alone would not fill the device, "
+                     "then a second launch merges the splits), where torch's SDPA, given this "
+                     "call's bool mask and grouped heads, takes its math path (FlashAttention "
+                     "takes no mask and memory-efficient attention no grouped heads: PyTorch's "
+                     "sdp_utils.cpp; cuDNN attention, which would, comes after math in the "
+                     "default order, pytorch/pytorch#138907; not checked on a device): the "
+                     "keys and values repeated per head, two batched products, the mask, the "
+                     "softmax, then a transpose copy, one op each in a CUDA trace where the CPU "
+                     "trace saw SDPA as one; dense GEMM",
         "residual_norms": "the layer's input RMSNorm (`dmax.rms_norm`), the residual add "
                           "after the attention and the post-attention RMSNorm as one kernel "
-                          "(`dmax.add_rms_norm`), the residual add after the MLP",
+                          "(`dmax.add_rms_norm`); the residual add after the MLP is the MoE "
+                          "layer's `dmax.moe_combine` (below), a torch add after the dense MLP",
         "moe": "router GEMM in fp32 (activations cast; the fp32 weight a copy kept with the "
                "parameter); the route as one kernel (`dmax.moe_route`: sigmoid, bias, group "
                "top-2 sums, top-4 groups, top-8, normalize, scale); the routed entries sorted "
-               "by expert as one kernel (`dmax.moe_dispatch`: the rows' tokens, the inverse "
-               "permutation, int32 offsets, on the device), row gather, two `torch._grouped_mm` "
-               "(gate and up fused, then down) around `dmax.swiglu`, the weighted sum back per "
-               "token in fp32 plus the shared expert's output as one kernel "
-               "(`dmax.moe_combine`); shared expert: gate+up GEMM over stacked weights, "
-               "`dmax.swiglu`, down GEMM",
-        "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM (layer 0)",
+               "by expert as one kernel (`dmax.moe_dispatch`: a stable counting sort in one "
+               "block, the rows' tokens, the inverse permutation, int32 offsets, on the "
+               "device), row gather, two `torch._grouped_mm` (gate and up fused, then down) "
+               "around `dmax.swiglu`, the weighted sum back per token in fp32 plus the shared "
+               "expert's output plus the layer's residual as one kernel (`dmax.moe_combine`); "
+               "shared expert: gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM",
+        "dense_mlp": "gate+up GEMM over stacked weights, `dmax.swiglu`, down GEMM, the "
+                     "residual add (layer 0)",
         "final_norm": "the final RMSNorm (`dmax.rms_norm`)",
         "other": "the fed slots, the rotary cos/sin of the positions and the cached "
                  "attention mask, from the write-slot tensor on the device, as one kernel "

@@ -97,15 +97,26 @@ def _hook_sections(model, tracer: _Tracer) -> list:
 
     def leave(module, inputs, output):
         tracer.section.pop()
+
+    def leave_layer(module, inputs, output):
+        # The MLP's section, entered by a pre-hook, ends with its layer.
+        while tracer.section.pop() != "residual_norms":
+            pass
     modules = [("embedding", model.model.word_embeddings), ("final_norm", model.model.norm),
                ("lm_head", model.lm_head)]
-    # A layer's norms are not hooked: a hook on post_attention_layernorm would keep the layer
-    # from fusing it with the residual add before it (DecoderLayer._residual_and_norm), so the
-    # trace would count a step the model does not run. Their ops count in the layer's section.
+    # Hooks that would change what the model runs are left out, so the trace counts the step
+    # the model does run: a layer's norms are not hooked (a hook on post_attention_layernorm
+    # keeps the layer from fusing it with the residual add before it: their ops count in the
+    # layer's section), and an MLP gets a pre-hook only (a forward hook on a MoE block keeps the
+    # layer from folding its residual add into the block's combine): its section runs to the
+    # end of the layer, the residual add after a dense MLP included.
+    handles = []
     for layer in model.model.layers:
         mlp = "moe" if isinstance(layer.mlp, MoeBlock) else "dense_mlp"
-        modules += [("residual_norms", layer), ("attention", layer.attention), (mlp, layer.mlp)]
-    handles = []
+        modules += [("attention", layer.attention)]
+        handles += [layer.register_forward_pre_hook(enter("residual_norms")),
+                    layer.register_forward_hook(leave_layer),
+                    layer.mlp.register_forward_pre_hook(enter(mlp))]
     for name, module in modules:
         handles += [module.register_forward_pre_hook(enter(name)),
                     module.register_forward_hook(leave)]

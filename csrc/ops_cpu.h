@@ -48,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_tables(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& ids,
                                                             int64_t n_experts);
 at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                       const at::Tensor& weights, const std::optional<at::Tensor>& addend);
+                       const at::Tensor& weights, const std::optional<at::Tensor>& addend,
+                       const std::optional<at::Tensor>& residual);
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale);
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

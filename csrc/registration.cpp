@@ -9,7 +9,6 @@ TORCH_LIBRARY(dmax, m) {
   dmax::define_dmax_schemas(m);
   m.def(dmax::kMoeExpertsSchema);
   m.def(dmax::kSkinnyLinearSchema);
-  m.def(dmax::kBlockAttentionSchema);
   m.def(dmax::kDecoderLayerSchema);
   m.def(dmax::kCpuBf16DotSchema, &dmax::cpu::cpu_bf16_dot);  // no tensor: one kernel for all keys
   m.def(dmax::kPackMoeWeightsSchema);

@@ -50,12 +50,13 @@ constexpr const char* kStepTablesSchema =
     "int span, int block_length, ScalarType dtype) -> "
     "(Tensor fed, Tensor cos, Tensor sin, Tensor mask)";
 // The permutation around a MoE layer's grouped GEMMs: the routed entries sorted by expert, and
-// the weighted sum of the experts' rows back per token (plus the shared expert's output).
+// the weighted sum of the experts' rows back per token (plus the shared expert's output, then
+// the layer's residual).
 constexpr const char* kMoeDispatchSchema =
     "moe_dispatch(Tensor ids, int n_experts) -> (Tensor rows, Tensor inverse, Tensor offsets)";
 constexpr const char* kMoeCombineSchema =
-    "moe_combine(Tensor sorted_out, Tensor inverse, Tensor weights, Tensor? addend=None) -> "
-    "Tensor";
+    "moe_combine(Tensor sorted_out, Tensor inverse, Tensor weights, Tensor? addend=None, "
+    "Tensor? residual=None) -> Tensor";
 
 // CPU only (the routed experts of a MoE layer for a decoding block; on CUDA the model runs
 // torch._grouped_mm), so it is not part of the CUDA kernels' simt twin: defined in `dmax` alone.
@@ -71,15 +72,15 @@ constexpr const char* kCpuBf16DotSchema = "cpu_bf16_dot() -> bool";
 // CPU only: moe_experts' gate_up / down laid out for its bf16 dot products (ops.pack_moe_weights;
 // reference: dmax_ext.reference.pack_moe_weights_reference). `dmax`.
 constexpr const char* kPackMoeWeightsSchema = "pack_moe_weights(Tensor w) -> Tensor";
+// A decoding block's attention over the KV cache (the model's SDPA call), the output
+// [B, T, heads * D] as the output projection reads it.
+constexpr const char* kBlockAttentionSchema =
+    "block_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor";
 // CPU only: x @ weight^T (+ residual, [M, N]: a residual stream's add, rounded after the
 // product as torch rounds them) for a decoding block's few rows (the model's projections and
 // lm_head without gradients; elsewhere the model runs F.linear). Defined in `dmax` alone.
 constexpr const char* kSkinnyLinearSchema =
     "skinny_linear(Tensor x, Tensor weight, Tensor? residual=None) -> Tensor";
-// CPU only: a decoding block's attention over the KV cache (the model's SDPA call), the output
-// [B, T, heads * D] as the output projection reads it. `dmax`.
-constexpr const char* kBlockAttentionSchema =
-    "block_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor";
 // CPU only: one decoder layer of a decoding block's cached forward with every module on its
 // native form (the ops above, in the modules' order): the layer's output for the last out_rows
 // fed tokens (-1: all); keys / values get every fed token's entries at
@@ -106,6 +107,7 @@ void define_dmax_schemas(Library& m) {
   m.def(kMoeDispatchSchema);
   m.def(kMoeCombineSchema);
   m.def(kStepTablesSchema);
+  m.def(kBlockAttentionSchema);
 }
 
 }  // namespace dmax

@@ -232,6 +232,9 @@ def test_opcheck(backend):
     torch.library.opcheck(b.namespace.moe_combine.default,
                           b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8),
                                torch.randn(5, 16)))
+    torch.library.opcheck(b.namespace.moe_combine.default,
+                          b.to(torch.randn(40, 16), torch.randperm(40), torch.rand(5, 8),
+                               torch.randn(5, 16), torch.randn(5, 16)))
 
 
 @pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
@@ -429,7 +432,9 @@ def test_moe_dispatch_matches_the_reference(backend):
 
     @settings(max_examples=example_count(30, 12, backend), deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(tokens=st.integers(0, 64), k=st.integers(1, 8), experts=st.sampled_from([8, 16, 64, 256]),
+    # Past 1024 entries (a batch's step) each kernel thread sorts several entries.
+    @given(tokens=st.one_of(st.integers(0, 64), st.integers(129, 512)), k=st.integers(1, 8),
+           experts=st.sampled_from([8, 16, 64, 256, 2048]),
            skew=st.sampled_from(["uniform", "few"]), seed=st.integers(0, 2**31))
     def check(tokens, k, experts, skew, seed):
         ids = _routed_ids(torch.Generator().manual_seed(seed), tokens, k, experts, skew)
@@ -483,6 +488,13 @@ def test_moe_combine_matches_the_reference(backend, dtype):
         shared = (2 * torch.randn(tokens, hidden, generator=gen)).to(dtype)
         with_shared = b.op("moe_combine")(*b.to(sorted_out, inverse, weights, shared)).cpu()
         assert torch.equal(with_shared, got.cpu() + shared), f"{b} {dtype}: the addend"
+        # then the layer's residual: one more rounded add, with or without the shared output
+        residual = (4 * torch.randn(tokens, hidden, generator=gen)).to(dtype)
+        both = b.op("moe_combine")(*b.to(sorted_out, inverse, weights, shared, residual)).cpu()
+        assert torch.equal(both, with_shared + residual), f"{b} {dtype}: the residual"
+        alone = b.op("moe_combine")(*b.to(sorted_out, inverse, weights), None,
+                                    b.to(residual)).cpu()
+        assert torch.equal(alone, got.cpu() + residual), f"{b} {dtype}: the residual alone"
 
     check()
 
@@ -504,6 +516,8 @@ def test_moe_ops_argument_errors(backend):
         b.op("moe_combine")(sorted_out, inverse, weights.double())
     with pytest.raises(RuntimeError, match="moe_combine: addend must be"):
         b.op("moe_combine")(sorted_out, inverse, weights, sorted_out)
+    with pytest.raises(RuntimeError, match="moe_combine: residual must be"):
+        b.op("moe_combine")(sorted_out, inverse, weights, None, sorted_out.double()[:4])
     if backend == "cpu":  # values: the CPU op reads them; on a GPU the wrapper does (a sync)
         with pytest.raises(RuntimeError, match=r"moe_dispatch: ids must be in \[0, 8\)"):
             b.op("moe_dispatch")(ids + 8, 8)
@@ -519,6 +533,9 @@ def test_moe_wrappers_check_values():
         ops.moe_dispatch(torch.tensor([[0, 1]]), 0)
     with pytest.raises(ValueError, match=r"inverse must be in \[0, 2\)"):
         ops.moe_combine(torch.randn(2, 4), torch.tensor([0, 2]), torch.rand(1, 2))
+    with pytest.raises(ValueError, match="residual"):
+        ops.moe_combine(torch.randn(2, 4), torch.tensor([0, 1]), torch.rand(1, 2),
+                        residual=torch.randn(2, 4))
     rows, inverse, offsets = ops.moe_dispatch(torch.tensor([[3, 1], [1, 0]]), 4)
     assert rows.tolist() == [1, 0, 1, 0] and inverse.tolist() == [3, 1, 2, 0]
     assert offsets.tolist() == [1, 3, 3, 4]
@@ -557,8 +574,9 @@ def test_the_model_gpu_path_on_the_emulated_kernels(dtype):
     mode = _OnEmulatedKernels()
     with torch.no_grad(), mode:
         fast = model(input_ids=ids)
-    # (no KV cache here: neither the cache-writing prologue nor a cached forward's tables)
-    assert mode.calls == KERNEL_OPS - {"qk_norm_rotary_write_kv", "step_tables"}
+    # (no KV cache here: neither the cache-writing prologue nor a cached forward's tables; 12
+    # tokens are one block, attended without a mask: SDPA, not block_attention)
+    assert mode.calls == KERNEL_OPS - {"qk_norm_rotary_write_kv", "step_tables", "block_attention"}
     slow = model(input_ids=ids).detach()  # gradients wanted: torch's formulation throughout
     # (measured: float32 2.2e-7 apart at logits of ~0.6, bfloat16 the same bits)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2**-8)

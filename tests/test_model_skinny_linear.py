@@ -267,9 +267,10 @@ def test_set_cpu_variants_off_runs_what_cuda_runs():
         with dmax_calls() as calls:
             off = model(input_ids=ids)
         # only the ops CUDA runs too: the norms, the q|k prologue, the gated MLPs' activation,
-        # the router's selection, the experts' sort and weighted sum (no KV cache to write)
+        # the router's selection, the experts' sort and weighted sum (no KV cache to write; one
+        # block of 8 tokens attends without a mask: SDPA, not block_attention)
         assert {name for name, _ in calls} == KERNEL_OPS - {"qk_norm_rotary_write_kv",
-                                                            "step_tables"}
+                                                            "step_tables", "block_attention"}
         model.set_cpu_variants(True)
         model.set_moe_impl("auto")
         with dmax_calls() as calls:
@@ -284,7 +285,7 @@ def test_set_cpu_variants_off_runs_what_cuda_runs():
 def test_set_cpu_variants_off_reaches_only_the_kernel_ops(monkeypatch):
     """Off means every CPU-only form (router, experts, projections, attention, whole layers),
     not only the projections: step_ops' traces must show what CUDA runs. The ops with a CUDA
-    kernel (KERNEL_OPS: norms, q/k norm + rotary, swiglu) stay."""
+    kernel (KERNEL_OPS: norms, q/k norm + rotary, swiglu, the attention, ...) stay."""
     from dmax_ext.model import native
     real = native.native_op
 

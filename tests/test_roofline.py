@@ -91,22 +91,28 @@ def test_step_ops_sees_the_four_step_ops_and_no_host_sync():
 
 def test_step_ops_counts_the_kernel_ops_the_gpu_step_runs():
     """The GPU step (the CPU variants off) runs the ops with CUDA kernels: one dmax.rms_norm or
-    add_rms_norm per RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route, moe_dispatch, moe_combine and two
-    swiglu (routed and shared experts) per MoE layer, one swiglu in the dense MLP, one
-    step_tables a forward; none of their torch formulations' ops (sigmoid, topk, rsqrt, silu,
-    argsort, cos) is left."""
+    add_rms_norm per RMSNorm, one qk_norm_rotary_write_kv per attention, one moe_route,
+    moe_dispatch, moe_combine (with the layer's residual add) and two swiglu (routed and shared
+    experts) per MoE layer, one block_attention per attention, one swiglu in the dense MLP, one step_tables a forward; none of
+    their torch formulations' ops (sigmoid, topk, rsqrt, silu, argsort, cos) is left."""
     counts = step_ops.count_step_ops()
     units = step_ops.section_units(counts.config)
     names = counts.ops_by_section
     assert names["final_norm"] == {"dmax.rms_norm.default": 1}
-    # per layer: the input norm, then the residual add and the post-attention norm as one op,
-    # then the residual add after the MLP
+    # per layer: the input norm, then the residual add and the post-attention norm as one op;
+    # the residual add after the MLP is the MoE combine's (below), a torch add after a dense MLP
     assert names["residual_norms"] == {"dmax.rms_norm.default": units["residual_norms"],
-                                       "dmax.add_rms_norm.default": units["residual_norms"],
-                                       "add.Tensor": units["residual_norms"]}
+                                       "dmax.add_rms_norm.default": units["residual_norms"]}
+    assert names["dense_mlp"]["add.Tensor"] == units["dense_mlp"]
+    assert "add.Tensor" not in names["moe"]
     # the cached step's prologue also writes the KV cache: no index_put_ of its own
     assert names["attention"]["dmax.qk_norm_rotary_write_kv.default"] == units["attention"]
     assert "index_put_.default" not in names["attention"]
+    # the attention as one op whose output the dense projection reads as it is: no SDPA (on
+    # CUDA its math path, given a bool mask and grouped heads), no transpose copy
+    assert names["attention"]["dmax.block_attention.default"] == units["attention"]
+    assert not {op for op in names["attention"] if "attention" in op and "dmax" not in op}
+    assert "clone.default" not in names["attention"] and "_unsafe_view.default" not in names["attention"]
     for op in ("moe_route", "moe_dispatch", "moe_combine"):
         assert names["moe"][f"dmax.{op}.default"] == units["moe"]
     assert names["other"] == {"dmax.step_tables.default": 1}  # the per-forward tables

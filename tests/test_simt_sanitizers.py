@@ -15,7 +15,8 @@ import dmax_ext._native as native
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["test_logits_stats.py", "test_onpolicy_noise.py", "test_promote.py",
-                "test_spd_update.py", "test_hybrid_embed.py", "test_layer_op_kernels.py"]
+                "test_spd_update.py", "test_hybrid_embed.py", "test_layer_op_kernels.py",
+                "test_block_attention_kernel.py"]
 
 
 def _asan_runtime() -> str:

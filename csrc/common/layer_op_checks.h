@@ -1,6 +1,6 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
 // (rms_norm, add_rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch,
-// moe_combine, step_tables), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
+// moe_combine, step_tables, block_attention), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
 // what the kernels rely on (dtypes, shapes, contiguous rows, one device); the Python wrappers in
 // dmax_ext.ops check the same things first.
 #pragma once
@@ -162,7 +162,8 @@ inline void check_moe_dispatch_args(const at::Tensor& ids, int64_t n_experts) {
 
 inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tensor& inverse,
                                    const at::Tensor& weights,
-                                   const std::optional<at::Tensor>& addend) {
+                                   const std::optional<at::Tensor>& addend,
+                                   const std::optional<at::Tensor>& residual) {
   check_float_dtype("moe_combine", "sorted_out", sorted_out);
   TORCH_CHECK(sorted_out.dim() == 2, "moe_combine: sorted_out must be [N * k, H], got ",
               sorted_out.sizes());
@@ -181,6 +182,45 @@ inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tenso
   if (addend.has_value()) {
     check_like("moe_combine", "addend", *addend, sorted_out,
                {weights.size(0), sorted_out.size(1)});
+  }
+  if (residual.has_value()) {
+    check_like("moe_combine", "residual", *residual, sorted_out,
+               {weights.size(0), sorted_out.size(1)});
+  }
+}
+
+// q [B, heads, T, D], keys / values [B, kv_heads, S, D] (rows of D contiguous), mask bool
+// [B or 1, 1, T, S], all on q's device.
+inline void check_block_attention_args(const at::Tensor& q, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& mask) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "block_attention: q must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q.dim() == 4 && q.size(3) > 0 && q.stride(3) == 1,
+              "block_attention: q must be [B, heads, T, D] with contiguous rows, got sizes ",
+              q.sizes(), " strides ", q.strides());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"keys", keys},
+                                {"values", values}}) {
+    TORCH_CHECK(t.scalar_type() == dtype, "block_attention: ", name, " must be ", dtype,
+                " like q, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(3) == D && t.stride(3) == 1,
+                "block_attention: ", name, " must be [", B, ", kv_heads, S, ", D,
+                "] with contiguous rows, got sizes ", t.sizes(), " strides ", t.strides());
+  }
+  TORCH_CHECK(values.sizes() == keys.sizes(), "block_attention: values must have keys' sizes ",
+              keys.sizes(), ", got ", values.sizes());
+  const int64_t KV = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "block_attention: the query heads (", H,
+              ") must be a multiple of the key-value heads (", KV, ")");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 &&
+                  (mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
+                  mask.size(2) == T && mask.size(3) == S,
+              "block_attention: mask must be bool [", B, " or 1, 1, ", T, ", ", S, "], got ",
+              mask.scalar_type(), " ", mask.sizes());
+  for (const auto* t : {&keys, &values, &mask}) {
+    TORCH_CHECK(t->device() == q.device(), "block_attention: keys, values and mask must be on ",
+                q.device(), " like q, got ", t->device());
   }
 }
 

@@ -2,13 +2,15 @@
 // SDPA call (model/attention.py) as one op whose output is already in the layout the output
 // projection reads. Masks become additive biases once per call; the (sequence, key-value head)
 // pairs run in parallel, each through csrc/cpu/vec/block_attention_kernel.cpp.
-// Semantics: dmax_ext.reference.block_attention_reference; no CUDA version (CUDA runs SDPA).
+// Semantics: dmax_ext.reference.block_attention_reference; the CUDA version:
+// csrc/kernels/block_attention.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <memory>
 
+#include "common/layer_op_checks.h"
 #include "cpu/dispatch_float.h"
 #include "cpu/vec/block_attention_kernel.h"
 #include "cpu/vec/capability.h"
@@ -18,33 +20,8 @@
 namespace dmax::cpu {
 namespace {
 
-void check_block_attention_args(const at::Tensor& q, const at::Tensor& keys,
-                                const at::Tensor& values, const at::Tensor& mask) {
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "block_attention: q must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(q.dim() == 4 && q.size(3) > 0 && q.stride(3) == 1,
-              "block_attention: q must be [B, heads, T, D] with contiguous rows, got sizes ",
-              q.sizes(), " strides ", q.strides());
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"keys", keys},
-                                {"values", values}}) {
-    TORCH_CHECK(t.scalar_type() == dtype, "block_attention: ", name, " must be ", dtype,
-                " like q, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(3) == D && t.stride(3) == 1,
-                "block_attention: ", name, " must be [", B, ", kv_heads, S, ", D,
-                "] with contiguous rows, got sizes ", t.sizes(), " strides ", t.strides());
-  }
-  TORCH_CHECK(values.sizes() == keys.sizes(), "block_attention: values must have keys' sizes ",
-              keys.sizes(), ", got ", values.sizes());
-  const int64_t KV = keys.size(1), S = keys.size(2);
-  TORCH_CHECK(KV > 0 && H % KV == 0, "block_attention: the query heads (", H,
-              ") must be a multiple of the key-value heads (", KV, ")");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 &&
-                  (mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
-                  mask.size(2) == T && mask.size(3) == S,
-              "block_attention: mask must be bool [", B, " or 1, 1, ", T, ", ", S, "], got ",
-              mask.scalar_type(), " ", mask.sizes());
+void check_cpu_tensors(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& mask) {
   for (const auto* t : {&q, &keys, &values, &mask}) {
     TORCH_CHECK(t->device().is_cpu(), "block_attention: the CPU kernel got a ", t->device(),
                 " tensor");
@@ -113,7 +90,8 @@ at::Tensor block_attention_typed(const at::Tensor& q, const at::Tensor& keys,
 
 at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& mask, double scale) {
-  check_block_attention_args(q, keys, values, mask);
+  checks::check_block_attention_args(q, keys, values, mask);
+  check_cpu_tensors(q, keys, values, mask);
   return dispatch_float(q.scalar_type(), [&](auto t) {
     return block_attention_typed<decltype(t)>(q, keys, values, mask, scale);
   });

@@ -47,9 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Tensor& id
 }
 
 at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                       const at::Tensor& weights, const std::optional<at::Tensor>& addend) {
-  checks::check_moe_combine_args(sorted_out, inverse, weights, addend);
+                       const at::Tensor& weights, const std::optional<at::Tensor>& addend,
+                       const std::optional<at::Tensor>& residual) {
+  checks::check_moe_combine_args(sorted_out, inverse, weights, addend, residual);
   const at::Tensor addend_c = addend.has_value() ? addend->contiguous() : at::Tensor();
+  const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor x = sorted_out.contiguous(), inverse_c = inverse.contiguous();
   const at::Tensor weights_c = weights.contiguous();
   const int64_t tokens = weights.size(0), k = weights.size(1), H = sorted_out.size(1);
@@ -65,6 +67,7 @@ at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
     const float* w_p = weights_c.const_data_ptr<float>();
     T* out_p = out.mutable_data_ptr<T>();
     const T* add_p = addend.has_value() ? addend_c.const_data_ptr<T>() : nullptr;
+    const T* res_p = residual.has_value() ? residual_c.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(k * H, 1)),
                      [&](int64_t begin, int64_t end) {
       std::vector<float> acc(H);
@@ -76,10 +79,12 @@ at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
           for (int64_t h = 0; h < H; ++h) acc[h] += w * static_cast<float>(row[h]);
         }
         for (int64_t h = 0; h < H; ++h) out_p[n * H + h] = static_cast<T>(acc[h]);
-        if (add_p != nullptr) {  // T(T(sum) + addend): the two rounded tensors added
+        // T(T(sum) + addend), then T(that + residual): each add of two rounded tensors.
+        for (const T* term : {add_p, res_p}) {
+          if (term == nullptr) continue;
           for (int64_t h = 0; h < H; ++h) {
             out_p[n * H + h] = static_cast<T>(static_cast<float>(out_p[n * H + h]) +
-                                              static_cast<float>(add_p[n * H + h]));
+                                              static_cast<float>(term[n * H + h]));
           }
         }
       }

@@ -5,6 +5,7 @@
 //    dispatch key, the launchers running the unchanged kernels on the simt emulation.
 #include <torch/library.h>
 
+#include "cuda/bindings/block_attention.h"
 #include "cuda/bindings/common.h"
 #include "cuda/bindings/hybrid_embed.h"
 #include "cuda/bindings/logits_stats.h"
@@ -32,7 +33,8 @@
   m.impl("moe_route", &dmax::gpu::moe_route);                             \
   m.impl("moe_dispatch", &dmax::gpu::moe_dispatch);                       \
   m.impl("moe_combine", &dmax::gpu::moe_combine);                         \
-  m.impl("step_tables", &dmax::gpu::step_tables)
+  m.impl("step_tables", &dmax::gpu::step_tables);                         \
+  m.impl("block_attention", &dmax::gpu::block_attention)
 
 #ifdef DMAX_SIMT
 #include "simt/simt.h"

@@ -143,11 +143,11 @@ namespace dmax {
 void launch_moe_dispatch(const int64_t* ids, int64_t entries, int64_t k, int64_t experts,
                          int64_t* rows, int64_t* inverse, int32_t* offsets, cudaStream_t stream);
 // sorted_out [entries, hidden] of `dtype`, inverse [tokens * k], weights [tokens, k] float32,
-// addend [tokens, hidden] of `dtype` or nullptr -> out [tokens, hidden] of `dtype`; all
-// contiguous.
+// addend and residual [tokens, hidden] of `dtype` or nullptr -> out [tokens, hidden] of `dtype`;
+// all contiguous.
 void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* inverse,
-                        const float* weights, const void* addend, void* out, int64_t tokens,
-                        int64_t k, int64_t hidden, cudaStream_t stream);
+                        const float* weights, const void* addend, const void* residual, void* out,
+                        int64_t tokens, int64_t k, int64_t hidden, cudaStream_t stream);
 
 }  // namespace dmax
 
@@ -170,5 +170,25 @@ struct StepTablesArgs {
   int64_t batch = 0, length = 0, half = 0, span = 0, block_length = 0;
 };
 void launch_step_tables(const StepTablesArgs& args, cudaStream_t stream);
+
+// ---- block_attention (csrc/cuda/block_attention.cu) ----
+// q [B, heads, T, D], keys / values [B, kv_heads, S, D] of `dtype` (D contiguous, other strides
+// as given: b, head, t or s), mask bool [B or 1, 1, T, S] (strides b (0: shared), t, s)
+// -> out [B, T, heads * D] contiguous of `dtype`. D <= 128 (throws past it).
+struct BlockAttentionArgs {
+  const void* q;
+  const void* keys;
+  const void* values;
+  const bool* mask;
+  void* out;
+  int64_t batch, heads, kv_heads, length, slots, dim;
+  int64_t q_strides[3], k_strides[3], v_strides[3], mask_strides[3];
+  float scale;
+};
+// The float32 workspace a launch on a device of `multiprocessors` needs (0: none, when the keys
+// are not split).
+int64_t block_attention_workspace_floats(const BlockAttentionArgs& args, int multiprocessors);
+void launch_block_attention(const BlockAttentionArgs& args, FloatType dtype, int multiprocessors,
+                            float* workspace, cudaStream_t stream);
 
 }  // namespace dmax

@@ -13,13 +13,13 @@ namespace {
 
 template <class T>
 void combine_typed(const void* sorted_out, const int64_t* inverse, const float* weights,
-                   const void* addend, void* out, int64_t tokens, int64_t k, int64_t hidden,
-                   cudaStream_t stream) {
+                   const void* addend, const void* residual, void* out, int64_t tokens,
+                   int64_t k, int64_t hidden, cudaStream_t stream) {
   const LaunchConfig cfg = kernels::moe_combine_launch_config(tokens, hidden);
   const auto moe_combine_kernel = &kernels::moe_combine_kernel<T>;
   DMAX_LAUNCH(moe_combine_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
       static_cast<const T*>(sorted_out), inverse, weights, static_cast<const T*>(addend),
-      static_cast<T*>(out), static_cast<int>(k), static_cast<int>(hidden));
+      static_cast<const T*>(residual), static_cast<T*>(out), static_cast<int>(k), static_cast<int>(hidden));
 }
 
 }  // namespace
@@ -40,12 +40,12 @@ void launch_moe_dispatch(const int64_t* ids, int64_t entries, int64_t k, int64_t
 }
 
 void launch_moe_combine(const void* sorted_out, FloatType dtype, const int64_t* inverse,
-                        const float* weights, const void* addend, void* out, int64_t tokens,
-                        int64_t k, int64_t hidden, cudaStream_t stream) {
+                        const float* weights, const void* addend, const void* residual, void* out,
+                        int64_t tokens, int64_t k, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
   with_element_type(dtype, [&](auto t) {
-    combine_typed<decltype(t)>(sorted_out, inverse, weights, addend, out, tokens, k, hidden,
-                               stream);
+    combine_typed<decltype(t)>(sorted_out, inverse, weights, addend, residual, out, tokens, k,
+                               hidden, stream);
   });
   DMAX_CHECK_LAUNCH("moe_combine");
 }

@@ -1,5 +1,5 @@
-// Block-wide votes and reductions for the kernels that give one block to one sequence or one
-// position (promote, spd_update, hybrid_embed).
+// Block-wide votes, reductions and scans for the kernels that give one block to one sequence or
+// one position (promote, spd_update, hybrid_embed) or to a whole step (moe_dispatch).
 // Preconditions of every helper: blockDim.x is a multiple of 32 (whole warps, so full-mask warp
 // collectives are valid), every thread of the block calls it (it contains __syncthreads), and
 // `scratch` is __shared__ storage of the stated size that nobody else uses meanwhile.
@@ -92,6 +92,24 @@ __device__ __forceinline__ void block_sum(float (&values)[N], int count, float* 
     }
   }
   __syncthreads();
+}
+
+// The sum of `value` over the threads before this one (threadIdx.x order): a block-wide
+// exclusive scan. Shuffle-up scan within each warp, then the totals of the earlier warps.
+// scratch: int[32].
+__device__ __forceinline__ int block_exclusive_scan(int value, int* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inclusive = value;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int below = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += below;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  int result = inclusive - value;
+  for (int w = 0; w < warp; ++w) result += scratch[w];
+  __syncthreads();  // scratch is free again when this returns
+  return result;
 }
 
 }  // namespace dmax::kernels

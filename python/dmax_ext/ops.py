@@ -512,13 +512,15 @@ def moe_dispatch(ids: torch.Tensor, n_experts: int):
 
 
 def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+                addend: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' rows back per token: sorted_out [N k, H] (float32 / bfloat16 / float16, rows
     in moe_dispatch's order), inverse int64 [N k] (moe_dispatch's), weights float32 [N, k] ->
     [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
     each product rounded, summed in j order, cast once; plus addend [N, H] (sorted_out's dtype)
-    if given, the two rounded values added (dmax_ext.reference.moe_combine_reference). CPU and
-    CUDA. inverse's range is checked here (on CUDA a host sync)."""
+    if given, the two rounded values added; then plus residual [N, H] (sorted_out's dtype) if
+    given, rounded again (dmax_ext.reference.moe_combine_reference). CPU and CUDA. inverse's
+    range is checked here (on CUDA a host sync)."""
     check_tensor("sorted_out", sorted_out, dtypes=_FLOAT_DTYPES, ndim=2)
     check_tensor("weights", weights, dtypes=(torch.float32,), ndim=2, device=sorted_out.device)
     if weights.numel() != sorted_out.shape[0]:
@@ -528,10 +530,11 @@ def moe_combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.
     check_shape("inverse", inverse, (sorted_out.shape[0],))
     if inverse.numel() and not bool(((inverse >= 0) & (inverse < inverse.numel())).all()):
         raise ValueError(f"inverse must be in [0, {inverse.numel()}) (sorted_out's rows)")
-    if addend is not None:
-        check_tensor("addend", addend, dtypes=(sorted_out.dtype,), device=sorted_out.device)
-        check_shape("addend", addend, (weights.shape[0], sorted_out.shape[1]))
-    return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend)
+    for name, term in (("addend", addend), ("residual", residual)):
+        if term is not None:
+            check_tensor(name, term, dtypes=(sorted_out.dtype,), device=sorted_out.device)
+            check_shape(name, term, (weights.shape[0], sorted_out.shape[1]))
+    return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend, residual)
 
 
 def _moe_dispatch_fake(ids, n_experts):
@@ -540,7 +543,7 @@ def _moe_dispatch_fake(ids, n_experts):
             ids.new_empty((n_experts,), dtype=torch.int32))
 
 
-def _moe_combine_fake(sorted_out, inverse, weights, addend=None):
+def _moe_combine_fake(sorted_out, inverse, weights, addend=None, residual=None):
     torch._check(weights.dim() == 2, lambda: f"weights must be [N, k], got {weights.shape}")
     return sorted_out.new_empty((weights.shape[0], sorted_out.shape[1]))
 
@@ -743,7 +746,7 @@ def _swiglu_fake(gate_up):
 FAKE_KERNELS["swiglu"] = _swiglu_fake
 
 
-# ---- block_attention: a decoding block's attention over the KV cache (CPU only) -----------------
+# ---- block_attention: a decoding block's attention over the KV cache --------------------------
 
 
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -755,8 +758,9 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     other strides free (a slice of the KV cache); mask bool [B or 1, 1, T, S], True = may
     attend. float32, bfloat16 or float16; the scores, softmax and sums in float32, the output
     rounded once. A query that may attend no slot gets zeros
-    (dmax_ext.reference.block_attention_reference). CPU only, no autograd: the model's Attention
-    uses it without gradients."""
+    (dmax_ext.reference.block_attention_reference). CPU and CUDA (csrc/kernels/
+    block_attention.cuh: head dims up to model.attention.BLOCK_ATTENTION_MAX_HEAD_DIM); no
+    autograd: the model's Attention uses it without gradients."""
     check_tensor("q", q, dtypes=_FLOAT_DTYPES, ndim=4)
     _check_contiguous_rows("q", q)
     batch, heads, length, dim = q.shape

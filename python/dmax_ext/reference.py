@@ -284,13 +284,15 @@ def moe_dispatch_reference(ids: torch.Tensor, n_experts: int):
 
 
 def moe_combine_reference(sorted_out: torch.Tensor, inverse: torch.Tensor,
-                          weights: torch.Tensor, addend: torch.Tensor | None = None):
+                          weights: torch.Tensor, addend: torch.Tensor | None = None,
+                          residual: torch.Tensor | None = None):
     """sorted_out [N k, H] (rows in dispatch order), inverse [N k], weights float32 [N, k] ->
     [N, H] in sorted_out's dtype: sum_j weights[n, j] sorted_out[inverse[n k + j]] in float32,
     each product rounded, then summed (torch's order; the kernels sum in j order), cast once;
-    then + addend [N, H] if given (torch's add of the two rounded tensors) (model.moe.combine)."""
+    then + addend [N, H] if given, then + residual [N, H] if given (each torch's add of two
+    rounded tensors) (model.moe.combine)."""
     from .model.moe import combine
-    return combine(sorted_out, inverse, weights, addend)
+    return combine(sorted_out, inverse, weights, addend, residual)
 
 
 def qk_norm_rotary_write_kv_reference(qkv: torch.Tensor, q_weight: torch.Tensor,
@@ -344,11 +346,13 @@ def block_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
                               mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, heads, T, D], keys / values [B, kv_heads, S, D], mask bool [B or 1, 1, T, S] ->
     [B, T, heads * D] in q's dtype: softmax(scale q k^T) v in float32 over the allowed slots
-    (query head j reads kv head j // (heads / kv_heads)); a query allowed no slot gets zeros."""
+    (query head j reads kv head j // (heads / kv_heads)); a query allowed no slot gets zeros.
+    float64 inputs are computed in float64 (the tests' exact values)."""
     group = q.shape[1] // keys.shape[1]
-    k = keys.float().repeat_interleave(group, dim=1)
-    v = values.float().repeat_interleave(group, dim=1)
-    scores = (q.float() * scale) @ k.transpose(-1, -2)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = keys.to(compute).repeat_interleave(group, dim=1)
+    v = values.to(compute).repeat_interleave(group, dim=1)
+    scores = (q.to(compute) * scale) @ k.transpose(-1, -2)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows: 0, not NaN
     out = (probs @ v).to(q.dtype)

@@ -25,6 +25,10 @@ inline void check_kernel_device(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "dmax_simt: ", name, " must be a CPU tensor, got ", t.device());
 }
 struct DeviceGuard { explicit DeviceGuard(const at::Tensor&) {} };
+// The emulation's stand-in for a device's multiprocessor count, which kernels that size their
+// grid to the device read (block_attention's key splits): small, so that the tests' modest
+// shapes take the split path as well as the unsplit one.
+inline int multiprocessor_count(const at::Tensor&) { return 4; }
 }  // namespace dmax::gpu
 #else
 #include <ATen/cuda/CUDAContext.h>
@@ -40,5 +44,8 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
   c10::cuda::CUDAGuard guard;
 };
+inline int multiprocessor_count(const at::Tensor& t) {
+  return at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount;
+}
 }  // namespace dmax::gpu
 #endif

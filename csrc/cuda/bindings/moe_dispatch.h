@@ -32,13 +32,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch(const at::Ten
 }
 
 inline at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& inverse,
-                              const at::Tensor& weights, const std::optional<at::Tensor>& addend) {
-  checks::check_moe_combine_args(sorted_out, inverse, weights, addend);
+                              const at::Tensor& weights, const std::optional<at::Tensor>& addend,
+                              const std::optional<at::Tensor>& residual) {
+  checks::check_moe_combine_args(sorted_out, inverse, weights, addend, residual);
   check_kernel_device(sorted_out, "sorted_out");
   DeviceGuard guard(sorted_out);
   const at::Tensor x = sorted_out.contiguous(), inverse_c = inverse.contiguous();
   const at::Tensor weights_c = weights.contiguous();
   const at::Tensor addend_c = addend.has_value() ? addend->contiguous() : at::Tensor();
+  const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
   const int64_t tokens = weights.size(0), hidden = sorted_out.size(1);
   at::Tensor out = at::empty({tokens, hidden}, sorted_out.options());
 #ifdef DMAX_SIMT
@@ -47,6 +49,7 @@ inline at::Tensor moe_combine(const at::Tensor& sorted_out, const at::Tensor& in
   launch_moe_combine(x.const_data_ptr(), float_type_of(x.scalar_type()),
                      inverse_c.const_data_ptr<int64_t>(), weights_c.const_data_ptr<float>(),
                      addend.has_value() ? addend_c.const_data_ptr() : nullptr,
+                     residual.has_value() ? residual_c.const_data_ptr() : nullptr,
                      out.mutable_data_ptr(), tokens, weights.size(1), hidden,
                      current_stream(sorted_out));
   return out;

@@ -11,6 +11,11 @@ from .config import LLaDA2Config
 from .modules import Linear, RMSNorm, apply_rotary, rms_normalize
 from .native import CpuVariant, runs_hooks
 
+# = kAttnMaxHeadDim of csrc/kernels/block_attention.cuh, the largest head dim the CUDA kernel of
+# dmax.block_attention takes (its shared-memory tiles; tests/test_block_attention_kernel.py
+# checks the two agree); past it the model runs SDPA on CUDA.
+BLOCK_ATTENTION_MAX_HEAD_DIM = 128
+
 
 def block_causal_mask(length: int, block_length: int, device=None) -> torch.Tensor:
     """[1, 1, T, T] bool, True = may attend: a token sees its own block and every earlier one.
@@ -202,16 +207,20 @@ class Attention(CpuVariant, nn.Module):
         return keys, values
 
     def _attend(self, q, k, v, mask):
-        """softmax(q k^T / sqrt(hd) + mask) v as [B, T, heads * hd]. Without gradients on the CPU
-        one op (dmax.block_attention: float32 softmax, 20-30% faster than SDPA's CPU kernels at
-        a block's 32 queries and its output already in this layout); else SDPA, which keeps the
-        softmax in float32 for bf16 inputs, and whose enable_gqa maps query head j to kv head
-        j // (n_heads / n_kv_heads) without materializing repeated keys. mask: a bool tensor,
-        None (full attention), or MaskTiles (one attention per query tile, on its keys)."""
+        """softmax(q k^T / sqrt(hd) + mask) v as [B, T, heads * hd]. Without gradients one op,
+        dmax.block_attention, its output already in this layout: on the CPU float32 softmax,
+        20-30% faster than SDPA's CPU kernels at a block's 32 queries; on CUDA (head dims up to
+        BLOCK_ATTENTION_MAX_HEAD_DIM) one or two launches where SDPA, given a bool mask and
+        grouped heads, falls back to its math path (csrc/kernels/block_attention.cuh). Else
+        SDPA, which keeps the softmax in float32 for bf16 inputs, and whose enable_gqa maps
+        query head j to kv head j // (n_heads / n_kv_heads) without materializing repeated keys.
+        mask: a bool tensor, None (full attention), or MaskTiles (one attention per query tile,
+        on its keys)."""
         if isinstance(mask, MaskTiles):
             return torch.cat([self._attend(q[:, :, first:end], *_keys(k, v, cols), sub)
                               for first, end, cols, sub in mask.tiles], dim=1)
-        if mask is not None:
+        if mask is not None and (q.shape[-1] <= BLOCK_ATTENTION_MAX_HEAD_DIM
+                                 or not self.runs_cuda_path(q)):
             native = self.native("block_attention", q, q)
             if native is not None:
                 return native(q, k, v, mask, self.scale)

@@ -16,7 +16,7 @@ from .cache import KVCache
 from .config import LLaDA2Config
 from .modules import GatedMLP, Linear, RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .moe import MoeBlock, resolve_impl
-from .native import CpuVariant, runs_hooks
+from .native import CpuVariant, hooks_output, runs_hooks
 from .native_layer import native_layer_forward, planned_layer_forward
 
 
@@ -43,7 +43,17 @@ class DecoderLayer(CpuVariant, nn.Module):
                                   out_rows)
         h, normed = self._residual_and_norm(
             x if out_rows is None else x[:, x.shape[1] - out_rows:], attended)
+        if self._mlp_adds_residual():
+            return self.mlp(normed, residual=h)
         return h + self.mlp(normed)
+
+    def _mlp_adds_residual(self) -> bool:
+        """Whether the MoE block takes the residual add (inside the experts' combine: on the
+        kernel path one launch fewer a layer): not where a forward hook would see the sum in
+        place of the block's output, nor where its forward was replaced (a wrapper or
+        activation checkpointing expects the block's own arguments)."""
+        return (isinstance(self.mlp, MoeBlock) and not hooks_output(self.mlp)
+                and "forward" not in self.mlp.__dict__)
 
     def _residual_and_norm(self, x, attended):
         """(x + attended, post_attention_layernorm of it): one dmax.add_rms_norm where the

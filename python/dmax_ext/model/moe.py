@@ -112,16 +112,25 @@ def dispatch(ids: torch.Tensor, n_experts: int):
 
 
 def combine(sorted_out: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor,
-            addend: torch.Tensor | None = None):
+            addend: torch.Tensor | None = None, residual: torch.Tensor | None = None):
     """sorted_out [N k, H] (the experts' rows in dispatch order) back per token: out[n] =
     sum_j weights[n, j] sorted_out[inverse[n k + j]], in float32 (each product rounded, then
     summed: torch's reduction order), cast once to sorted_out's dtype (as the checkpoint's
-    reference); plus addend [N, H] (the shared expert's output) if given, the two rounded
-    tensors added."""
+    reference); plus addend [N, H] (the shared expert's output) if given, then plus residual
+    [N, H] (the decoder layer's) if given: torch adds of rounded tensors (plus_terms)."""
     n, k = weights.shape
     rows = sorted_out.index_select(0, inverse).view(n, k, sorted_out.shape[-1])
     out = (rows.float() * weights[..., None]).sum(1).to(sorted_out.dtype)
-    return out if addend is None else out + addend
+    return plus_terms(out, addend, residual)
+
+
+def plus_terms(out: torch.Tensor, *terms: torch.Tensor | None) -> torch.Tensor:
+    """out + each term that is not None, in order: one rounded torch add each, the sums the
+    routed experts' output takes (the shared expert's, then the layer's residual)."""
+    for term in terms:
+        if term is not None:
+            out = out + term
+    return out
 
 
 # = kMaxDispatchEntries of csrc/kernels/moe_dispatch.cuh, the most routed entries (N k) the
@@ -263,17 +272,18 @@ class StackedExperts(CpuVariant, nn.Module):
                             lambda *w: tuple(ops.pack_moe_weights(t) for t in w))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                impl: str, addend: torch.Tensor | None = None) -> torch.Tensor:
+                impl: str, addend: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, H] in x.dtype;
-        plus addend [N, H] if given (MoeBlock's shared expert output: added by moe_combine on
-        the kernel path, else as a torch add of the two rounded tensors)."""
+        plus addend [N, H] if given (MoeBlock's shared expert output), then plus residual
+        [N, H] if given (the decoder layer's): added by moe_combine on the kernel path, else as
+        torch adds of rounded tensors (the same bits)."""
         native = (self.native("moe_experts", x, self.gate_up_proj,
                               native_experts_max_tokens(x.dtype)) if impl == "cpu" else None)
         if native is not None:
-            out = native(x, ids, weights, *self.kernel_weights())
-            return out if addend is None else out + addend
+            return plus_terms(native(x, ids, weights, *self.kernel_weights()), addend, residual)
         if impl == "grouped":
-            out = self._grouped_on_kernels(x, ids, weights, addend)
+            out = self._grouped_on_kernels(x, ids, weights, addend, residual)
             if out is not None:
                 return out
         rows, inverse, counts = dispatch(ids, self.gate_up_proj.shape[0])
@@ -282,9 +292,9 @@ class StackedExperts(CpuVariant, nn.Module):
             experts = functools.partial(experts, onednn=self.cpu_variant)
         # index_select, not x[index]: a plain row gather (aten::index is ~10x slower on CPU).
         sorted_out = experts(x.index_select(0, rows), counts, self.gate_up_proj, self.down_proj)
-        return combine(sorted_out, inverse, weights, addend)
+        return combine(sorted_out, inverse, weights, addend, residual)
 
-    def _grouped_on_kernels(self, x, ids, weights, addend):
+    def _grouped_on_kernels(self, x, ids, weights, addend, residual):
         """The "grouped" path with its sort and weighted sum as dmax.moe_dispatch and
         dmax.moe_combine: two launches where dispatch() and combine() are ~16 on CUDA
         (docs/PERFORMANCE.md, "GPU projections"); where they apply (no gradients, at most
@@ -299,7 +309,7 @@ class StackedExperts(CpuVariant, nn.Module):
         rows, inverse, offsets = sort(ids, self.gate_up_proj.shape[0])
         sorted_out = _experts_grouped(x.index_select(0, rows), None, self.gate_up_proj,
                                       self.down_proj, onednn=False, offsets=offsets)
-        return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend)
+        return torch.ops.dmax.moe_combine(sorted_out, inverse, weights, addend, residual)
 
 
 def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
@@ -336,15 +346,22 @@ class MoeBlock(nn.Module):
                                if config.num_shared_experts else None)
         self.impl = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for x [..., H]; with residual (x's shape) residual + that output,
+        the decoder layer's sum, which the routed experts' weighted sum adds on the kernel path
+        (dmax.moe_combine: one launch, where the layer's add was another). A forward hook on
+        this module would get the sum: DecoderLayer passes residual only when none is set
+        (tensor parallelism's all_reduce is one: the residual is added once, after it)."""
         flat = x.reshape(-1, x.shape[-1])
+        flat_residual = None if residual is None else residual.reshape(flat.shape)
         ids, weights = self.gate(flat)
         impl = resolve_impl(self.impl, x.device)
         if self.shared_experts is None:
-            return self.experts(flat, ids, weights, impl).view_as(x)
+            return self.experts(flat, ids, weights, impl, None, flat_residual).view_as(x)
         shared = self.shared_experts(x)
         if runs_hooks(self.experts):  # a hook sees the routed experts' output alone
-            return self.experts(flat, ids, weights, impl).view_as(x) + shared
+            return plus_terms(self.experts(flat, ids, weights, impl).view_as(x), shared, residual)
         # The experts add it (routed + shared, each rounded, as here): on the kernel path inside
         # dmax.moe_combine, one launch fewer.
-        return self.experts(flat, ids, weights, impl, shared.view(-1, x.shape[-1])).view_as(x)
+        return self.experts(flat, ids, weights, impl, shared.view(-1, x.shape[-1]),
+                            flat_residual).view_as(x)

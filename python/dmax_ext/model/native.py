@@ -77,7 +77,8 @@ def native_ops():
 # The native ops with a CUDA kernel beside the CPU one (csrc/kernels/): the model runs them on
 # either device. The others are CPU variants (CpuVariant): on CUDA the model runs torch's ops.
 KERNEL_OPS = frozenset({"rms_norm", "add_rms_norm", "qk_norm_rotary", "qk_norm_rotary_write_kv",
-                        "swiglu", "moe_route", "moe_dispatch", "moe_combine", "step_tables"})
+                        "swiglu", "moe_route", "moe_dispatch", "moe_combine", "step_tables",
+                        "block_attention"})
 
 
 @functools.cache
@@ -121,6 +122,13 @@ def runs_hooks(module: torch.nn.Module) -> bool:
     profiler's timers)."""
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def hooks_output(module: torch.nn.Module) -> bool:
+    """Whether a forward hook (its own, or a global one) sees `module`'s output: a caller that
+    folds its own work into that output (DecoderLayer: the residual add into the MoE block's)
+    must not then. Pre-hooks see only the inputs."""
+    return bool(module._forward_hooks or nn_module._global_forward_hooks)
 
 
 class CpuVariant:

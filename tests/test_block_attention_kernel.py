@@ -1,0 +1,161 @@
+"""dmax.block_attention's CUDA kernels (csrc/kernels/block_attention.cuh) on the simt emulation
+under three schedules and, with a GPU, on CUDA: against a float64 computation of the same
+attention within 2x the error of SDPA in the same dtype (the CPU op's rule,
+tests/test_model_block_attention.py), on hypothesis shapes that take both the one-launch path and
+the split keys with their merge (the emulation stands for a 4-multiprocessor device, so the
+modest shapes here split); rows that may attend nothing; strided cache slices; the head-dim
+limit the model relies on; argument errors; opcheck; the model's attention on the kernel."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, Backend, example_count
+from test_model_block_attention import _case, _sdpa
+from tolerances import assert_within_naive_error
+
+from dmax_ext.model.attention import BLOCK_ATTENTION_MAX_HEAD_DIM
+from dmax_ext.reference import block_attention_reference
+
+KERNEL_BACKENDS = [name for name in BACKENDS if name != "cpu"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The emulation's multiprocessor count (csrc/cuda/bindings/common.h) and the kernel's tiles:
+# enough to tell which shapes split their keys (mirrors choose_block_attention_splits).
+EMULATED_MULTIPROCESSORS, ROWS_PER_BLOCK, MIN_KEYS_PER_SPLIT = 4, 16, 64
+
+
+def splits_keys(batch, heads, length, slots) -> bool:
+    row_blocks = batch * heads * -(-length // ROWS_PER_BLOCK)
+    wanted = -(-2 * EMULATED_MULTIPROCESSORS // row_blocks)
+    return min(wanted, -(-slots // MIN_KEYS_PER_SPLIT)) > 1
+
+
+def _exact(case):
+    return block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                       else t for t in case))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_attention_within_sdpa_error(backend, dtype):
+    b = Backend(backend)
+    seen = set()
+
+    @settings(max_examples=example_count(0, 14, backend), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 4),
+           length=st.integers(1, 40), extra=st.integers(0, 300),
+           dim=st.sampled_from([8, 24, 64, 128]), shared_mask=st.booleans(),
+           seed=st.integers(0, 2**31))
+    def check(batch, kv_heads, group, length, extra, dim, shared_mask, seed):
+        heads, slots = kv_heads * group, length + extra
+        case = _case(dtype, batch, heads, kv_heads, length, slots, dim,
+                     shared_mask=shared_mask, seed=seed)
+        got = b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()
+        assert got.dtype == dtype and got.shape == (batch, length, heads * dim)
+        split = splits_keys(batch, heads, length, slots)
+        seen.add(split)
+        assert_within_naive_error(got, _exact(case), _sdpa(*case),
+                                  f"{b} {dtype} B{batch} H{heads}/{kv_heads} T{length} S{slots} "
+                                  f"D{dim} split {split}")
+
+    check()
+    # both paths, whatever hypothesis drew
+    for batch, heads, kv_heads, length, slots in ((1, 2, 1, 12, 333), (2, 8, 2, 32, 100)):
+        case = _case(dtype, batch, heads, kv_heads, length, slots, 64, seed=5)
+        seen.add(splits_keys(batch, heads, length, slots))
+        got = b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()
+        assert_within_naive_error(got, _exact(case), _sdpa(*case), f"{b} {dtype} {slots}")
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("slots", [40, 400], ids=["one-launch", "split"])
+def test_a_query_that_may_attend_nothing_gets_zeros(backend, slots):
+    """Zeros (not NaN) for a row masked everywhere, in one launch and through the merge, where
+    a split may see no allowed key while the others do; the other rows as the reference."""
+    b = Backend(backend)
+    q, keys, values, mask, scale = _case(torch.float32, batch=1, heads=2, kv_heads=1, length=8,
+                                         slots=slots)
+    mask = mask.clone()
+    mask[0, 0, 3] = False
+    mask[0, 0, 5, :slots - 30] = False  # row 5 sees only the last keys: other splits see none
+    assert splits_keys(1, 2, 8, slots) == (slots == 400)
+    got = b.op("block_attention")(*b.to(q, keys, values, mask), scale).cpu()
+    assert got[0, 3].eq(0).all() and got.isfinite().all()
+    torch.testing.assert_close(got, block_attention_reference(q, keys, values, mask, scale),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_slices_read_like_contiguous_copies(backend):
+    b = Backend(backend)
+    for slots in (50, 300):
+        q, keys, values, mask, scale = _case(torch.bfloat16, batch=1, heads=4, kv_heads=2,
+                                             length=16, slots=slots, max_slots=slots + 40)
+        op = b.op("block_attention")
+        want = op(*b.to(q.contiguous(), keys.contiguous(), values.contiguous(), mask), scale)
+        got = op(*b.to(q, keys, values, mask.expand(1, 1, 16, slots)), scale)
+        assert torch.equal(got.cpu(), want.cpu()), slots
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
+def test_the_head_dim_limit(backend):
+    """The kernel takes the head dims the model sends it (BLOCK_ATTENTION_MAX_HEAD_DIM) and
+    refuses one more; the CPU op has no limit."""
+    b = Backend(backend)
+    for dim in (BLOCK_ATTENTION_MAX_HEAD_DIM, BLOCK_ATTENTION_MAX_HEAD_DIM + 8):
+        case = _case(torch.float32, batch=1, heads=2, kv_heads=1, length=4, slots=9, dim=dim)
+        call = lambda: b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()  # noqa: E731
+        if backend == "cpu" or dim <= BLOCK_ATTENTION_MAX_HEAD_DIM:
+            assert_within_naive_error(call(), _exact(case), _sdpa(*case), f"{b} D{dim}")
+        else:
+            with pytest.raises(RuntimeError, match=f"head dims up to "
+                                                   f"{BLOCK_ATTENTION_MAX_HEAD_DIM}, got {dim}"):
+                call()
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
+def test_kernel_path_argument_errors(backend):
+    b = Backend(backend)
+    q, keys, values, mask, scale = b.to(*_case(torch.float32, batch=2, heads=4, kv_heads=2,
+                                               length=8, slots=20))
+    op = b.op("block_attention")
+    with pytest.raises(RuntimeError, match="block_attention: mask must be bool"):
+        op(q, keys, values, mask[:, :, :4], scale)
+    with pytest.raises(RuntimeError, match="block_attention: keys must be"):
+        op(q, keys.double(), values, mask, scale)
+    with pytest.raises(RuntimeError, match=r"the query heads \(4\) must be a multiple"):
+        op(q, keys[:, :1].expand(2, 3, 20, 64), values[:, :1].expand(2, 3, 20, 64), mask, scale)
+    with pytest.raises(RuntimeError, match="block_attention: q must be"):
+        op(q.transpose(2, 3), keys, values, mask, scale)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS_ONE_SCHEDULE if name != "cpu"])
+def test_opcheck(backend):
+    b = Backend(backend)
+    for slots in (20, 300):  # one launch; split keys
+        case = _case(torch.bfloat16, batch=1, heads=2, kv_heads=1, length=6, slots=slots)
+        torch.library.opcheck(b.namespace.block_attention.default, (*b.to(*case[:4]), case[4]))
+
+
+def test_past_the_head_dim_limit_the_gpu_path_keeps_sdpa():
+    """A decode on the GPU path (the CPU variants off, standing for CUDA) attends through
+    dmax.block_attention up to the kernel's head dims and through SDPA past them, with the
+    same tokens. (That a cached step's attention is the op alone: tests/test_roofline.py.)"""
+    import dataclasses
+
+    import dmax_ext
+    from dmax_ext.model import PRESETS, random_model
+    from dmax_calls import dmax_calls
+
+    for head_dim in (BLOCK_ATTENTION_MAX_HEAD_DIM, BLOCK_ATTENTION_MAX_HEAD_DIM + 32):
+        model = random_model(dataclasses.replace(PRESETS["tiny"], head_dim=head_dim),
+                             dtype=torch.float32, lm_head_gain=25.0, lm_head_from_embedding=True)
+        prompt = [[5, 17, 29, 41, 53, 65, 77]]
+        want = dmax_ext.decode(model, prompt, gen_length=32, block_length=32, threshold=0.5)
+        model.set_cpu_variants(False)
+        with dmax_calls() as calls:
+            got = dmax_ext.decode(model, prompt, gen_length=32, block_length=32, threshold=0.5)
+        names = {name for name, _ in calls}
+        assert ("block_attention" in names) == (head_dim <= BLOCK_ATTENTION_MAX_HEAD_DIM), names
+        assert got.tokens == want.tokens, head_dim
