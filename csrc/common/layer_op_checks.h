@@ -1,8 +1,8 @@
 // Argument checks of the model-layer ops that have a CPU implementation and a kernel one
 // (rms_norm, add_rms_norm, qk_norm_rotary(_write_kv), swiglu, moe_route, moe_dispatch,
-// moe_combine, step_tables, block_attention), shared by csrc/cpu/ and the kernel bindings (csrc/cuda/bindings/). They guard
-// what the kernels rely on (dtypes, shapes, contiguous rows, one device); the Python wrappers in
-// dmax_ext.ops check the same things first.
+// moe_combine, step_tables, block_attention), shared by csrc/cpu/ and the kernel bindings
+// (csrc/cuda/bindings/). They guard what the kernels rely on (dtypes, shapes, contiguous rows,
+// one device); the Python wrappers in dmax_ext.ops check the same things first.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -192,7 +192,7 @@ inline void check_moe_combine_args(const at::Tensor& sorted_out, const at::Tenso
 // q [B, heads, T, D], keys / values [B, kv_heads, S, D] (rows of D contiguous), mask bool
 // [B or 1, 1, T, S], all on q's device.
 inline void check_block_attention_args(const at::Tensor& q, const at::Tensor& keys,
-                                const at::Tensor& values, const at::Tensor& mask) {
+                                       const at::Tensor& values, const at::Tensor& mask) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "block_attention: q must be float32, bfloat16 or float16, got ", dtype);
