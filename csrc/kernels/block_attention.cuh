@@ -47,24 +47,39 @@ struct AttnShape {
   int splits, keys_per_split;  // keys_per_split: a multiple of kAttnKeyTile
 };
 
-// q . k over D in kDotChains interleaved fused multiply-add chains, summed pairwise: a score's
-// error becomes its probability's relative error, and a sequential float32 sum's error grows
-// with D (GEMM kernels sum in vector lanes too). The chains are also independent instructions.
+// score[r] = q[r] . k over D for a warp's kAttnRowsPerWarp query rows (q: [rows][D], k: one
+// key's row), each in kDotChains interleaved fused multiply-add chains summed pairwise: a
+// score's error becomes its probability's relative error, and a sequential float32 sum's error
+// grows with D (GEMM kernels sum in vector lanes too). Each k element is read once for all the
+// rows (1.25 shared-memory reads a multiply-add, not 2), and the chains are independent.
 constexpr int kDotChains = 8;
-__device__ __forceinline__ float dot(const float* q, const float* k, int D) {
-  float part[kDotChains] = {};
+__device__ __forceinline__ void dot_rows(const float* q, const float* k, int D,
+                                         float (&score)[kAttnRowsPerWarp]) {
+  float part[kAttnRowsPerWarp][kDotChains] = {};
   int d = 0;
   for (; d + kDotChains <= D; d += kDotChains) {
 #pragma unroll
-    for (int c = 0; c < kDotChains; ++c) part[c] = fmaf(q[d + c], k[d + c], part[c]);
-  }
-  for (int c = 0; d < D; ++d, ++c) part[c] = fmaf(q[d], k[d], part[c]);
+    for (int c = 0; c < kDotChains; ++c) {
+      const float kv = k[d + c];
 #pragma unroll
-  for (int width = kDotChains / 2; width > 0; width /= 2) {
-#pragma unroll
-    for (int c = 0; c < width; ++c) part[c] += part[c + width];
+      for (int r = 0; r < kAttnRowsPerWarp; ++r)
+        part[r][c] = fmaf(q[r * D + d + c], kv, part[r][c]);
+    }
   }
-  return part[0];
+  for (int c = 0; d < D; ++d, ++c) {
+    const float kv = k[d];
+#pragma unroll
+    for (int r = 0; r < kAttnRowsPerWarp; ++r) part[r][c] = fmaf(q[r * D + d], kv, part[r][c]);
+  }
+#pragma unroll
+  for (int r = 0; r < kAttnRowsPerWarp; ++r) {
+#pragma unroll
+    for (int width = kDotChains / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int c = 0; c < width; ++c) part[r][c] += part[r][c + width];
+    }
+    score[r] = part[r][0];
+  }
 }
 
 __device__ __forceinline__ float warp_max(float value) {
@@ -92,12 +107,16 @@ block_attention_kernel(const T* __restrict__ q, const T* __restrict__ keys,
   float* k_s = q_s + kAttnRows * D;          // [kAttnKeyTile][D + 1]: lanes read rows, no conflict
   float* v_s = k_s + kAttnKeyTile * (D + 1);  // [kAttnKeyTile][D]: lanes read along D
 
-  for (int e = threadIdx.x; e < kAttnRows * D; e += blockDim.x) {
-    const int r = e / D, d = e % D, t = row0 + r;
-    // (q.float() * scale) as the reference: the product rounded to float32, then the dots.
-    q_s[e] = t < sh.length
-                 ? __fmul_rn(to_float(q[b * st.q_b + head * st.q_h + t * st.q_t + d]), scale)
-                 : 0.f;
+  // Rows by warp and D by lane: no division per element, and each warp's loads contiguous.
+  for (int r = warp; r < kAttnRows; r += kAttnWarps) {
+    const int t = row0 + r;
+    for (int d = lane; d < D; d += 32) {
+      // (q.float() * scale) as the reference: the product rounded to float32, then the dots.
+      q_s[r * D + d] = t < sh.length
+                           ? __fmul_rn(to_float(q[b * st.q_b + head * st.q_h + t * st.q_t + d]),
+                                       scale)
+                           : 0.f;
+    }
   }
   float m[kAttnRowsPerWarp], l[kAttnRowsPerWarp], acc[kAttnRowsPerWarp][kAttnDimsPerLane];
 #pragma unroll
@@ -114,21 +133,24 @@ block_attention_kernel(const T* __restrict__ q, const T* __restrict__ keys,
   const int end_key = min(first_key + sh.keys_per_split, sh.slots);
   for (int tile = first_key; tile < end_key; tile += kAttnKeyTile) {
     __syncthreads();  // the previous tile's k_s / v_s are read by every warp (and q_s written)
-    for (int e = threadIdx.x; e < kAttnKeyTile * D; e += blockDim.x) {
-      const int j = e / D, d = e % D, s = tile + j;
+    for (int j = warp; j < kAttnKeyTile; j += kAttnWarps) {
+      const int s = tile + j;
       const bool in = s < end_key;
-      k_s[j * (D + 1) + d] = in ? to_float(k_base[s * st.k_s + d]) : 0.f;
-      v_s[j * D + d] = in ? to_float(v_base[s * st.v_s + d]) : 0.f;
+      for (int d = lane; d < D; d += 32) {
+        k_s[j * (D + 1) + d] = in ? to_float(k_base[s * st.k_s + d]) : 0.f;
+        v_s[j * D + d] = in ? to_float(v_base[s * st.v_s + d]) : 0.f;
+      }
     }
     __syncthreads();
     const int s = tile + lane;
+    float scores[kAttnRowsPerWarp];  // rows past T score their zero q_s rows, unused
+    dot_rows(q_s + warp * kAttnRowsPerWarp * D, k_s + lane * (D + 1), D, scores);
 #pragma unroll
     for (int r = 0; r < kAttnRowsPerWarp; ++r) {
-      const int row = warp * kAttnRowsPerWarp + r, t = row0 + row;
+      const int t = row0 + warp * kAttnRowsPerWarp + r;
       if (t >= sh.length) continue;  // uniform in the warp
-      float score = dot(q_s + row * D, k_s + lane * (D + 1), D);
       const bool allowed = s < end_key && m_base[t * st.m_t + s * st.m_s];
-      score = allowed ? score : -INFINITY;
+      const float score = allowed ? scores[r] : -INFINITY;
       const float m_new = fmaxf(m[r], warp_max(score));
       if (m_new == -INFINITY) continue;  // nothing allowed so far: the state stays empty
       const float p = allowed ? expf(score - m_new) : 0.f;
