@@ -66,10 +66,12 @@ __device__ __forceinline__ void dot_rows(const float* q, const float* k, int D,
         part[r][c] = fmaf(q[r * D + d + c], kv, part[r][c]);
     }
   }
-  for (int c = 0; d < D; ++d, ++c) {
+  // The tail (D not a multiple of the chains) into chain 0: a chain picked at run time would
+  // index the array dynamically and move it from registers to local memory.
+  for (; d < D; ++d) {
     const float kv = k[d];
 #pragma unroll
-    for (int r = 0; r < kAttnRowsPerWarp; ++r) part[r][c] = fmaf(q[r * D + d], kv, part[r][c]);
+    for (int r = 0; r < kAttnRowsPerWarp; ++r) part[r][0] = fmaf(q[r * D + d], kv, part[r][0]);
   }
 #pragma unroll
   for (int r = 0; r < kAttnRowsPerWarp; ++r) {
