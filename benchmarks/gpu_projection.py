@@ -277,8 +277,8 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             "add_rms_norm, qk_norm_rotary_write_kv, block_attention, swiglu, moe_route, "
             "moe_dispatch, moe_combine, step_tables); block_attention adds a second launch "
             "(the merge of its key splits) where the rows alone would not fill the device, as "
-            "at batch 1: ~20 more. What is left is mostly GEMMs, the router's float32 cast and "
-            "the SPD step's small ops (next section).",
+            f"at batch 1: ~{c.num_hidden_layers} more. What is left is mostly GEMMs, the "
+            "router's float32 cast and the SPD step's small ops (next section).",
             f"- Eager steps: a block's first step (and the later step run just before each "
             f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
             f"{ASSUMED_US_PER_EAGER_OP} us each that is "

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spd_step_cases import BACKENDS, BACKENDS_ONE_SCHEDULE, Backend, example_count
-from test_model_block_attention import _case, _sdpa
+from test_model_block_attention import _case, _exact, _sdpa
 from tolerances import assert_within_naive_error
 
 from dmax_ext.model.attention import BLOCK_ATTENTION_MAX_HEAD_DIM
@@ -27,11 +27,6 @@ def splits_keys(batch, heads, length, slots) -> bool:
     row_blocks = batch * heads * -(-length // ROWS_PER_BLOCK)
     wanted = -(-2 * EMULATED_MULTIPROCESSORS // row_blocks)
     return min(wanted, -(-slots // MIN_KEYS_PER_SPLIT)) > 1
-
-
-def _exact(case):
-    return block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
-                                       else t for t in case))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

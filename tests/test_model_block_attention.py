@@ -36,6 +36,12 @@ def _case(dtype, batch=2, heads=8, kv_heads=2, length=32, slots=100, dim=64, max
     return q, keys, values, mask, dim ** -0.5
 
 
+def _exact(case):
+    """The reference on float64 copies of a case's tensors: the tests' exact values."""
+    return block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                       else t for t in case))
+
+
 def _sdpa(q, keys, values, mask, scale):
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[1] != keys.shape[1])
@@ -52,24 +58,19 @@ def test_matches_float64_attention_within_sdpa_error(dtype, dims):
     got = ops.block_attention(*case)
     q = case[0]
     assert got.dtype == dtype and got.shape == (q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
-    exact = block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
-                                        else t for t in case))
-    assert_within_naive_error(got, exact, _sdpa(*case), f"{dtype} {dims}")
+    assert_within_naive_error(got, _exact(case), _sdpa(*case), f"{dtype} {dims}")
 
 
 _CAPABILITY_SCRIPT = """
 import torch
-from test_model_block_attention import _case, _sdpa
-from dmax_ext.reference import block_attention_reference
+from test_model_block_attention import _case, _exact, _sdpa
 from tolerances import assert_within_naive_error
 print(torch.backends.cpu.get_cpu_capability())
 for dtype in (torch.float32, torch.bfloat16):
     for dims in (dict(), dict(slots=33), dict(dim=24, slots=17, length=9)):
         case = _case(dtype, **dims)
         got = torch.ops.dmax.block_attention(*case)
-        exact = block_attention_reference(*(t.double() if torch.is_tensor(t) and
-                                            t.is_floating_point() else t for t in case))
-        assert_within_naive_error(got, exact, _sdpa(*case), str(dtype) + str(dims))
+        assert_within_naive_error(got, _exact(case), _sdpa(*case), str(dtype) + str(dims))
 """
 
 
@@ -155,7 +156,6 @@ def test_bf16_float_and_dot_forms_within_sdpa_error(monkeypatch, switch, dims):
         pytest.skip("this CPU (or torch's capability) has no AVX512-BF16: the dot form cannot run")
     monkeypatch.setenv("DMAX_CPU_BF16_DOT", switch)
     case = _case(torch.bfloat16, **dims)
-    exact = block_attention_reference(*(t.double() if torch.is_tensor(t) and t.is_floating_point()
-                                        else t for t in case))
-    assert_within_naive_error(ops.block_attention(*case), exact, _sdpa(*case), f"{switch} {dims}")
+    assert_within_naive_error(ops.block_attention(*case), _exact(case), _sdpa(*case),
+                              f"{switch} {dims}")
 

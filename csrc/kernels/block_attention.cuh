@@ -84,12 +84,6 @@ __device__ __forceinline__ void dot_rows(const float* q, const float* k, int D,
   }
 }
 
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = 16; offset > 0; offset >>= 1)
-    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
-  return value;
-}
-
 // grid (splits, ceil(T / kAttnRows) * heads, batch), kAttnWarps * 32 threads, dynamic shared
 // memory block_attention_smem_bytes(dim). With splits == 1 writes out [B, T, heads * D]; else
 // partial_sums [B, heads, T, splits, D] and partial_ml [B, heads, T, splits, 2] (max, sum).

@@ -50,10 +50,16 @@ __device__ __forceinline__ bool block_any(bool value, int* scratch) {
   return any;
 }
 
-// The maximum of `value` over the block (NaN-free inputs). scratch: float[32].
-__device__ __forceinline__ float block_max(float value, float* scratch) {
+// The maximum of `value` over the 32 lanes of a full warp (NaN-free inputs), in every lane.
+__device__ __forceinline__ float warp_max(float value) {
   for (int offset = 16; offset > 0; offset >>= 1)
     value = max(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+// The maximum of `value` over the block (NaN-free inputs). scratch: float[32].
+__device__ __forceinline__ float block_max(float value, float* scratch) {
+  value = warp_max(value);
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = value;
   __syncthreads();
   float result = scratch[0];
