@@ -248,13 +248,13 @@ def projection_section(config) -> list[str]:
     return lines
 
 
-def overheads_section(config, later_step, first_step) -> list[str]:
+def overheads_section(config, later_step, eager_step) -> list[str]:
     c = config
     n_moe = roofline.moe_layer_count(c)
     flops = costs(c, 2, WEIGHT_BYTES, CACHE_SLOTS[0])["later"].total_flops
     h200 = DEVICES[-1]
     kernels = sum(step_ops.scaled_counts(later_step, c).values())
-    eager = sum(step_ops.scaled_counts(first_step, c).values())
+    eager = sum(step_ops.scaled_counts(eager_step, c).values())
     comm = 2 * c.num_hidden_layers
     slots = CACHE_SLOTS[0]
     span_cost = {n: costs(c, 1, WEIGHT_BYTES, n)["later"].total_bytes for n in (slots, 2 * slots)}
@@ -279,12 +279,14 @@ def overheads_section(config, later_step, first_step) -> list[str]:
             "(the merge of its key splits) where the rows alone would not fill the device, as "
             f"at batch 1: ~{c.num_hidden_layers} more. What is left is mostly GEMMs, the "
             "router's float32 cast and the SPD step's small ops (next section).",
-            f"- Eager steps: a block's first step (and the later step run just before each "
-            f"capture) dispatches ~{eager:,} ops from Python; at an assumed "
-            f"{ASSUMED_US_PER_EAGER_OP} us each that is "
-            f"~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step. Graph "
-            "captures: one per batch size and key-span bucket (next section), not one per block: "
-            f"at most log2(S / {BLOCK}) + 1 per batch size for a cache of S slots.",
+            f"- Eager steps: the first generated block's first step (once per decode: it has "
+            "no previous block to commit, so other shapes) and the step run just before each "
+            f"capture dispatch ~{eager:,} ops from Python (a first step with the ops wrappers); "
+            f"at an assumed {ASSUMED_US_PER_EAGER_OP} us each that is "
+            f"~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step. "
+            "Graph captures: one per batch size, kind of step (first, later) and key-span "
+            f"bucket (next section), not one per block: at most 2 (log2(S / {BLOCK}) + 1) per "
+            "batch size for a cache of S slots.",
             f"- Key-span buckets: a replayed step reads up to twice the keys it needs; reading "
             f"{2 * slots} slots instead of {slots} adds "
             f"{span_cost[2 * slots] / span_cost[slots] - 1:.1%} to a later step's bytes.",
@@ -300,26 +302,28 @@ def overheads_section(config, later_step, first_step) -> list[str]:
 
 
 
-def step_section(config, later_step, first_step) -> list[str]:
+def step_section(config, later_step, first_step, eager_step) -> list[str]:
     c = config
-    later, eager = step_ops.scaled_counts(later_step, c), step_ops.scaled_counts(first_step, c)
+    later, first = step_ops.scaled_counts(later_step, c), step_ops.scaled_counts(first_step, c)
     per_unit = step_ops.per_unit_counts(later_step)
     units = step_ops.section_units(c)
     n_moe = roofline.moe_layer_count(c)
     moe_syncs = later_step.syncs.get("moe", 0) // step_ops.section_units(later_step.config)["moe"]
-    eager_syncs = first_step.syncs.get("apply_step", 0)
+    eager_syncs = eager_step.syncs.get("apply_step", 0)
     lines = [f"### What one step of our decoder launches ({PRESET}; traced, not timed)", "",
              "From `python/dmax_ext/decoding/` (engine.py, step.py, cuda_graph.py, backends.py) "
-             "and `model/`, as of this generation. Per block: step 0 runs eagerly "
-             f"(`forward_first`: the previous and current block, {2 * BLOCK} tokens from ids, "
-             "which also commits the previous block's K/V). The later steps replay CUDA graphs "
-             "captured once per batch size and key span: the attention reads slots [0, span), "
-             f"span the smallest power-of-two multiple of the block length ({BLOCK}) covering "
-             "the block, capped at the cache, the keys past the block masked; the write slot is "
-             "a device tensor the runner fills (`fill_`) before each replay, so one graph serves "
-             "every block of its span. The first later step at a new span runs eagerly on a side "
-             "stream and is captured; every other later step is `graph.replay()`. A compaction "
-             "(a sequence finished) drops the graphs: new buffers.", "",
+             "and `model/`, as of this generation. Per block: step 0 (`forward_first`: the "
+             f"previous and current block, {2 * BLOCK} tokens from ids, which also commits the "
+             "previous block's K/V) and the later steps (`forward_block`: the block's hybrid "
+             "embeddings) replay CUDA graphs captured once per batch size, kind of step and key "
+             "span: the attention reads slots [0, span), span the smallest power-of-two "
+             f"multiple of the block length ({BLOCK}) covering the block, capped at the cache, "
+             "the keys past the block masked; the write slot is a device tensor the runner "
+             "fills (`fill_`) before each replay, so one graph serves every block of its span. "
+             "The first step of a kind at a new span runs eagerly on a side stream and is "
+             "captured; every other step is `graph.replay()`. The first generated block's "
+             "first step runs eagerly (no previous block: once per decode). A compaction (a "
+             "sequence finished) drops the graphs: new buffers.", "",
              "Ops counted by `benchmarks/step_ops.py` (a TorchDispatchMode trace of the real "
              "step on the `tiny` preset, bf16, the CUDA MoE path `grouped`, scaled to "
              f"{PRESET}'s layers; each op is at least one kernel on CUDA; views and no-op casts "
@@ -372,9 +376,10 @@ def step_section(config, later_step, first_step) -> list[str]:
                     "lm_head", "apply_step"):
         lines.append(f"| {section} | {per_unit[section]:.0f} | {units.get(section, 1)} | "
                      f"{later[section]:,} | {what[section]} |")
-    lines.append(f"| **total** | | | **{sum(later.values()):,}** | first (eager) step: "
-                 f"{sum(eager.values()):,} (with the embedding gather, the 2-block slicing and "
-                 "the ops wrappers' checks) |")
+    lines.append(f"| **total** | | | **{sum(later.values()):,}** | a block's first step "
+                 f"(also a graph): {sum(first.values()):,} (the embedding gather and the two "
+                 "blocks' ids and positions concatenated; apply_step without the converged "
+                 "rows' masks) |")
     lines += ["", "Host synchronizations:", "",
               "- Every step: one, the engine reading the convergence flags "
               "(`running.done.tolist()` in `_run_block`) to decide whether the block goes on "
@@ -397,14 +402,15 @@ def step_section(config, later_step, first_step) -> list[str]:
 def section_text() -> str:
     config = preset_config(PRESET)
     later_step = step_ops.count_step_ops()
-    first_step = step_ops.count_step_ops(first_step=True, ops="native")
+    first_step = step_ops.count_step_ops(first_step=True)
+    eager_step = step_ops.count_step_ops(first_step=True, captured=False)
     lines = ["## GPU projections", "",
              "Generated by `python benchmarks/gpu_projection.py`; do not edit by hand. **Every "
              "figure in this section is a projection** from the model's sizes and the devices' "
              "datasheet bandwidth, not a measurement: no GPU has run this code.", ""]
     lines += assumptions(config) + distinct_section(config) + bytes_section(config)
-    lines += projection_section(config) + overheads_section(config, later_step, first_step)
-    lines += step_section(config, later_step, first_step)
+    lines += projection_section(config) + overheads_section(config, later_step, eager_step)
+    lines += step_section(config, later_step, first_step, eager_step)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -130,11 +130,13 @@ def raw_ops():
 
 
 def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
-                   moe_impl: str = "grouped", first_step: bool = False, ops=None) -> OpCounts:
-    """Traces one step of a block: a later step (forward_block + apply_step, as captured: the
-    write slot a device tensor, the key span bucketed) or, with first_step, the block's first
-    step (forward_first on the previous and current block + apply_step, run eagerly). ops: the
-    step ops (default raw_ops(); pass "native" for the wrappers an eager step calls)."""
+                   moe_impl: str = "grouped", first_step: bool = False,
+                   captured: bool = True, ops=None) -> OpCounts:
+    """Traces one step of a block: a later step (forward_block + apply_step) or, with
+    first_step, the block's first step (forward_first on the previous and current block +
+    apply_step), as decoding/cuda_graph.py runs them on CUDA: captured (the write slot a device
+    tensor; raw ops) or, captured=False, eagerly (an int write slot; the ops wrappers), both at
+    the bucketed key span. ops: the step ops (default: raw_ops() captured, "native" eager)."""
     import dmax_ext
     from dmax_ext.decoding.backends import resolve_ops
     from dmax_ext.decoding.cuda_graph import key_span
@@ -150,8 +152,11 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
                          mask_id=None, seed=None)
     length, write_slot = config.block_length, 2 * config.block_length
     cache = model.new_cache(1, write_slot + length)
+    span = key_span(write_slot, length, cache.max_slots)
     state = BlockState.allocate(1, length, c.hidden_size, dtype, "cpu")
-    step_ops = raw_ops() if ops is None else resolve_ops(ops)
+    if ops is None:
+        ops = raw_ops() if captured else "native"
+    step_ops = resolve_ops(ops)
     tracer = _Tracer()
     with torch.inference_mode():
         # A forward before the trace makes what a decode's first step leaves for the others
@@ -159,17 +164,18 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
         model(input_ids=torch.zeros(1, 1, dtype=torch.int64))
         state.start_block(model, torch.full((1, length), c.mask_token_id),
                           torch.tensor([write_slot]), config)
-        prev = torch.zeros(1, length, dtype=torch.int64)
-        slot = torch.tensor(write_slot)  # filled before each replay (cuda_graph.CudaGraphStep)
+        # filled before each replay (cuda_graph.CudaGraphStep)
+        slot = torch.tensor(write_slot) if captured else write_slot
         handles = _hook_sections(model, tracer)
         try:
             with tracer:
-                logits = (forward_first(model, cache, state, prev, write_slot, length)
-                          if first_step else
-                          forward_block(model, cache, state, slot, config,
-                                        key_span(write_slot, length, cache.max_slots)))
+                logits = (forward_first(model, cache, state, slot, length, True, span)
+                          if first_step else forward_block(model, cache, state, slot, config, span))
                 tracer.section.append("apply_step")
-                apply_step(step_ops, model, state, logits, config)
+                # the first step's rows are all live; a graphed later step keeps converged
+                # rows in the batch
+                apply_step(step_ops, model, state, logits, config,
+                           all_live=first_step or not captured)
         finally:
             for h in handles:
                 h.remove()
@@ -202,8 +208,9 @@ def main() -> int:
     from dmax_ext.model.presets import preset_config
     config = preset_config("tiny")
     for label, kwargs in (("later step (captured; raw ops)", {}),
+                          ("first step (captured; raw ops)", {"first_step": True}),
                           ("first step (eager; native wrappers)", {"first_step": True,
-                                                                   "ops": "native"})):
+                                                                   "captured": False})):
         counts = count_step_ops(**kwargs)
         print(f"{label}: {sum(counts.kernels.values())} data-moving ops on "
               f"{config.num_hidden_layers} layers; host syncs on CUDA {dict(counts.syncs)}")

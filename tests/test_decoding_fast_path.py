@@ -15,7 +15,7 @@ from dmax_ext.decoding.backends import resolve_ops
 from dmax_ext.decoding.cuda_graph import CudaGraphStep, EagerStep, StepTimer, key_span
 from dmax_ext.decoding.engine import _Decoder
 from dmax_ext.decoding.params import make_config
-from dmax_ext.decoding.step import BlockState, apply_step, forward_block
+from dmax_ext.decoding.step import BlockState, apply_step, forward_block, forward_first
 from dmax_ext.model import random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -39,8 +39,8 @@ def run_decoder(model, runner, ops="native", *, mode="spd", gen_length=9, top_k=
 
 
 class StaticShapeCheck(EagerStep):
-    """Runs the eager step and checks what a CUDA graph relies on: between two resets
-    (compaction), every later step, whatever its block, sees the same buffers (same storage,
+    """Runs the eager steps and checks what a CUDA graph relies on: between two resets
+    (compaction), every step (first or later), whatever its block, sees the same buffers (same storage,
     shapes, dtypes) and the same cache tensors: graphs are replayed across blocks. Like
     CudaGraphStep it declares static shapes, so converged rows wait in the batch."""
 
@@ -51,42 +51,61 @@ class StaticShapeCheck(EagerStep):
         self.fingerprint = None
         self.repeats = 0
 
+    def first(self, ops, model, cache, state, write_slot, config, with_prev):
+        if with_prev:  # a graphed first step (the first generated block's runs eagerly)
+            self._check(state, cache)
+        super().first(ops, model, cache, state, write_slot, config, with_prev)
+
     def __call__(self, ops, model, cache, state, write_slot, config):
+        self._check(state, cache)
+        super().__call__(ops, model, cache, state, write_slot, config)
+
+    def _check(self, state, cache):
         fingerprint = tuple((t.data_ptr(), t.shape, t.dtype) for t in vars(state).values()) \
             + tuple(k.data_ptr() for k in cache.keys)
         if self.fingerprint is not None:
             assert self.fingerprint == fingerprint
             self.repeats += 1
         self.fingerprint = fingerprint
-        super().__call__(ops, model, cache, state, write_slot, config)
 
     def reset(self):
         self.fingerprint = None
 
 
 class CountingGraphStep(CudaGraphStep):
-    """CudaGraphStep recording each call's (batch epoch, key span, write slot); the epoch counts
-    resets (compactions: a new batch of buffers)."""
+    """CudaGraphStep recording each call's (batch epoch, kind, key span, write slot); the epoch
+    counts resets (compactions: a new batch of buffers). The first step of the first generated
+    block, which runs eagerly, is recorded under "alone"."""
 
     def __init__(self):
         super().__init__()
         self.calls, self.epoch = [], 0
 
+    def first(self, ops, model, cache, state, write_slot, config, with_prev):
+        self._note("first" if with_prev else "alone", cache, write_slot, config)
+        super().first(ops, model, cache, state, write_slot, config, with_prev)
+
     def __call__(self, ops, model, cache, state, write_slot, config):
-        span = key_span(write_slot, config.block_length, cache.max_slots)
-        self.calls.append((self.epoch, span, write_slot))
+        self._note("later", cache, write_slot, config)
         super().__call__(ops, model, cache, state, write_slot, config)
+
+    def _note(self, kind, cache, write_slot, config):
+        span = key_span(write_slot, config.block_length, cache.max_slots)
+        self.calls.append((self.epoch, kind, span, write_slot))
 
     def reset(self):
         super().reset()
         self.epoch += 1
 
-    def graphs_wanted(self) -> int:
-        return len({(epoch, span) for epoch, span, _ in self.calls})
+    def graphs_wanted(self, kind=None) -> int:
+        return len({(epoch, k, span) for epoch, k, span, _ in self.calls
+                    if k != "alone" and kind in (None, k)})
 
-    def blocks_stepped(self) -> int:
-        """(batch, block) pairs with a later step: what capturing per block would capture."""
-        return len({(epoch, slot) for epoch, _, slot in self.calls})
+    def blocks_stepped(self, kind=None) -> int:
+        """(batch, block) pairs with a step of `kind` (any graphed one: None): what capturing
+        per block would capture."""
+        return len({(epoch, k, slot) for epoch, k, _, slot in self.calls
+                    if k != "alone" and kind in (None, k)})
 
 
 class GraphStandIn(CountingGraphStep):
@@ -207,6 +226,43 @@ def test_device_write_slot_step_is_bitwise_the_int_step(dtype, batch, mode):
             assert torch.equal(a[:, :, :36], b[:, :, :36])  # the slots written, prefill included
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_device_write_slot_first_step_is_bitwise_the_int_step(dtype, batch):
+    """forward_first with the previous block (2L tokens at write_slot - L) and the write slot as
+    a device tensor (the captured form) equals the int write slot at the same key span bitwise:
+    logits, and the cache slots it commits (the previous block's) and writes (this block's);
+    the slot tensor keeps the value the runner filled. float32 logits agree with the exact
+    span's to rounding."""
+    model = random_model("tiny", dtype=dtype, seed=1)
+    max_slots = 60
+    valid_from = torch.tensor([0, 8, 4][:batch])
+    generator = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        by_int, by_tensor, exact = (_filled_cache(model, batch, max_slots, valid_from, seed)
+                                    for seed in (3, 4, 5))
+        slot = torch.zeros((), dtype=torch.int64)
+        state = BlockState.allocate(batch, L, model.config.hidden_size, dtype, "cpu")
+        state.valid_from.copy_(valid_from)
+        for write_slot in range(20, 40, L):  # spans 32, 32, 32, 60 (64 capped), 60
+            span = key_span(write_slot, L, max_slots)
+            state.prev_ids.copy_(torch.randint(0, 500, (batch, L), generator=generator))
+            state.ids.copy_(torch.randint(0, 500, (batch, L), generator=generator))
+            state.positions.copy_(write_slot - valid_from[:, None] + torch.arange(L))
+            slot.fill_(write_slot)
+            logits = forward_first(model, by_int, state, write_slot, L, True, span)
+            assert logits.shape == (batch, L, model.config.vocab_size)
+            assert torch.equal(forward_first(model, by_tensor, state, slot, L, True, span),
+                               logits)
+            assert slot.item() == write_slot
+            if dtype == torch.float32:
+                rounded = forward_first(model, exact, state, write_slot, L, True)
+                torch.testing.assert_close(rounded, logits, rtol=0,
+                                           atol=1e-5 * logits.abs().max().item())
+            for a, b in zip(by_int.keys + by_int.values, by_tensor.keys + by_tensor.values):
+                assert torch.equal(a[:, :, :write_slot + L], b[:, :, :write_slot + L])
+
+
 @pytest.mark.parametrize("mode", ["spd", "threshold"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "seed": 5}],
                          ids=["greedy", "seeded"])
@@ -220,8 +276,12 @@ def test_graph_runner_captures_once_per_span_and_decodes_as_eager(mode, sampling
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
     assert runner.epoch > 0
-    # One capture per (batch, span); fewer than the blocks: some graph served several blocks.
+    # One capture per (batch, kind, span); fewer than the blocks: some graph of each kind
+    # served several blocks. The first generated block's first step ran eagerly, once.
     assert runner.captures == runner.graphs_wanted() < runner.blocks_stepped()
+    for kind in ("first", "later"):
+        assert 0 < runner.graphs_wanted(kind) < runner.blocks_stepped(kind)
+    assert [k for _, k, _, _ in runner.calls].count("alone") == 1
     eager = run_decoder(model, EagerBucketedWaiting(), **kwargs)
     assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps,
             graphed.capped_blocks) == (eager.tokens, eager.nfe, eager.seq_nfe,

@@ -2,8 +2,8 @@
 
 The loop, per slot block (layout.py): start the block (prompt tail + masks, or all masks), run
 its first step from ids for every running row (committing the previous block's K/V,
-step.forward_first), then later steps (cuda_graph.py: eager or replayed) until every row has
-converged or the step cap is hit. A row whose block has converged leaves the later steps of that
+step.forward_first), then later steps until every row has converged or the step cap is hit
+(cuda_graph.py: each step eager or replayed). A row whose block has converged leaves the later steps of that
 block: they run on the rows still decoding (BlockState.select, KVCache.select), and it rejoins at
 the next block's first step. Block step counts are heavy-tailed (1 to 32 within a batch), so a
 row waiting in the forwards would cost most of a batched forward's compute for nothing
@@ -37,7 +37,7 @@ from .layout import BatchLayout, first_block_ids, plan_layout, prefill_inputs
 from .params import (DEFAULT_ACCEPT_THRESHOLD, DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH,
                      DEFAULT_THRESHOLD, DEFAULT_TOP_K, DecodeConfig, check_positions,
                      make_config, prompts_as_lists)
-from .step import BlockState, apply_step, forward_first
+from .step import BlockState
 
 
 @dataclass
@@ -133,7 +133,7 @@ class _Decoder:
         valid_from = torch.tensor([layout.valid_from(b) for b in rows], device=self.device)
         if layout.first_slot_block > 0:
             self._prefill(layout, prompts, cache, valid_from)
-        state, prev_ids = self._new_state(valid_from), None
+        state = self._new_state(valid_from)
         for slot_block in range(layout.first_slot_block, layout.end_slot_block):
             if slot_block == layout.first_slot_block:
                 ids = first_block_ids(layout, prompts, config.mask_id)
@@ -142,14 +142,15 @@ class _Decoder:
             starts = [layout.absolute_block(b, slot_block) * L for b in rows]
             with self.timer("ops"):
                 state.start_block(model, ids, torch.tensor(starts), config)
-            self._run_block(cache, state, prev_ids, slot_block * L, rows)
+            # The first generated block has no previous block to commit (step.forward_first).
+            self._run_block(cache, state, slot_block > layout.first_slot_block,
+                            slot_block * L, rows)
             keep = self._collect(layout, slot_block, rows, starts, state.ids.tolist())
-            prev_ids = state.ids.clone()
             if not keep:
                 break
             if len(keep) < len(rows):  # compaction: finished sequences stop costing compute
                 index = torch.tensor(keep, device=self.device)
-                cache, prev_ids, state = cache.select(index), prev_ids[index], state.select(index)
+                cache, state = cache.select(index), state.select(index)
                 rows = [rows[i] for i in keep]
                 self.runner.reset()
         n_tokens = [len(t) for t in self.tokens]
@@ -193,7 +194,7 @@ class _Decoder:
         state.valid_from.copy_(valid_from)
         return state
 
-    def _run_block(self, cache, state: BlockState, prev_ids, write_slot: int,
+    def _run_block(self, cache, state: BlockState, with_prev: bool, write_slot: int,
                    rows: list[int]) -> None:
         """Steps the block until every row converged or the cap; leaves its final ids in
         state.ids. Reads the done flags once per step: the only host sync of a step.
@@ -206,11 +207,8 @@ class _Decoder:
         steps = [0] * len(rows)
         for step in range(self.config.max_steps_per_block):
             if step == 0:
-                with self.timer("forward"):
-                    logits = forward_first(self.model, cache, state, prev_ids, write_slot,
-                                           self.config.block_length)
-                with self.timer("ops"):  # a block's first step: no row has converged yet
-                    apply_step(self.ops, self.model, state, logits, self.config, all_live=True)
+                self.runner.first(self.ops, self.model, cache, state, write_slot, self.config,
+                                  with_prev)
             else:
                 self.runner(self.ops, self.model, running_cache, running, write_slot, self.config)
             self.nfe += 1

@@ -1,8 +1,8 @@
 """One denoising step of a block on static shapes: the hot path (SPEC section 3).
 
 `BlockState` holds every tensor a step reads and writes, preallocated per running batch and
-updated in place, so the same step runs eagerly (CPU, and the first step of each block) or is
-captured once and replayed as a CUDA graph (cuda_graph.py). A step never syncs with the host: the
+updated in place, so the same step runs eagerly (the CPU) or is captured once and replayed as a
+CUDA graph (cuda_graph.py), a block's first step as well as its later ones. A step never syncs with the host: the
 engine reads `state.done` once per step to decide whether the block goes on, and for which rows
 (`BlockState.select`: converged rows leave the eager steps).
 
@@ -25,6 +25,8 @@ class BlockState:
     its block. Filled in place at each block start (`start_block`) so the buffers keep their
     addresses for CUDA-graph replay."""
     ids: torch.Tensor         # [B, L] int64: the block's ids (prompt tail, masks, decoded ids)
+    prev_ids: torch.Tensor    # [B, L] int64: the previous block's final ids (its K/V are
+                              # committed by this block's first step)
     active: torch.Tensor      # [B, L] bool: masked when the block started (SPEC section 3)
     embeds: torch.Tensor      # [B, L, H] model dtype: next step's input (SPD; unused by threshold)
     positions: torch.Tensor   # [B, L] int64: absolute position ids of the block
@@ -37,7 +39,7 @@ class BlockState:
     def allocate(cls, batch: int, block_length: int, hidden: int, dtype, device) -> "BlockState":
         def ints(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
-        return cls(ids=ints(batch, block_length),
+        return cls(ids=ints(batch, block_length), prev_ids=ints(batch, block_length),
                    active=torch.zeros(batch, block_length, dtype=torch.bool, device=device),
                    embeds=torch.zeros(batch, block_length, hidden, dtype=dtype, device=device),
                    positions=ints(batch, block_length), valid_from=ints(batch),
@@ -54,8 +56,9 @@ class BlockState:
     def start_block(self, model, ids: torch.Tensor, block_starts: torch.Tensor,
                     config: DecodeConfig) -> None:
         """ids [B, L] (any device): the block's initial ids; block_starts [B]: the absolute
-        position of each row's block."""
+        position of each row's block. The ids the last block ended with become prev_ids."""
         device = self.ids.device
+        self.prev_ids.copy_(self.ids)
         self.ids.copy_(ids)
         self.active.copy_(self.ids == config.mask_id)
         starts = block_starts.to(device)
@@ -75,22 +78,23 @@ def row_seed_base(seed: int | None) -> int:
     return 0 if seed is None else (seed % 2**31) << 32
 
 
-def forward_first(model, cache, state: BlockState, prev_ids: torch.Tensor | None,
-                  write_slot: int, block_length: int) -> torch.Tensor:
-    """A block's first step, from ids. With the previous block (prev_ids [B, L]), both blocks are
-    fed (2L tokens at write_slot - L) so this forward also commits the previous block's K/V
-    (SPEC section 2). The first generated block has no previous block to commit (prev_ids None):
-    its predecessors are the prompt's full blocks, committed by the prefill (or there are none),
-    so it is fed alone. Returns the current block's logits [B, L, V]."""
+def forward_first(model, cache, state: BlockState, write_slot: int | torch.Tensor,
+                  block_length: int, with_prev: bool, span: int | None = None) -> torch.Tensor:
+    """A block's first step, from ids. with_prev: the previous block (state.prev_ids) and this
+    one are fed, 2L tokens at write_slot - L, so this forward also commits the previous block's
+    K/V (SPEC section 2). The first generated block has no previous block to commit: its
+    predecessors are the prompt's full blocks, committed by the prefill (or there are none), so
+    it is fed alone. write_slot and span as in forward_block (a device slot tensor: the form a
+    CUDA graph is captured in). Returns the current block's logits [B, L, V]."""
     ids, positions, slot = state.ids, state.positions, write_slot
-    if prev_ids is not None:
-        ids = torch.cat([prev_ids, ids], dim=1)
+    if with_prev:
+        ids = torch.cat([state.prev_ids, ids], dim=1)
         positions = torch.cat([positions - block_length, positions], dim=1)
-        slot -= block_length
+        slot = write_slot - block_length  # a new tensor: the runner's slot tensor stays as filled
     # Logits of the current block only: the previous block's would be discarded.
     return model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=slot,
                                 valid_from=state.valid_from, block_length=block_length,
-                                n_logits=block_length)
+                                n_logits=block_length, span=span)
 
 
 def forward_block(model, cache, state: BlockState, write_slot: int | torch.Tensor,
