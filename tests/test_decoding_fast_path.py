@@ -40,8 +40,8 @@ def run_decoder(model, runner, ops="native", *, mode="spd", gen_length=9, top_k=
 
 class StaticShapeCheck(EagerStep):
     """Runs the eager steps and checks what a CUDA graph relies on: between two resets
-    (compaction), every step (first or later), whatever its block, sees the same buffers (same storage,
-    shapes, dtypes) and the same cache tensors: graphs are replayed across blocks. Like
+    (compaction), every step (first or later), whatever its block, sees the same buffers (same
+    storage, shapes, dtypes) and the same cache tensors: graphs are replayed across blocks. Like
     CudaGraphStep it declares static shapes, so converged rows wait in the batch."""
 
     static_shapes = True

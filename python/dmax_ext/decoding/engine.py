@@ -3,13 +3,14 @@
 The loop, per slot block (layout.py): start the block (prompt tail + masks, or all masks), run
 its first step from ids for every running row (committing the previous block's K/V,
 step.forward_first), then later steps until every row has converged or the step cap is hit
-(cuda_graph.py: each step eager or replayed). A row whose block has converged leaves the later steps of that
-block: they run on the rows still decoding (BlockState.select, KVCache.select), and it rejoins at
-the next block's first step. Block step counts are heavy-tailed (1 to 32 within a batch), so a
-row waiting in the forwards would cost most of a batched forward's compute for nothing
-(docs/PERFORMANCE.md, issue 9). Rows do not start their next block early: the batch shares one
-write slot (layout.py), and the slowest row sets the number of forwards either way. With CUDA
-graphs (static buffers) a converged row stays in the batch instead, unchanged and uncounted.
+(cuda_graph.py: each step eager or replayed). A row whose block has converged leaves the later
+steps of that block: they run on the rows still decoding (BlockState.select, KVCache.select),
+and it rejoins at the next block's first step. Block step counts are heavy-tailed (1 to 32
+within a batch), so a row waiting in the forwards would cost most of a batched forward's compute
+for nothing (docs/PERFORMANCE.md, issue 9). Rows do not start their next block early: the batch
+shares one write slot (layout.py), and the slowest row sets the number of forwards either way.
+With CUDA graphs (static buffers) a converged row stays in the batch instead, unchanged and
+uncounted.
 Then the block's ids go to the host once: a row whose block holds eos, or that finished its last
 block, is done and compacted out of the running batch.
 

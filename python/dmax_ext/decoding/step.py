@@ -2,9 +2,9 @@
 
 `BlockState` holds every tensor a step reads and writes, preallocated per running batch and
 updated in place, so the same step runs eagerly (the CPU) or is captured once and replayed as a
-CUDA graph (cuda_graph.py), a block's first step as well as its later ones. A step never syncs with the host: the
-engine reads `state.done` once per step to decide whether the block goes on, and for which rows
-(`BlockState.select`: converged rows leave the eager steps).
+CUDA graph (cuda_graph.py), a block's first step as well as its later ones. A step never syncs
+with the host: the engine reads `state.done` once per step to decide whether the block goes on,
+and for which rows (`BlockState.select`: converged rows leave the eager steps).
 
 A step = the block's forward (`forward_block`, later steps; `forward_first`, a block's first step)
 followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD), or
