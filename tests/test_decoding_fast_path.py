@@ -181,14 +181,19 @@ def _filled_cache(model, batch: int, max_slots: int, valid_from: torch.Tensor, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mode", ["spd", "threshold"])
-def test_device_write_slot_step_is_bitwise_the_int_step(dtype, batch, mode):
+@pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu_path", "cuda_path"])
+def test_device_write_slot_step_is_bitwise_the_int_step(dtype, batch, mode, cuda_path):
     """forward_block + apply_step with the write slot as a device tensor (the captured form)
     equals the int write slot at the same key span bitwise (logits, state, cache) over
     consecutive blocks at several spans (the cap included), prompts right-aligned on padding
     rows, and different stale values past the block: they are masked out. Against the exact
     span (the CPU's eager step) float32 logits agree to rounding: only the attention's
-    reduction length differs (bf16 rounding, amplified by the layers, is not bounded here)."""
+    reduction length differs (bf16 rounding, amplified by the layers, is not bounded here).
+    cuda_path: the ops a CUDA step runs (as in the first step's test below)."""
     model = random_model("tiny", dtype=dtype, seed=1)
+    if cuda_path:
+        model.set_moe_impl("grouped")
+        model.set_cpu_variants(False)
     config = make_config(model.config, mode=mode, gen_length=32, block_length=L, threshold=0.5,
                          accept_threshold=0.9, top_k=2, temperature=0.0, eos_id=None,
                          mask_id=None, seed=None)
@@ -228,13 +233,18 @@ def test_device_write_slot_step_is_bitwise_the_int_step(dtype, batch, mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_device_write_slot_first_step_is_bitwise_the_int_step(dtype, batch):
+@pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu_path", "cuda_path"])
+def test_device_write_slot_first_step_is_bitwise_the_int_step(dtype, batch, cuda_path):
     """forward_first with the previous block (2L tokens at write_slot - L) and the write slot as
     a device tensor (the captured form) equals the int write slot at the same key span bitwise:
     logits, and the cache slots it commits (the previous block's) and writes (this block's);
     the slot tensor keeps the value the runner filled. float32 logits agree with the exact
-    span's to rounding."""
+    span's to rounding. cuda_path: the ops a CUDA step runs (grouped MoE, no CPU variants: the
+    device slot then goes through dmax.step_tables)."""
     model = random_model("tiny", dtype=dtype, seed=1)
+    if cuda_path:
+        model.set_moe_impl("grouped")
+        model.set_cpu_variants(False)
     max_slots = 60
     valid_from = torch.tensor([0, 8, 4][:batch])
     generator = torch.Generator().manual_seed(7)

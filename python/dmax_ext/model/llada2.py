@@ -250,8 +250,7 @@ class LLaDA2MoeModel(CpuVariant, nn.Module):
                 or not 0 <= n_logits <= length:
             raise ValueError(f"n_logits must be an int in [0, {length}] (the fed tokens), "
                              f"got {n_logits!r}")
-        tables = (self._step_tables(x, position_ids, valid_from, write_slot, span, block_length)
-                  if isinstance(write_slot, torch.Tensor) else None)
+        tables = self._step_tables(x, position_ids, valid_from, write_slot, span, block_length)
         if tables is not None:
             fed, cos, sin, mask = tables
         else:
@@ -264,12 +263,16 @@ class LLaDA2MoeModel(CpuVariant, nn.Module):
 
     def _step_tables(self, x, position_ids, valid_from, write_slot, span: int,
                      block_length: int):
-        """(fed, cos, sin, mask) of a cached forward at a device write slot (a replayed CUDA
-        graph's) as one dmax.step_tables, where the torch formulation is ~16 small kernels: on
-        CUDA, or the CPU standing for it (its variants off); else None."""
+        """(fed, cos, sin, mask) of a cached forward as one dmax.step_tables, where the torch
+        formulation is ~16 small kernels: on CUDA, or the CPU standing for it (its variants
+        off); else None. An int write slot goes to the device too (a fill, no sync), so an
+        eager step computes the tables a replayed graph does: the op's cos and sin may differ
+        from torch's by an ulp."""
         op = self.native("step_tables", x, self.embedding_weight)
         if op is None or not self.runs_cuda_path(x):
             return None
+        if not isinstance(write_slot, torch.Tensor):
+            write_slot = torch.full((), write_slot, dtype=torch.int64, device=x.device)
         return op(position_ids.to(x.device), self._inv_freq(x.device), valid_from.to(x.device),
                   write_slot, span, block_length, x.dtype)
 
