@@ -15,6 +15,9 @@ FLAGS = cpu_flags()
 # The bf16 dot-product forms (DMAX_CPU_BF16_DOT) run: torch runs the AVX512 copies of the
 # kernels and the CPU has AVX512-BF16.
 HAS_BF16_DOT = "avx512_bf16" in FLAGS and torch.backends.cpu.get_cpu_capability() == "AVX512"
+# ... and the kernels take that form by default (DMAX_CPU_BF16_DOT=auto: not where AMX is, whose
+# bf16 products are oneDNN's).
+BF16_DOT_BY_DEFAULT = HAS_BF16_DOT and "amx_bf16" not in FLAGS
 needs_bf16_dot = pytest.mark.skipif(
     not HAS_BF16_DOT, reason="the bf16 dot-product forms need a CPU with AVX512-BF16 and torch "
                              "running its AVX512 capability")

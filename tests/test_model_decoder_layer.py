@@ -98,7 +98,10 @@ def test_when_the_layer_takes_it_and_when_its_modules_run():
     assert _ran_fused(layer, args)
 
 
-def test_rows_past_the_projection_cap_keep_the_modules():
+def test_rows_past_the_projection_cap_keep_the_modules(monkeypatch):
+    from dmax_ext.model import modules, moe
+    for module in (modules, moe):  # the one cap left: bf16 with AMX
+        monkeypatch.setattr(module, "has_amx_bf16", lambda: True)
     model = _model("tiny", torch.bfloat16)
     cap = Linear.native_max_rows(torch.bfloat16)
     layer, args = _layer_call(model, rows=1, length=cap)

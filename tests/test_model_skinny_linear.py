@@ -14,7 +14,8 @@ from dmax_ext.model import PRESETS, random_model
 from dmax_ext.model.modules import Linear
 from dmax_ext.model.native import KERNEL_OPS
 from dmax_ext.reference import skinny_linear_reference
-from cpu_flags import FLAGS, HAS_BF16_DOT, OTHER_CAPABILITIES, needs_bf16_dot, run_on_capability
+from cpu_flags import (BF16_DOT_BY_DEFAULT, FLAGS, HAS_BF16_DOT, OTHER_CAPABILITIES,
+                       needs_bf16_dot, run_on_capability)
 from dmax_calls import dmax_calls
 from tolerances import assert_within_naive_error
 
@@ -225,36 +226,61 @@ def _shapes(calls, name="skinny_linear"):
     return [(tuple(args[0].shape), tuple(args[1].shape)) for op, args in calls if op == name]
 
 
-def test_linear_uses_it_for_a_block_without_grad():
+@pytest.mark.parametrize("amx", [False, True])
+def test_linear_uses_it_without_grad_at_any_row_count(monkeypatch, amx):
+    """float32 and (without AMX) bfloat16 at every row count: a row's product must not depend on
+    the batch (Linear.native_max_rows); bfloat16 with AMX only up to 64 rows (oneDNN's AMX GEMM
+    past them); float16 and gradients never."""
+    from dmax_ext.model import modules
+    monkeypatch.setattr(modules, "has_amx_bf16", lambda: amx)
     torch.manual_seed(0)
     layer = Linear(24, 40)
     x = torch.randn(2, 16, 24)
-    cap32, cap16 = Linear.native_max_rows(torch.float32), Linear.native_max_rows(torch.bfloat16)
+    big_rows = 3000  # past every cap of before (2048 float32, 128 bfloat16)
     with torch.no_grad(), dmax_calls() as calls:
         fast = layer(x)                                  # 32 rows, float32: the native op
-        at_cap = layer(torch.randn(cap32, 24))           # float32 up to its cap: native
-        big = layer(torch.randn(cap32 + 1, 24))          # past it: F.linear
+        big = layer(torch.randn(big_rows, 24))           # float32, many rows: native
         bf16 = copy.deepcopy(layer).bfloat16()
-        bf16(torch.randn(cap16, 24).bfloat16())          # bfloat16 up to its own cap: native
-        bf16(torch.randn(cap16 + 1, 24).bfloat16())      # past it: F.linear
+        bf16(torch.randn(64, 24).bfloat16())             # bfloat16, 64 rows: native
+        bf16(torch.randn(big_rows, 24).bfloat16())       # native without AMX only
         half = copy.deepcopy(layer).half()(x.half())     # float16: F.linear
-    assert _shapes(calls) == [((32, 24), (40, 24)), ((cap32, 24), (40, 24)),
-                              ((cap16, 24), (40, 24))]
+    want = [((32, 24), (40, 24)), ((big_rows, 24), (40, 24)), ((64, 24), (40, 24))]
+    assert _shapes(calls) == want + ([] if amx else [((big_rows, 24), (40, 24))])
     torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
-    assert at_cap.shape == (cap32, 40) and big.shape == (cap32 + 1, 40)
+    assert big.shape == (big_rows, 40)
     assert half.dtype == torch.float16
     with dmax_calls() as calls:
         graded = layer(x)                                # gradients wanted: F.linear
     assert calls == [] and graded.grad_fn is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(not BF16_DOT_BY_DEFAULT,
+                                             reason="bf16 products are the library's here"))])
+def test_a_row_is_the_same_bits_in_any_call(dtype):
+    """Each output row depends on its own row of x alone, whatever the row count: calls of 1 to
+    300 rows (several of the kernel's 128-row chunks) against the rows computed one call
+    each, with and without a residual. decode()'s batch invariance rests on this."""
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(200, 72, generator=gen) * 0.1).to(dtype)
+    for rows in (1, 17, 128, 129, 300):
+        x = torch.randn(rows, 72, generator=gen).to(dtype)
+        residual = torch.randn(rows, 200, generator=gen).to(dtype)
+        whole = ops.skinny_linear(x, weight)
+        whole_res = ops.skinny_linear(x, weight, residual)
+        for m in {0, rows // 2, rows - 1}:
+            assert torch.equal(whole[m], ops.skinny_linear(x[m:m + 1], weight)[0]), (rows, m)
+            assert torch.equal(whole_res[m],
+                               ops.skinny_linear(x[m:m + 1], weight, residual[m:m + 1])[0])
+
+
 def test_row_caps_follow_the_cpu(monkeypatch):
-    """bf16 takes fewer rows where oneDNN has AMX (its bf16 GEMM outruns ours sooner)."""
+    """No cap (None) but bf16 where oneDNN has AMX (its bf16 GEMM outruns ours past 64 rows)."""
     from dmax_ext.model import modules
-    for amx, cap16 in ((False, 128), (True, 64)):
+    for amx, cap16 in ((False, None), (True, 64)):
         monkeypatch.setattr(modules, "has_amx_bf16", lambda amx=amx: amx)
         assert Linear.native_max_rows(torch.bfloat16) == cap16
-        assert Linear.native_max_rows(torch.float32) == 2048
+        assert Linear.native_max_rows(torch.float32) is None
         assert Linear.native_max_rows(torch.float16) == 0
 
 

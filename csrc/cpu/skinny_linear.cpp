@@ -70,6 +70,19 @@ const T* residual_data(const at::Tensor& residual) {
   return residual.defined() ? static_cast<const T*>(residual.const_data_ptr()) : nullptr;
 }
 
+// The rows of x in chunks of at most kRowChunk, each a call of the kernel as a decoding block's
+// few rows are: the chunk's packed x stays in L2 while the weight streams once per chunk (one
+// pack of all M rows, read at a stride of Mp for every tile, fell out of L2 past ~256 rows:
+// float32 [2048, 1408] x [512, 1408] at 129 GFLOP/s, the library's oneDNN at 241). The kernel
+// computes each output row from that row alone, in an order that does not depend on M, so a
+// row's product is the same bits in any batch: decoding's batch invariance (docs/ARCHITECTURE.md)
+// rests on it. f(first row, rows) runs one chunk.
+constexpr int64_t kRowChunk = 128;
+template <class Chunk>
+void for_row_chunks(int64_t M, const Chunk& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) f(m0, std::min(kRowChunk, M - m0));
+}
+
 at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& residual) {
   static const auto columns = DMAX_CPU_KERNEL(skinny_linear_columns);
@@ -78,17 +91,21 @@ at::Tensor skinny_linear_float(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
-  const int64_t Mp = (M + 15) / 16 * 16;
   const float* x_p = x.const_data_ptr<float>();
-  const SkinnyLinearTask shared{nullptr, M, Mp, K, N, weight.const_data_ptr<float>(),
-                                out.mutable_data_ptr<float>(), use_nta_prefetch(),
-                                residual_data<float>(residual)};
-  for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<float[]> xt(new float[K * Mp]);  // each chunk its own (see above)
-    pack(x_p, M, K, Mp, xt.get());
-    SkinnyLinearTask task = shared;
-    task.xt = xt.get();
-    columns(task, begin, end);
+  const float* res_p = residual_data<float>(residual);
+  float* out_p = out.mutable_data_ptr<float>();
+  for_row_chunks(M, [&](int64_t m0, int64_t rows) {
+    const int64_t Mp = (rows + 15) / 16 * 16;
+    const SkinnyLinearTask shared{nullptr, rows, Mp, K, N, weight.const_data_ptr<float>(),
+                                  out_p + m0 * N, use_nta_prefetch(),
+                                  res_p ? res_p + m0 * N : nullptr};
+    for_column_tiles(N, K, 4, [&](int64_t begin, int64_t end) {
+      const std::unique_ptr<float[]> xt(new float[K * Mp]);  // each chunk its own (see above)
+      pack(x_p + m0 * K, rows, K, Mp, xt.get());
+      SkinnyLinearTask task = shared;
+      task.xt = xt.get();
+      columns(task, begin, end);
+    });
   });
   return out;
 }
@@ -103,18 +120,23 @@ at::Tensor skinny_linear_bf16_dot(const at::Tensor& x, const at::Tensor& weight,
   if (M == 0 || N == 0) return out;
   if (K == 0) return residual.defined() ? out.copy_(residual) : out.zero_();
   const at::Tensor xe = K % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
-  const int64_t pairs = (K + 1) / 2, Mp = (M + 15) / 16 * 16;
+  const int64_t pairs = (K + 1) / 2;
   const auto* x_p = reinterpret_cast<const float*>(xe.const_data_ptr());
-  const SkinnyLinearBf16Task shared{
-      nullptr, M, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
-      reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), use_nta_prefetch(),
-      residual_data<uint16_t>(residual)};
-  for_column_tiles(N, K, 2, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<uint32_t[]> xt(new uint32_t[pairs * Mp]);  // each chunk its own
-    AVX512::skinny_linear_pack(x_p, M, pairs, Mp, reinterpret_cast<float*>(xt.get()));
-    SkinnyLinearBf16Task task = shared;
-    task.xt = xt.get();
-    AVX512::skinny_linear_bf16_columns(task, begin, end);
+  const uint16_t* res_p = residual_data<uint16_t>(residual);
+  auto* out_p = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  for_row_chunks(M, [&](int64_t m0, int64_t rows) {
+    const int64_t Mp = (rows + 15) / 16 * 16;
+    const SkinnyLinearBf16Task shared{
+        nullptr, rows, Mp, K, N, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
+        out_p + m0 * N, use_nta_prefetch(), res_p ? res_p + m0 * N : nullptr};
+    for_column_tiles(N, K, 2, [&](int64_t begin, int64_t end) {
+      const std::unique_ptr<uint32_t[]> xt(new uint32_t[pairs * Mp]);  // each chunk its own
+      AVX512::skinny_linear_pack(x_p + m0 * pairs, rows, pairs, Mp,
+                                 reinterpret_cast<float*>(xt.get()));
+      SkinnyLinearBf16Task task = shared;
+      task.xt = xt.get();
+      AVX512::skinny_linear_bf16_columns(task, begin, end);
+    });
   });
   return out;
 }

@@ -18,20 +18,22 @@ class Linear(CpuVariant, nn.Linear):
     ~5.2-6 ms on an AMD EPYC (AVX512-BF16 dot products)). float16: no faster than F.linear, so
     not used.
 
-    native_max_rows(dtype): the most rows the kernel takes, past which the library's blocked
-    GEMM is as fast or faster; 0: never (float16). Measured at llada2-small's widths, 1 thread.
-    On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX): float32, MKL took 2-2.5x the
-    kernel's time at 32 to 512 rows and 1.2-1.7x at 1024 and 2048, while at 4096 the kernel lost
-    the [1408 -> 512] projection by 1.7x (a batch-8 decode feeds 256 to 512 rows); bfloat16,
-    oneDNN was ~10% slower at 128 rows, even at 256 and ~20% faster at 1024. With AMX (the Xeon
-    of the earlier entries) oneDNN's bf16 GEMM took over past 64 rows."""
+    native_max_rows(dtype): the most rows the kernel takes (None: any, 0: never, float16). The
+    kernel runs every row count, so a row's product is the same bits in any batch: the kernel
+    computes each output row alone, in an order independent of the row count, and takes large
+    calls in chunks of 128 rows at the library's rate (docs/PERFORMANCE.md, 2026-12-06 23:55;
+    the caps of before, 128 rows in bf16 and 2048 in float32, switched a batch's larger calls
+    to oneDNN, whose other roundings changed a bf16 decode with the batch: decoding's batch
+    invariance, docs/ARCHITECTURE.md). On CPUs with AMX, bf16 products go to oneDNN's AMX GEMM
+    past 64 rows as before (skinny_linear's bf16 form there is the library's too): no batch
+    invariance promised there."""
 
     @staticmethod
-    def native_max_rows(dtype: torch.dtype) -> int:
+    def native_max_rows(dtype: torch.dtype) -> int | None:
         if dtype == torch.float32:
-            return 2048
+            return None
         if dtype == torch.bfloat16:
-            return 64 if has_amx_bf16() else 128
+            return 64 if has_amx_bf16() else None
         return 0
 
     def __init__(self, in_features: int, out_features: int):
@@ -41,7 +43,7 @@ class Linear(CpuVariant, nn.Linear):
         """dmax.skinny_linear where it serves x (the rows cap, no gradients, the CPU variant on),
         else None."""
         max_rows = self.native_max_rows(x.dtype)
-        return self.native("skinny_linear", x, self.weight, max_rows) if max_rows else None
+        return None if max_rows == 0 else self.native("skinny_linear", x, self.weight, max_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         native = self.native_form(x)

@@ -205,17 +205,18 @@ def _experts_cpu(xs, counts, gate_up, down, onednn: bool = True):
     return _experts_grouped(xs, counts, gate_up, down, onednn)
 
 
-def native_experts_max_tokens(dtype: torch.dtype) -> int:
+def native_experts_max_tokens(dtype: torch.dtype) -> int | None:
     """CPU "auto" runs the native fused kernel (dmax_ext.ops.moe_experts) up to this many tokens
-    per call. A decoding block's few rows per expert make each expert a weight-streaming GEMM
-    pair, where oneDNN pays ~0.1 ms of set-up per bf16 call and the torch formulations add ~15
-    gather / scatter / reduce ops per layer (and torch's CPU _grouped_mm is a loop of mm calls).
-    On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX, llada2-small, 1 thread) the
-    kernel was 1.7-3.2x faster than the torch path from 32 to 4096 tokens (the largest measured)
-    in float32 and 1.9-5x in bfloat16. With AMX (the Xeon of the earlier entries) oneDNN's bf16
-    GEMMs serve calls past 64 tokens (prefill, batches) better than the kernel's float32 FMA
-    form."""
-    return 64 if dtype == torch.bfloat16 and has_amx_bf16() else 4096
+    per call (None: any). A decoding block's few rows per expert make each expert a
+    weight-streaming GEMM pair, where oneDNN pays ~0.1 ms of set-up per bf16 call and the torch
+    formulations add ~15 gather / scatter / reduce ops per layer (and torch's CPU _grouped_mm is
+    a loop of mm calls). On the AMD EPYC of docs/PERFORMANCE.md (2026-12-06, no AMX,
+    llada2-small, 1 thread) the kernel was 1.7-3.2x faster than the torch path from 32 to 4096
+    tokens (the largest measured) in float32 and 1.9-5x in bfloat16; it serves any count, so a
+    token's output does not depend on the batch (Linear.native_max_rows: batch invariance).
+    With AMX (the Xeon of the earlier entries) oneDNN's bf16 GEMMs serve calls past 64 tokens
+    (prefill, batches) better than the kernel's float32 FMA form, and take them."""
+    return 64 if dtype == torch.bfloat16 and has_amx_bf16() else None
 
 
 _EXPERT_IMPLS = {"reference": _experts_reference, "padded": _experts_padded,

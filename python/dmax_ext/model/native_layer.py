@@ -75,12 +75,12 @@ def _layer_parts(layer) -> _LayerParts:
 
 
 def _rows_fit(mlp: nn.Module, dtype: torch.dtype, rows: int) -> bool:
-    """Whether a layer input of `rows` rows (B T) is within its modules' row caps: Linear's, and
-    a MoE block's router (float32) and experts' token cap."""
-    if rows > Linear.native_max_rows(dtype):
-        return False
-    return not isinstance(mlp, MoeBlock) or (rows <= Linear.native_max_rows(torch.float32)
-                                             and rows <= native_experts_max_tokens(dtype))
+    """Whether a layer input of `rows` rows (B T) is within its modules' row caps (None: any):
+    Linear's, and a MoE block's router (float32) and experts' token cap."""
+    caps = [Linear.native_max_rows(dtype)]
+    if isinstance(mlp, MoeBlock):
+        caps += [Linear.native_max_rows(torch.float32), native_experts_max_tokens(dtype)]
+    return all(cap is None or rows <= cap for cap in caps)
 
 
 def _natives_apply(x: torch.Tensor, parts: _LayerParts) -> bool:
