@@ -8,8 +8,11 @@ steps of that block: they run on the rows still decoding (BlockState.select, KVC
 and it rejoins at the next block's first step. Block step counts are heavy-tailed (1 to 32
 within a batch), so a row waiting in the forwards would cost most of a batched forward's compute
 for nothing (docs/PERFORMANCE.md, issue 9). Rows do not start their next block early: the batch
-shares one write slot (layout.py), and the slowest row sets the number of forwards either way.
-With CUDA graphs (static buffers) a converged row stays in the batch instead, unchanged and
+shares one write slot (layout.py), so each block takes as many forwards as its slowest row. A
+scheduler moving rows on independently would need per-row write slots and a block's first step
+(2L tokens from ids) and later steps (L embeddings) in one forward; benchmarks/cpu_targets.py
+prints its bound on target 4's decode (forwards: 2.76x lockstep, 3.55x per row, bf16). With
+CUDA graphs (static buffers) a converged row stays in the batch instead, unchanged and
 uncounted.
 Then the block's ids go to the host once: a row whose block holds eos, or that finished its last
 block, is done and compacted out of the running batch.
