@@ -119,6 +119,11 @@ class GraphStandIn(CountingGraphStep):
         super().__init__()
         self.sync_check, self.syncs, self.traced_ops = sync_check, 0, 0
 
+    def _replay(self, kind, step, cache, state, write_slot, block_length):
+        super()._replay(kind, step, cache, state, write_slot, block_length)
+        # the runner fills the slot tensor only when the slot changes: it must hold this one
+        assert int(self._write_slot) == write_slot
+
     def _record(self, step):
         if not self.sync_check:
             step()

@@ -6,7 +6,7 @@ followed by step.apply_step, on the same preallocated BlockState buffers and KV 
 graph bakes in is what the host passes to the kernels: buffer addresses (the state, the cache:
 one batch of rows) and shapes. The key span is a shape (the attention reads slots [0, span)); the
 write slot is not: the graph reads it from a one-element device tensor that the runner fills
-before each replay, so the K/V writes, the attention mask and the rotary positions
+when it changes (once per block, before its first replay), so the K/V writes, the attention mask and the rotary positions
 (state.positions, already on the device) follow it.
 
 So a graph is captured once per (running batch, kind of step, key-span bucket) and replayed
@@ -117,6 +117,7 @@ class CudaGraphStep:
     def __init__(self):
         self._replays: dict[tuple[str, int], object] = {}  # (kind, key span) -> graph.replay
         self._write_slot: torch.Tensor | None = None  # what every graph reads the slot from
+        self._filled: int | None = None  # the value last filled into it
         self._pool = None
         self.captures = 0
 
@@ -145,7 +146,9 @@ class CudaGraphStep:
         span = key_span(write_slot, block_length, cache.max_slots)
         if self._write_slot is None:
             self._write_slot = torch.zeros((), dtype=torch.int64, device=state.ids.device)
-        self._write_slot.fill_(write_slot)  # on the stream, before the replay or the capture
+        if write_slot != self._filled:  # once per block: its steps share the slot
+            self._write_slot.fill_(write_slot)  # on the stream, before the replay or capture
+            self._filled = write_slot
         replay = self._replays.get((kind, span))
         if replay is not None:
             replay()
