@@ -164,7 +164,7 @@ def count_step_ops(preset: str = "tiny", dtype: torch.dtype = torch.bfloat16,
         model(input_ids=torch.zeros(1, 1, dtype=torch.int64))
         state.start_block(model, torch.full((1, length), c.mask_token_id),
                           torch.tensor([write_slot]), config)
-        # filled before each replay (cuda_graph.CudaGraphStep)
+        # captured: the device tensor the runner fills (cuda_graph.CudaGraphStep)
         slot = torch.tensor(write_slot) if captured else write_slot
         handles = _hook_sections(model, tracer)
         try:

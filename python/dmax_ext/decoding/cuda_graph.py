@@ -6,8 +6,8 @@ followed by step.apply_step, on the same preallocated BlockState buffers and KV 
 graph bakes in is what the host passes to the kernels: buffer addresses (the state, the cache:
 one batch of rows) and shapes. The key span is a shape (the attention reads slots [0, span)); the
 write slot is not: the graph reads it from a one-element device tensor that the runner fills
-when it changes (once per block, before its first replay), so the K/V writes, the attention mask and the rotary positions
-(state.positions, already on the device) follow it.
+when it changes (once per block, before its first replay), so the K/V writes, the attention
+mask and the rotary positions (state.positions, already on the device) follow it.
 
 So a graph is captured once per (running batch, kind of step, key-span bucket) and replayed
 across blocks: `key_span` rounds the slots a block needs (write_slot + L) up to a power-of-two
