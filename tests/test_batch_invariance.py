@@ -53,8 +53,10 @@ def _prefill_and_block(model, prompts, block_length, block_embeds):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_length, lengths", [
-    (4, [3, 29, 46, 61, 17]),         # first slots 56, 32, 16, 0, 44 (alone 0): vector offsets differ
-    (32, [40, 70, 33, 100, 64, 90]),  # prefill 6 x 96 rows, a block 6 x 32: past every old cap
+    # first slots 60, 32, 16, 0, 44 (alone: 0): the sequences start at other vector offsets
+    (4, [3, 29, 46, 61, 17]),
+    # a prefill of 6 x 96 rows and a block of 6 x 32: past every row cap of before
+    (32, [40, 70, 33, 100, 64, 90]),
 ])
 def test_a_sequence_computes_the_same_in_any_batch(dtype, block_length, lengths):
     model = random_model("llada2-small", dtype=dtype, lm_head_gain=20.0, seed=2)
