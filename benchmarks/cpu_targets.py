@@ -172,7 +172,10 @@ def reference_target(model, prompts, args) -> dict:
 def batch_target(model, prompts, args) -> dict:
     """The same BATCH prompts (different lengths) decoded as one batch and one by one, rounds
     interleaved; tokens/s of each, median over rounds. Also the two ceilings on the speedup
-    that no implementation of this decode can pass (batch_ceilings)."""
+    that no implementation of this decode can pass (batch_ceilings), and how many sequences
+    the batch decoded exactly as alone (tokens and forwards): the comparison is of one decode
+    only if all of them (decode()'s batch invariance; a bf16 batch of before took other paths,
+    docs/PERFORMANCE.md 2026-12-06 23:55)."""
     kwargs = decode_args(args)
     batched, alone, alone_walls = [], [], []
     decode(model, prompts[:2], **{**kwargs, "gen_length": args.block_length})  # warm-up
@@ -180,17 +183,21 @@ def batch_target(model, prompts, args) -> dict:
         start = time.perf_counter()
         out = decode(model, prompts, **kwargs)
         batched.append(sum(map(len, out.tokens)) / (time.perf_counter() - start))
-        tokens, wall = 0, 0.0
+        tokens, wall, solo = 0, 0.0, []
         for p in prompts:
             start = time.perf_counter()
-            tokens += len(decode(model, [p], **kwargs).tokens[0])
+            solo.append(decode(model, [p], **kwargs))
             wall += time.perf_counter() - start
+            tokens += len(solo[-1].tokens[0])
         alone.append(tokens / wall)
         alone_walls.append(wall)
+    as_alone = sum(t == s.tokens[0] and n == s.nfe
+                   for t, n, s in zip(out.tokens, out.seq_nfe, solo))
     b8, b1 = statistics.median(batched), statistics.median(alone)
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
             "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf,
+            "as_alone": as_alone,
             **batch_ceilings(model, prompts, kwargs, statistics.median(alone_walls))}
 
 
@@ -374,12 +381,13 @@ def main(argv=None) -> int:
               "tokens/s of batch 1")
         for d in dtypes:
             r = batch_target(models[d], prompts[:BATCH], args)
-            ok = r["speedup"] >= BATCH8_MIN_SPEEDUP
+            ok = r["speedup"] >= BATCH8_MIN_SPEEDUP and r["as_alone"] == r["batch"]
             failed |= not ok
             print(f"  {verdict(ok)} {r['dtype']:<9} batch {r['batch']} {r['batch_tokens_per_s']:.1f}"
                   f" vs alone {r['alone_tokens_per_s']:.1f} tokens/s = {r['speedup']:.2f}x "
                   f"(prompt lengths {r['prompt_lengths']}; batched nfe {r['nfe']}, "
-                  f"tokens per batched forward {r['tpf']:.2f})")
+                  f"tokens per batched forward {r['tpf']:.2f}; sequences decoded as alone "
+                  f"{r['as_alone']}/{r['batch']})")
             print(f"      ceilings for this decode, any implementation: forwards "
                   f"{r['live_rows']:.2f}x (rows decoding per batched forward; a per-row block "
                   f"scheduler: {r['scheduler_bound']:.2f}x), flops {r['flops_ceiling']:.2f}x "

@@ -14,6 +14,8 @@ def test_cpu_targets_quick_prints_every_verdict(capsys):
     assert len(verdicts) == 4, out  # targets 1, 2, 3 and 4 for float32
     assert code == (1 if any("FAIL" in v for v in verdicts) else 0)
     assert "machine over" in out and "identical tokens" in out and "ceilings" in out
+    # float32 decodes batch-invariantly: the batch-8 line compares one decode
+    assert "sequences decoded as alone 8/8" in out
 
 
 def test_profile_names_the_parts_of_a_forward(capsys):
