@@ -1,5 +1,6 @@
 """float32 matmuls on the CPU through oneDNN, with gradients: the model's projections and routed
-experts where the native kernels do not apply (training, long prefills).
+experts where the native kernels do not apply (training: the native kernels have no autograd;
+without gradients they serve every row count, model/modules.py Linear.native_max_rows).
 
 torch runs float32 matmuls on the CPU through MKL, and MKL takes its AVX2 code path on AMD CPUs:
 on the AMD EPYC of docs/PERFORMANCE.md (2026-12-06 16:55, AVX-512, 1 thread) it reached 100-120
