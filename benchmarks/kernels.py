@@ -1,4 +1,6 @@
-"""Kernel benchmarks: every fused op against its eager reference and torch.compile(reference).
+"""Kernel benchmarks: every fused op against its eager reference and torch.compile(reference);
+block_attention also against SDPA (the "plain" column: what the model ran before the op; on
+CUDA, given the model's bool mask and grouped heads, SDPA's math path).
 
     python benchmarks/kernels.py                 # B in {1, 8, 32}, L = 32, V = 157184, H = 2048
     python benchmarks/kernels.py --quick         # one small point per op (CI, CPU)
@@ -202,6 +204,46 @@ BENCHES.update({
     "hybrid_embed/k=8": Bench(_hybrid_embed_inputs(8), _hybrid_embed_fused,
                               reference.hybrid_embed_reference, _check_hybrid_embed),
 })
+
+
+# ---- block_attention: a decoding block's attention over the KV cache --------------------------
+
+HEADS, KV_HEADS, HEAD_DIM, SLOTS = 16, 4, 128, 512  # LLaDA2.0-mini's heads; a 512-slot cache
+
+
+def _block_attention_inputs(B, L, device):
+    """L queries a head at the end of a SLOTS-slot span of a longer cache (a strided slice, as
+    the model reads it), sequences starting at different slots (the decoding mask)."""
+    from dmax_ext.model.attention import cached_attention_mask
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, HEADS, L, HEAD_DIM, generator=gen, device=device).bfloat16()
+    cache = torch.randn(2, B, KV_HEADS, SLOTS + 64, HEAD_DIM, generator=gen,
+                        device=device).bfloat16()
+    keys, values = cache[0][:, :, :SLOTS], cache[1][:, :, :SLOTS]
+    valid_from = torch.arange(B, device=device) * 32 % (SLOTS - L)
+    mask = cached_attention_mask(valid_from, torch.arange(SLOTS - L, SLOTS, device=device),
+                                 SLOTS, L)
+    moved = (2 * keys.numel() + 2 * q.numel()) * 2 + mask.numel()
+    return (q, keys, values, mask, HEAD_DIM ** -0.5), moved
+
+
+def _block_attention_sdpa(q, keys, values, mask, scale):
+    """What the model ran before the op: SDPA (on CUDA its math path, given a bool mask and
+    grouped heads), then the transpose copy into the dense projection's layout."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                           scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _check_block_attention(inputs, got, want):
+    # bf16 outputs of float32 softmax sums taken in another order: a rounding or two apart
+    torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6, atol=2.0**-9,
+                               msg="block_attention differs from the reference")
+
+
+BENCHES["block_attention"] = Bench(_block_attention_inputs, ops.block_attention,
+                                   reference.block_attention_reference, _check_block_attention,
+                                   _block_attention_sdpa)
 
 
 # ---- timing -----------------------------------------------------------------------------------
