@@ -175,7 +175,7 @@ def batch_target(model, prompts, args) -> dict:
     that no implementation of this decode can pass (batch_ceilings), and how many sequences
     the batch decoded exactly as alone (tokens and forwards): the comparison is of one decode
     only if all of them (decode()'s batch invariance; a bf16 batch of before took other paths,
-    docs/PERFORMANCE.md 2026-12-06 23:55)."""
+    docs/PERFORMANCE.md 2026-12-06 23:45)."""
     kwargs = decode_args(args)
     batched, alone, alone_walls = [], [], []
     decode(model, prompts[:2], **{**kwargs, "gen_length": args.block_length})  # warm-up

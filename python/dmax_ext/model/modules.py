@@ -21,7 +21,7 @@ class Linear(CpuVariant, nn.Linear):
     native_max_rows(dtype): the most rows the kernel takes (None: any, 0: never, float16). The
     kernel runs every row count, so a row's product is the same bits in any batch: the kernel
     computes each output row alone, in an order independent of the row count, and takes large
-    calls in chunks of 128 rows at the library's rate (docs/PERFORMANCE.md, 2026-12-06 23:55;
+    calls in chunks of 128 rows at the library's rate (docs/PERFORMANCE.md, 2026-12-06 23:45;
     the caps of before, 128 rows in bf16 and 2048 in float32, switched a batch's larger calls
     to oneDNN, whose other roundings changed a bf16 decode with the batch: decoding's batch
     invariance, docs/ARCHITECTURE.md). On CPUs with AMX, bf16 products go to oneDNN's AMX GEMM
