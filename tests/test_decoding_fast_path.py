@@ -26,6 +26,14 @@ L = 4
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def on_cuda_path(model):
+    """The model running what a CUDA step runs, on the CPU: the grouped MoE path (the kernels'
+    sort and weighted sum), no CPU-only variants (the device slot's step_tables among them)."""
+    model.set_moe_impl("grouped")
+    model.set_cpu_variants(False)
+    return model
+
+
 def run_decoder(model, runner, ops="native", *, mode="spd", gen_length=9, top_k=DEFAULT_TOP_K,
                 temperature=0.0, seed=None, eos_id=None):
     """decode() with a given later-step runner (what decode builds itself: eager or graphs)."""
@@ -197,8 +205,7 @@ def test_device_write_slot_step_is_bitwise_the_int_step(dtype, batch, mode, cuda
     cuda_path: the ops a CUDA step runs (as in the first step's test below)."""
     model = random_model("tiny", dtype=dtype, seed=1)
     if cuda_path:
-        model.set_moe_impl("grouped")
-        model.set_cpu_variants(False)
+        on_cuda_path(model)
     config = make_config(model.config, mode=mode, gen_length=32, block_length=L, threshold=0.5,
                          accept_threshold=0.9, top_k=2, temperature=0.0, eos_id=None,
                          mask_id=None, seed=None)
@@ -248,8 +255,7 @@ def test_device_write_slot_first_step_is_bitwise_the_int_step(dtype, batch, cuda
     device slot then goes through dmax.step_tables)."""
     model = random_model("tiny", dtype=dtype, seed=1)
     if cuda_path:
-        model.set_moe_impl("grouped")
-        model.set_cpu_variants(False)
+        on_cuda_path(model)
     max_slots = 60
     valid_from = torch.tensor([0, 8, 4][:batch])
     generator = torch.Generator().manual_seed(7)
@@ -311,10 +317,8 @@ def test_graph_runner_captures_once_per_span_and_decodes_as_eager(mode, sampling
 def test_captured_step_dispatches_no_host_sync(dtype):
     # What a capture records: the raw ops (backends.NativeOps while capturing) and the CUDA
     # model path (grouped MoE, projections without their CPU-only forms).
-    model = random_model("tiny", dtype=dtype, lm_head_gain=25.0, lm_head_from_embedding=True,
-                         seed=1)
-    model.set_moe_impl("grouped")
-    model.set_cpu_variants(False)
+    model = on_cuda_path(random_model("tiny", dtype=dtype, lm_head_gain=25.0,
+                                      lm_head_from_embedding=True, seed=1))
     runner = GraphStandIn(sync_check=True)
     run_decoder(model, runner, step_ops.raw_ops(), gen_length=24, top_k=2)
     assert runner.captures > 0 and runner.traced_ops > 100
