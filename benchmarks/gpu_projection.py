@@ -37,6 +37,11 @@ BLOCK = 32                    # block length of the paper's evaluation (SPEC sec
 CACHE_SLOTS = (512, 2048)     # cache lengths the block's queries attend to
 WEIGHT_BYTES = 2              # bf16 (config torch_dtype)
 ACHIEVABLE = 0.85             # assumed fraction of peak HBM bandwidth weight streaming reaches
+# Non-tensor FP32 throughput (H100 SXM / H200 datasheets: 67 TFLOP/s) and the fraction of it the
+# CUDA-core attention kernel may reach: it reads shared memory for every multiply-add
+# (csrc/kernels/block_attention.cuh; an estimate, not measured).
+FP32_CUDA_CORE_FLOPS = 67e12
+ASSUMED_CUDA_CORE_ATTENTION_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,33 @@ def projection_section(config) -> list[str]:
     return lines
 
 
+def attention_compute_line(config, device: Device) -> str:
+    """The attention's products over a long cache, on tensor cores (block_attention_tc.cuh) and
+    as the CUDA-core kernel would run them."""
+    slots, tp = CACHE_SLOTS[-1], 2
+
+    def over_cache(batch: int) -> float:  # QK^T and PV over the cached slots, per GPU
+        cost = roofline.block_forward_cost
+        return (cost(config, BLOCK, slots, batch=batch, tp=tp).flops["attention"]
+                - cost(config, BLOCK, 0, batch=batch, tp=tp).flops["attention"])
+
+    cuda_core = ASSUMED_CUDA_CORE_ATTENTION_SHARE * FP32_CUDA_CORE_FLOPS
+    later = ms(costs(config, tp, WEIGHT_BYTES, slots)["later"].total_bytes, device)
+    one, eight = over_cache(1), over_cache(8)
+    return (f"- Attention: a later step's scores and weighted sums over a cache of {slots:,} "
+            f"slots are {one / 1e9:.1f} GFLOP per GPU at TP {tp} ({eight / 1e9:.1f} at batch 8). "
+            "In 16-bit they run on tensor cores (`block_attention_tc.cuh`: three products where "
+            "one would do, each probability in two 16-bit terms), "
+            f"{1e3 * 3 / 2 * one / device.bf16_dense_flops:.3f} ms at the dense BF16 peak, "
+            f"{1e4 * 3 / 2 * one / device.bf16_dense_flops:.2f} ms at a tenth of it. On CUDA "
+            "cores at "
+            f"an assumed {ASSUMED_CUDA_CORE_ATTENTION_SHARE:.0%} of the "
+            f"{FP32_CUDA_CORE_FLOPS / 1e12:.0f} FP32 TFLOP/s (`block_attention.cuh`, the float32 "
+            f"path) they would take {1e3 * one / cuda_core:.2f} ms "
+            f"({1e3 * one / cuda_core / later:.0%} of the {later:.2f} ms an {device.name} at "
+            f"TP {tp} reads a later step in; {1e3 * eight / cuda_core:.1f} ms at batch 8).")
+
+
 def overheads_section(config, later_step, eager_step) -> list[str]:
     c = config
     n_moe = roofline.moe_layer_count(c)
@@ -264,6 +296,7 @@ def overheads_section(config, later_step, eager_step) -> list[str]:
             f"{h200.bf16_dense_flops / 1e12:.0f} dense BF16 TFLOP/s that is "
             f"{1e3 * flops / h200.bf16_dense_flops:.3f} ms, far below the bandwidth time: "
             "the forward is memory-bound (if its matmuls reach even 10% of peak at 32 rows).",
+            attention_compute_line(c, h200),
             f"- Kernel count: one later step dispatches about {kernels:,} data-moving ops for "
             f"{PRESET} (next section); at an assumed {ASSUMED_US_PER_GRAPH_KERNEL} us per small "
             f"kernel inside a graph that is ~{kernels * ASSUMED_US_PER_GRAPH_KERNEL / 1e3:.1f} ms "
@@ -336,7 +369,8 @@ def step_section(config, later_step, first_step, eager_step) -> list[str]:
                      "writes the keys and values into the static cache at the device write "
                      "slot (`dmax.qk_norm_rotary_write_kv`: per-head RMSNorm in fp32, partial "
                      "rotary, no `index_put_`); the attention over the key span [0, span) as "
-                     "one op, `dmax.block_attention` (float32 online softmax, GQA, the bool "
+                     "one op, `dmax.block_attention` (in 16-bit on tensor cores; float32 online "
+                     "softmax, GQA, the bool "
                      "mask read in place, the output in the layout the dense GEMM reads; the "
                      "keys split over blocks where the rows alone would not fill the device, "
                      "then a second launch merges the splits), where torch's SDPA, given this "

@@ -18,15 +18,30 @@ from dmax_ext.reference import block_attention_reference
 
 KERNEL_BACKENDS = [name for name in BACKENDS if name != "cpu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The emulation's multiprocessor count (csrc/cuda/bindings/common.h) and the kernel's tiles:
-# enough to tell which shapes split their keys (mirrors choose_block_attention_splits).
-EMULATED_MULTIPROCESSORS, ROWS_PER_BLOCK, MIN_KEYS_PER_SPLIT = 4, 16, 64
+# The emulation's multiprocessor count (csrc/cuda/bindings/common.h) and the kernels' tiles:
+# enough to tell which kernel a call takes and whether it splits its keys (mirrors
+# block_attention.cu's uses_tensor_cores and choose_block_attention_splits).
+EMULATED_MULTIPROCESSORS, MIN_KEYS_PER_SPLIT = 4, 64
+ROWS_PER_BLOCK = 16      # the CUDA-core kernel: tokens of one head
+TC_ROWS_PER_BLOCK = 64   # the tensor-core kernel: rows of a key head's group of query heads
 
 
-def splits_keys(batch, heads, length, slots) -> bool:
-    row_blocks = batch * heads * -(-length // ROWS_PER_BLOCK)
+def tensor_cores(dtype, dim) -> bool:
+    return dtype != torch.float32 and dim % 16 == 0 and dim <= BLOCK_ATTENTION_MAX_HEAD_DIM
+
+
+def splits_keys(batch, heads, length, slots, kv_heads=1, dtype=torch.float32, dim=8) -> bool:
+    if tensor_cores(dtype, dim):
+        row_blocks = batch * kv_heads * -(-(heads // kv_heads * length) // TC_ROWS_PER_BLOCK)
+    else:
+        row_blocks = batch * heads * -(-length // ROWS_PER_BLOCK)
     wanted = -(-2 * EMULATED_MULTIPROCESSORS // row_blocks)
     return min(wanted, -(-slots // MIN_KEYS_PER_SPLIT)) > 1
+
+
+def kernel_path(dtype, dim, split) -> str:
+    return ("tensor cores" if tensor_cores(dtype, dim) else "CUDA cores") + (
+        ", split keys" if split else ", one launch")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -47,20 +62,51 @@ def test_matches_float64_attention_within_sdpa_error(backend, dtype):
                      shared_mask=shared_mask, seed=seed)
         got = b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()
         assert got.dtype == dtype and got.shape == (batch, length, heads * dim)
-        split = splits_keys(batch, heads, length, slots)
-        seen.add(split)
+        path = kernel_path(dtype, dim, splits_keys(batch, heads, length, slots, kv_heads, dtype,
+                                                   dim))
+        seen.add(path)
         assert_within_naive_error(got, _exact(case), _sdpa(*case),
                                   f"{b} {dtype} B{batch} H{heads}/{kv_heads} T{length} S{slots} "
-                                  f"D{dim} split {split}")
+                                  f"D{dim} {path}")
 
     check()
-    # both paths, whatever hypothesis drew
-    for batch, heads, kv_heads, length, slots in ((1, 2, 1, 12, 333), (2, 8, 2, 32, 100)):
-        case = _case(dtype, batch, heads, kv_heads, length, slots, 64, seed=5)
-        seen.add(splits_keys(batch, heads, length, slots))
+    # every path, whatever hypothesis drew: one launch and split keys, at head dims of both
+    # kernels in 16-bit dtypes (20: CUDA cores; 64: tensor cores, LLaDA2.0-mini's group of 4)
+    for batch, heads, kv_heads, length, slots, dim in (
+            (1, 2, 1, 12, 333, 20), (2, 8, 2, 32, 100, 20),
+            (1, 4, 1, 12, 333, 64), (3, 8, 2, 40, 90, 64)):
+        case = _case(dtype, batch, heads, kv_heads, length, slots, dim, seed=5)
+        path = kernel_path(dtype, dim, splits_keys(batch, heads, length, slots, kv_heads, dtype,
+                                                   dim))
+        seen.add(path)
         got = b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()
-        assert_within_naive_error(got, _exact(case), _sdpa(*case), f"{b} {dtype} {slots}")
-    assert seen == {True, False}
+        assert_within_naive_error(got, _exact(case), _sdpa(*case), f"{b} {dtype} {path}")
+    kernels = ["CUDA cores"] + (["tensor cores"] if dtype != torch.float32 else [])
+    assert seen == {f"{k}, {s}" for k in kernels for s in ("one launch", "split keys")}, seen
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_outputs_are_the_references_bits(backend, dtype):
+    """The 16-bit outputs of both kernels, one launch and split keys, are the reference's
+    (float32 scores, softmax and sums, one rounding) on >= 99% of elements. The tensor-core
+    kernel's products of 16-bit probabilities keep that only with each probability in two terms
+    (block_attention_tc.cuh): with one, ~63% of the bits."""
+    b = Backend(backend)
+    seen = set()
+    for dim in (20, 64, 128):
+        for batch, heads, kv_heads, length, slots in ((2, 8, 2, 32, 40), (1, 2, 1, 16, 300)):
+            same = total = 0
+            for seed in range(2):
+                case = _case(dtype, batch, heads, kv_heads, length, slots, dim, seed=seed)
+                got = b.op("block_attention")(*b.to(*case[:4]), case[4]).cpu()
+                same += (got == block_attention_reference(*case)).sum().item()
+                total += got.numel()
+            path = kernel_path(dtype, dim, splits_keys(batch, heads, length, slots, kv_heads,
+                                                       dtype, dim))
+            seen.add(path)
+            assert same >= 0.99 * total, f"{b} {dtype} D{dim} {path}: {same / total:.1%}"
+    assert len(seen) == 4, seen
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -74,7 +120,7 @@ def test_a_query_that_may_attend_nothing_gets_zeros(backend, slots):
     mask = mask.clone()
     mask[0, 0, 3] = False
     mask[0, 0, 5, :slots - 30] = False  # row 5 sees only the last keys: other splits see none
-    assert splits_keys(1, 2, 8, slots) == (slots == 400)
+    assert splits_keys(1, 2, 8, slots) == (slots == 400)  # float32: the CUDA-core kernel
     got = b.op("block_attention")(*b.to(q, keys, values, mask), scale).cpu()
     assert got[0, 3].eq(0).all() and got.isfinite().all()
     torch.testing.assert_close(got, block_attention_reference(q, keys, values, mask, scale),

@@ -72,6 +72,16 @@ def test_missing_barrier_shows_under_schedules(canaries):
     assert len(set(sums.values())) == 3, sums
 
 
+def test_missing_loop_barrier_shows_under_warp_greedy_phases(canaries):
+    """A tile loop missing the barrier at its top is right under interleaved turns (the warp
+    collectives keep the warps in step) and wrong once a random schedule runs one warp ahead
+    (csrc/simt/block.h, schedule_warp_greedy: half the phases of a random seed)."""
+    assert run(canaries, "missing_loop_barrier", 0) == "wrong sums 0"
+    assert run(canaries, "missing_loop_barrier", 1) == "wrong sums 0"
+    outs = [run(canaries, "missing_loop_barrier", seed) for seed in (12345, 2, 3, 4)]
+    assert any(out != "wrong sums 0" for out in outs), outs
+
+
 def test_divergent_syncthreads_names_kernel_block_threads_and_sites(canaries):
     out = run(canaries, "divergent_barrier", 0, expect_error=True)
     assert re.search(r"kernel 'divergent_barrier_kernel' block \(0,0,0\): divergent __syncthreads: "
@@ -192,6 +202,28 @@ def test_votes_atomics_and_counting_barriers(canaries):
             "add 288 max 287 min -287 u 576 umax 287 ull 864 f 144 d 72 exch_once 1 "
             "distinct_old 288")
         assert run(canaries, "barrier_count", seed) == "count 34 and 1 or 1"
+
+
+def test_wmma_products_match_a_double_computation(canaries):
+    """simt/wmma.h: m16n16k16 products of __half and __nv_bfloat16 tiles into float, B row- and
+    column-major, C / D in either memory layout, under every schedule."""
+    for seed in SEEDS:
+        assert run(canaries, "wmma", seed) == "wmma mismatches 0"
+
+
+def test_wmma_fragments_hide_their_layout(canaries):
+    """A kernel that writes a fragment's elements where it guesses they sit gets them elsewhere
+    (CUDA leaves the layout unspecified; the emulation's is none a GPU uses)."""
+    out = run(canaries, "wmma_layout_guess")
+    misplaced = int(re.fullmatch(r"misplaced (\d+) of 256", out).group(1))
+    assert misplaced > 200, out
+
+
+def test_wmma_requirements_are_errors(canaries):
+    out = run(canaries, "wmma_misaligned", expect_error=True)
+    assert "wmma::load_matrix_sync: the pointer is not 256-bit aligned" in out, out
+    out = run(canaries, "wmma_half_warp", expect_error=True)
+    assert re.search(r"__syncwarp at wmma\.h:\d+ .*lane 16 .*has exited", out), out
 
 
 def test_cost_per_block(canaries):

@@ -187,7 +187,8 @@ struct BlockAttentionArgs {
 };
 // The float32 workspace a launch on a device of `multiprocessors` needs (0: none, when the keys
 // are not split).
-int64_t block_attention_workspace_floats(const BlockAttentionArgs& args, int multiprocessors);
+int64_t block_attention_workspace_floats(const BlockAttentionArgs& args, FloatType dtype,
+                                         int multiprocessors);
 void launch_block_attention(const BlockAttentionArgs& args, FloatType dtype, int multiprocessors,
                             float* workspace, cudaStream_t stream);
 

@@ -228,12 +228,16 @@ inline size_t block_attention_smem_bytes(int64_t dim) {
          sizeof(float);
 }
 
-// Splits of the keys: enough blocks to give each of the device's multiprocessors two, without
-// splits shorter than kAttnMinKeysPerSplit keys or more than kAttnMaxSplits. Sets
-// sh.splits and sh.keys_per_split.
-inline void choose_block_attention_splits(AttnShape& sh, int multiprocessors) {
-  const long long row_blocks = static_cast<long long>(sh.batch) * sh.heads *
-                               ((sh.length + kAttnRows - 1) / kAttnRows);
+// Blocks of query rows of the CUDA-core kernel (one head, kAttnRows tokens each).
+inline long long block_attention_row_blocks(const AttnShape& sh) {
+  return static_cast<long long>(sh.batch) * sh.heads * ((sh.length + kAttnRows - 1) / kAttnRows);
+}
+
+// Splits of the keys for a kernel with `row_blocks` blocks of query rows: enough blocks to give
+// each of the device's multiprocessors two, without splits shorter than kAttnMinKeysPerSplit
+// keys or more than kAttnMaxSplits. Sets sh.splits and sh.keys_per_split.
+inline void choose_block_attention_splits(AttnShape& sh, int multiprocessors,
+                                          long long row_blocks) {
   const long long wanted = (2LL * multiprocessors + row_blocks - 1) / row_blocks;
   const long long by_keys = (sh.slots + kAttnMinKeysPerSplit - 1) / kAttnMinKeysPerSplit;
   long long splits = wanted < by_keys ? wanted : by_keys;

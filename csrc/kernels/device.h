@@ -12,10 +12,11 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <mma.h>  // nvcuda::wmma (the emulation: simt/wmma.h)
 
 #define DMAX_LAUNCH(k, grid, block, smem, stream) k<<<grid, block, smem, stream>>>
 #define DMAX_DYNAMIC_SMEM(T, name)                                     \
-  extern __shared__ __align__(16) unsigned char dmax_dynamic_smem_[]; \
+  extern __shared__ __align__(128) unsigned char dmax_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(dmax_dynamic_smem_)
 
 #else

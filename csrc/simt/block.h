@@ -36,7 +36,8 @@ inline std::atomic<uint64_t>& schedule_seed_storage() {
 }  // namespace detail
 
 // 0 = threads (and blocks) in index order, 1 = reverse order, anything else = a random order
-// drawn from the seed, re-drawn at every barrier phase. Default: $SIMT_SCHEDULE_SEED or 0.
+// drawn from the seed, re-drawn at every barrier phase, together with how the warps take turns
+// in that phase (schedule_warp_greedy). Default: $SIMT_SCHEDULE_SEED or 0.
 inline void set_schedule_seed(uint64_t seed) { detail::schedule_seed_storage() = seed; }
 inline uint64_t schedule_seed() { return detail::schedule_seed_storage(); }
 
@@ -56,6 +57,20 @@ inline void schedule_order(std::vector<unsigned>& order, size_t n, uint64_t seed
   if (seed <= 1) return;
   uint64_t state = seed ^ (salt * 0xD1B54A32D192ED03ull);
   for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[splitmix64(state) % i]);
+}
+
+// How the threads of a barrier phase take turns. Interleaved (seeds 0 and 1, and half the phases
+// of a random seed): each ready thread in the order runs until it blocks, so the warps move
+// through their collectives together. Warp-greedy (the other random phases): the first ready
+// thread's whole warp runs until every lane of it waits at a barrier or has exited, then the
+// next warp: one warp a full stretch of code ahead of another, as warps of different speeds
+// are on a GPU. That exposes a missing __syncthreads between one loop iteration's reads of shared
+// memory and the next iteration's writes (tests/test_simt_emulator.py), which interleaved turns
+// never run far enough apart to show.
+inline bool schedule_warp_greedy(uint64_t seed, uint64_t salt) {
+  if (seed <= 1) return false;
+  uint64_t state = seed ^ (salt * 0x9FB21C651E98DF25ull) ^ 0x6A09E667F3BCC909ull;
+  return splitmix64(state) & 1u;
 }
 
 // Everything a block needs to know about its launch.
@@ -230,18 +245,38 @@ class Block {
     uint64_t phase = 0;
     std::vector<unsigned> order;
     schedule_order(order, n_, seed, block_salt * 0x100000001B3ull + phase);
+    bool greedy = schedule_warp_greedy(seed, block_salt * 0x100000001B3ull + phase);
     for (;;) {
       bool ran = false;
       for (unsigned t : order) {
         if (slots_[t].state != ThreadState::Ready) continue;
-        resume(t);
+        if (greedy) {
+          run_warp(t / 32u, order);
+        } else {
+          resume(t);
+          if (error_) std::rethrow_exception(error_);
+        }
         ran = true;
-        if (error_) std::rethrow_exception(error_);
       }
       if (ran) continue;
       if (exited_ == n_) return;
       release_barrier_or_fail();
-      schedule_order(order, n_, seed, block_salt * 0x100000001B3ull + ++phase);
+      ++phase;
+      schedule_order(order, n_, seed, block_salt * 0x100000001B3ull + phase);
+      greedy = schedule_warp_greedy(seed, block_salt * 0x100000001B3ull + phase);
+    }
+  }
+
+  // Warp-greedy turns: the lanes of warp w, in the phase's order, until none is ready.
+  void run_warp(unsigned w, const std::vector<unsigned>& order) {
+    for (bool progress = true; progress;) {
+      progress = false;
+      for (unsigned t : order) {
+        if (t / 32u != w || slots_[t].state != ThreadState::Ready) continue;
+        resume(t);
+        progress = true;
+        if (error_) std::rethrow_exception(error_);
+      }
     }
   }
 

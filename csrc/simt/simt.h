@@ -35,6 +35,7 @@
 #include "intrinsics.h"
 #include "launch.h"
 #include "warp.h"
+#include "wmma.h"
 
 #if defined(SIMT_SANITIZE) && !defined(SIMT_ASAN)
 #error "SIMT_SANITIZE is the AddressSanitizer build: compile with -fsanitize=address"

@@ -5,6 +5,7 @@
 #include "kernels/device.h"
 
 #include <chrono>
+#include <cmath>
 #include <cinttypes>
 #include <cstdio>
 #include <functional>
@@ -22,6 +23,23 @@ __global__ void missing_barrier_kernel(int* out) {
   __shared__ int s[64];
   s[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
   out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];  // needs __syncthreads() before
+}
+
+// A tile loop without the barrier at its top: the warp that finishes an iteration first writes
+// the next tile over the one the other warp still reads. Between its reads and those writes
+// each warp passes warp collectives, which keep interleaved turns in step: only warp-greedy
+// phases (random schedules) run one warp that far ahead.
+__global__ void missing_loop_barrier_kernel(const int* in, int* out, int tiles) {
+  __shared__ int tile[64];
+  int sum = 0;
+  for (int i = 0; i < tiles; ++i) {
+    tile[threadIdx.x] = in[i * 64 + threadIdx.x];  // needs __syncthreads() before
+    __syncthreads();
+    int part = tile[63 - threadIdx.x];  // the other warp's element
+    for (int o = 16; o > 0; o /= 2) part += __shfl_xor_sync(0xffffffffu, part, o);
+    sum += part;
+  }
+  out[threadIdx.x] = sum;
 }
 
 __global__ void divergent_barrier_kernel(float* out) {
@@ -214,6 +232,52 @@ __global__ void barrier_count_kernel(int* out) {
   }
 }
 
+// ---- wmma (simt/wmma.h) ---------------------------------------------------------------------
+
+// D = A B + C for one 16 x 16 x 16 tile: A row-major (lda 24), B row- or column-major, C and D
+// in memory of either layout. Every pointer a 32-byte aligned offset of its buffer.
+template <class T, class LayoutB>
+__global__ void wmma_product_kernel(const T* a, const T* b, const float* c, float* d,
+                                    int out_layout) {
+  namespace wmma = nvcuda::wmma;
+  const auto layout = out_layout ? wmma::mem_col_major : wmma::mem_row_major;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(fa, a, 24);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::load_matrix_sync(acc, c, 16, layout);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(d, acc, 16, layout);
+}
+
+// A kernel that assumes where a fragment's elements sit (here the row-major order lane * 8 + i)
+// and writes them itself: CUDA does not specify the layout, and the emulation's is another.
+__global__ void wmma_layout_guess_kernel(float* d) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] = static_cast<float>(threadIdx.x * 8 + i);
+  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+__global__ void wmma_misaligned_kernel(const __half* a) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+  nvcuda::wmma::load_matrix_sync(fa, a + 4, 16);  // 8 bytes past a 32-byte boundary
+}
+
+// Half of the warp multiplies: mma_sync is a collective of the whole warp.
+__global__ void wmma_half_warp_kernel(float* d) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(fa, __float2half(1.f));
+  wmma::fill_fragment(fb, __float2half(1.f));
+  wmma::fill_fragment(acc, 0.f);
+  if (threadIdx.x < 16) wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
 // ---- host side ---------------------------------------------------------------------------
 
 using Canary = std::function<void(uint64_t seed)>;
@@ -251,6 +315,42 @@ int check_shuffles(const char* type, std::mt19937& rng) {
   return bad;
 }
 
+// Mismatches of wmma_product_kernel against a double computation (each output within 1e-5
+// relative of the sum of its products' magnitudes), over layouts and input types.
+template <class T>
+int check_wmma(const char* type, std::mt19937& rng) {
+  int bad = 0;
+  for (int b_col = 0; b_col < 2; ++b_col)
+    for (int out_layout = 0; out_layout < 2; ++out_layout) {
+      alignas(64) T a[16 * 24], b[256];
+      alignas(64) float c[256], d[256];
+      for (T& v : a) v = static_cast<T>(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 256.0f);
+      for (T& v : b) v = static_cast<T>(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 512.0f);
+      for (float& v : c) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 64.0f;
+      if (b_col)
+        DMAX_LAUNCH((wmma_product_kernel<T, nvcuda::wmma::col_major>), 1, 32, 0, nullptr)(
+            a, b, c, d, out_layout);
+      else
+        DMAX_LAUNCH((wmma_product_kernel<T, nvcuda::wmma::row_major>), 1, 32, 0, nullptr)(
+            a, b, c, d, out_layout);
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+          const int o = out_layout ? j * 16 + i : i * 16 + j;
+          double want = c[o], magnitude = std::fabs(c[o]);
+          for (int k = 0; k < 16; ++k) {
+            const double p = static_cast<double>(static_cast<float>(a[i * 24 + k])) *
+                             static_cast<float>(b_col ? b[j * 16 + k] : b[k * 16 + j]);
+            want += p;
+            magnitude += std::fabs(p);
+          }
+          if (!(std::fabs(d[o] - want) <= 1e-5 * magnitude + 1e-30) && bad++ < 5)
+            printf("%s b_col %d out_col %d (%d, %d): got %g want %g\n", type, b_col, out_layout,
+                   i, j, d[o], want);
+        }
+    }
+  return bad;
+}
+
 const std::map<std::string, Canary>& canaries() {
   static const std::map<std::string, Canary> all = {
       {"missing_barrier",
@@ -260,6 +360,21 @@ const std::map<std::string, Canary>& canaries() {
          long sum = 0;
          for (int v : out) sum += v;
          printf("sum %ld\n", sum);  // 2080 when every neighbour was written first
+       }},
+      {"missing_loop_barrier",
+       [](uint64_t) {
+         const int tiles = 8;
+         std::vector<int> in(64 * tiles), out(64);
+         for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<int>(i * 7 % 101);
+         DMAX_LAUNCH(missing_loop_barrier_kernel, 1, 64, 0, nullptr)(in.data(), out.data(), tiles);
+         int wrong = 0;
+         for (int t = 0; t < 64; ++t) {
+           int want = 0;
+           for (int i = 0; i < tiles; ++i)
+             for (int u = (t & 32) ^ 32; u < ((t & 32) ^ 32) + 32; ++u) want += in[i * 64 + u];
+           wrong += out[t] != want;
+         }
+         printf("wrong sums %d\n", wrong);
        }},
       {"divergent_barrier",
        [](uint64_t) {
@@ -429,6 +544,30 @@ const std::map<std::string, Canary>& canaries() {
          std::vector<float> x(64 * 10, 1.0f), sums(2 * 10);
          DMAX_LAUNCH(row_sums_kernel, 10, 64, 0, nullptr)(x.data(), sums.data(), 64);
          printf("then %g %g\n", sums[0], sums[19]);
+       }},
+      {"wmma",
+       [](uint64_t) {
+         std::mt19937 rng(11);
+         printf("wmma mismatches %d\n", check_wmma<__half>("half", rng) +
+                                            check_wmma<__nv_bfloat16>("bf16", rng));
+       }},
+      {"wmma_layout_guess",
+       [](uint64_t) {
+         alignas(64) float d[256];
+         DMAX_LAUNCH(wmma_layout_guess_kernel, 1, 32, 0, nullptr)(d);
+         int misplaced = 0;
+         for (int e = 0; e < 256; ++e) misplaced += d[e] != static_cast<float>(e);
+         printf("misplaced %d of 256\n", misplaced);
+       }},
+      {"wmma_misaligned",
+       [](uint64_t) {
+         alignas(64) __half a[512];
+         DMAX_LAUNCH(wmma_misaligned_kernel, 1, 32, 0, nullptr)(a);
+       }},
+      {"wmma_half_warp",
+       [](uint64_t) {
+         alignas(64) float d[256];
+         DMAX_LAUNCH(wmma_half_warp_kernel, 1, 32, 0, nullptr)(d);
        }},
       {"outside_kernel", [](uint64_t) { __syncthreads(); }},
       {"perf",

@@ -28,12 +28,13 @@ inline at::Tensor block_attention(const at::Tensor& q, const at::Tensor& keys,
                           {mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(2), mask.stride(3)},
                           static_cast<float>(scale)};
   const int multiprocessors = multiprocessor_count(q);
-  const int64_t workspace_floats = block_attention_workspace_floats(args, multiprocessors);
+  const FloatType dtype = float_type_of(q.scalar_type());
+  const int64_t workspace_floats = block_attention_workspace_floats(args, dtype, multiprocessors);
   at::Tensor workspace = at::empty({workspace_floats}, q.options().dtype(at::kFloat));
 #ifdef DMAX_SIMT
   workspace.fill_(NAN);  // poisoned: a split the merge reads but nobody wrote shows up
 #endif
-  launch_block_attention(args, float_type_of(q.scalar_type()), multiprocessors,
+  launch_block_attention(args, dtype, multiprocessors,
                          workspace_floats ? workspace.mutable_data_ptr<float>() : nullptr,
                          current_stream(q));
   return out;
