@@ -72,6 +72,13 @@ constexpr const char* kCpuBf16DotSchema = "cpu_bf16_dot() -> bool";
 // CPU only: moe_experts' gate_up / down laid out for its bf16 dot products (ops.pack_moe_weights;
 // reference: dmax_ext.reference.pack_moe_weights_reference). `dmax`.
 constexpr const char* kPackMoeWeightsSchema = "pack_moe_weights(Tensor w) -> Tensor";
+// CPU only: one SPD step of a running batch after its forward, in place on the block's state
+// (logits_stats, promote, spd_update and hybrid_embed as decoding/step.py runs them, converged
+// rows kept, step + 1; on CUDA the step runs those ops one by one). `dmax`.
+constexpr const char* kSpdStepSchema =
+    "spd_step(Tensor logits, Tensor(a!) ids, Tensor(b!) embeds, Tensor(c!) done, "
+    "Tensor(d!) step, Tensor active, Tensor weight, Tensor? seeds, int k, float temperature, "
+    "float threshold, float accept_threshold, int mask_id) -> ()";
 // A decoding block's attention over the KV cache (the model's SDPA call), the output
 // [B, T, heads * D] as the output projection reads it.
 constexpr const char* kBlockAttentionSchema =

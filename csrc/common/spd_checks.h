@@ -5,6 +5,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace dmax::checks {
 
 constexpr int64_t kMaxTopK = 8;
@@ -78,6 +80,30 @@ inline void check_hybrid_embed_args(const at::Tensor& embeds, const at::Tensor& 
   check_topk_args(topk_ids, topk_probs, op, B, L, device);
   TORCH_CHECK(mask_id >= 0 && mask_id < weight.size(0), op, ": mask_id must be in [0, V = ",
               weight.size(0), "), got ", mask_id);
+}
+
+// spd_step's own arguments; the ops it runs check the rest (logits' dtype, k, temperature and
+// seeds: logits_stats; embeds and weight: hybrid_embed).
+inline void check_spd_step_args(const at::Tensor& logits, const at::Tensor& ids,
+                                const at::Tensor& embeds, const at::Tensor& done,
+                                const at::Tensor& step, const at::Tensor& active,
+                                const std::optional<at::Tensor>& seeds, double temperature) {
+  const char* op = "spd_step";
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be [B, L, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), L = logits.size(1);
+  const auto device = logits.device();
+  check_arg(ids, op, "ids", at::kLong, {B, L}, device);
+  check_arg(active, op, "active", at::kBool, {B, L}, device);
+  check_arg(done, op, "done", at::kBool, {B}, device);
+  check_arg(step, op, "step", at::kLong, {}, device);
+  TORCH_CHECK(embeds.dim() == 3 && embeds.size(0) == B && embeds.size(1) == L, op,
+              ": embeds must be [", B, ", ", L, ", H] (B and L of logits), got ", embeds.sizes());
+  TORCH_CHECK(embeds.device() == device, op, ": embeds must be on ", device,
+              " like the other inputs, got ", embeds.device());
+  TORCH_CHECK(ids.is_contiguous() && done.is_contiguous(), op,
+              ": ids and done must be contiguous (written in place)");
+  TORCH_CHECK(temperature <= 0 || seeds.has_value(), op,
+              ": sampling (temperature > 0) needs the rows' seeds");
 }
 
 }  // namespace dmax::checks

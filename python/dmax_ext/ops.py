@@ -313,6 +313,60 @@ def _onpolicy_noise_fake(noisy_ids, sample_flags, topk_ids, topk_probs, temperat
 FAKE_KERNELS.update(logits_stats=_logits_stats_fake, onpolicy_noise=_onpolicy_noise_fake)
 
 
+# ---- spd_step: one SPD step of a running batch after its forward (CPU only) ---------------------
+
+def spd_step(logits: torch.Tensor, ids: torch.Tensor, embeds: torch.Tensor, done: torch.Tensor,
+             step: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
+             seeds: torch.Tensor | None, k: int, temperature: float, threshold: float,
+             accept_threshold: float, mask_id: int) -> None:
+    """SPEC section 3 steps 2-6 for every running row, in place, as one CPU op: logits_stats
+    (temperature > 0: seeds + step are this step's row seeds), promote (the prefix rule),
+    spd_update, hybrid_embed; rows whose block has converged (done) keep their ids and
+    embeddings; done |= converged; step += 1. The same as decoding.step.apply_step running the
+    ops one by one (its reference: dmax_ext.reference.spd_step_reference), with one dispatch
+    instead of ~8 (docs/PERFORMANCE.md, 2026-12-07). A NaN probability raises ValueError.
+
+    logits [B, L, V] float; ids int64 / active bool [B, L]; embeds [B, L, H] and weight [V, H]
+    (the embedding table) of one dtype; done bool [B]; step int64 []; seeds int64 [B] or None.
+    ids, embeds, done and step are written. CPU tensors only: on CUDA the step runs the ops one
+    by one, inside a CUDA graph."""
+    check_tensor("logits", logits, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits must be on the CPU (spd_step is CPU only), got {logits.device}")
+    B, L, V = logits.shape
+    _check_block("ids", ids, torch.int64, (B, L))
+    _check_block("active", active, torch.bool, (B, L))
+    _check_block("done", done, torch.bool, (B,))
+    _check_block("step", step, torch.int64, ())
+    check_tensor("embeds", embeds, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+    check_shape("embeds", embeds, (B, L, embeds.shape[2]))
+    check_tensor("weight", weight, dtypes=(embeds.dtype,), ndim=2)
+    check_shape("weight", weight, (weight.shape[0], embeds.shape[2]))
+    _check_same_device(logits.device, ids=ids, active=active, done=done, step=step,
+                       embeds=embeds, weight=weight)
+    _check_topk_arg(k)
+    _check_temperature(temperature)
+    if temperature > 0:
+        _check_seeds(seeds, B, logits.device)
+    _check_unit_interval("threshold", threshold)
+    _check_unit_interval("accept_threshold", accept_threshold)
+    if not 0 <= int(mask_id) < weight.shape[0]:
+        raise ValueError(f"mask_id must be in [0, {weight.shape[0]}) (a row of weight), "
+                         f"got {mask_id}")
+    _check_vocab_ids("ids", ids, weight.shape[0])
+    torch.ops.dmax.spd_step(logits, ids, embeds, done, step, active, weight,
+                            seeds if temperature > 0 else None, int(k), float(temperature),
+                            float(threshold), float(accept_threshold), int(mask_id))
+
+
+def _spd_step_fake(logits, ids, embeds, done, step, active, weight, seeds, k, temperature,
+                   threshold, accept_threshold, mask_id):
+    return None
+
+
+FAKE_KERNELS.update(spd_step=_spd_step_fake)
+
+
 # ---- moe_experts: a MoE layer's routed experts for a decoding block (CPU only) -----------------
 
 

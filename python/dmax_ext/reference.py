@@ -90,6 +90,22 @@ def hybrid_embed_reference(embeds: torch.Tensor, weight: torch.Tensor, ids: torc
     return out
 
 
+def spd_step_reference(logits: torch.Tensor, ids: torch.Tensor, embeds: torch.Tensor,
+                       done: torch.Tensor, step: torch.Tensor, active: torch.Tensor,
+                       weight: torch.Tensor, seeds: torch.Tensor | None, k: int,
+                       temperature: float, threshold: float, accept_threshold: float,
+                       mask_id: int):
+    """dmax.spd_step (SPEC section 3 steps 2-6 for a running batch): the step that
+    decoding.step.spd_step_composed makes of this module's references. Returns NEW tensors
+    (ids, embeds, done, step); the arguments are left untouched (the op writes in place)."""
+    from .decoding.backends import ReferenceOps
+    from .decoding.step import spd_step_composed
+    ids, embeds, done, step = ids.clone(), embeds.clone(), done.clone(), step.clone()
+    spd_step_composed(ReferenceOps(), logits, ids, embeds, done, step, active, weight, seeds, k,
+                      temperature, threshold, accept_threshold, mask_id)
+    return ids, embeds, done, step
+
+
 # ---- rng_uniform: the shared counter-based RNG (bit-exact mirror of csrc/common/rng.h) --------
 # All arithmetic is on int64 tensors holding uint32 values; 32-bit products are split into 16-bit
 # halves of the constant so that no intermediate exceeds 2^49 (no int64 overflow).

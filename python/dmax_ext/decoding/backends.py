@@ -40,6 +40,10 @@ class NativeOps:
     def hybrid_embed(self, *args) -> None:
         torch.ops.dmax.hybrid_embed(*args)
 
+    def spd_step(self, *args) -> None:
+        """A whole SPD step in one dispatch (CPU tensors; step.apply_step picks it)."""
+        torch.ops.dmax.spd_step(*args)
+
 
 class ReferenceOps:
     def __init__(self):

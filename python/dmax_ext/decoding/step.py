@@ -7,8 +7,9 @@ with the host: the engine reads `state.done` once per step to decide whether the
 and for which rows (`BlockState.select`: converged rows leave the eager steps).
 
 A step = the block's forward (`forward_block`, later steps; `forward_first`, a block's first step)
-followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD), or
-logits_stats -> promote(prefix=False) -> commit the promoted ids (the threshold baseline).
+followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD; on the
+CPU's own path one op, dmax.spd_step), or logits_stats -> promote(prefix=False) -> commit the
+promoted ids (the threshold baseline).
 """
 from __future__ import annotations
 
@@ -115,24 +116,46 @@ def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: Deco
     all_live: no row of `state` has converged (a block's first step, and the eager steps, which
     converged rows leave), so the masks that keep converged rows as they are are skipped: four
     small ops of a step's ~15, ~40 us of a bf16 step of llada2-small after its forward has
-    pushed the dispatcher out of the caches (docs/PERFORMANCE.md)."""
-    seeds = state.seeds + state.step if config.sampling else None
-    pred, conf, topk_ids, topk_probs = ops.logits_stats(logits, config.top_k,
-                                                        config.temperature, seeds)
-    live = None if all_live else ~state.done[:, None]
+    pushed the dispatcher out of the caches (docs/PERFORMANCE.md).
+    On the CPU's own path an SPD step is one op, dmax.spd_step (ops.spd_step: the same ops from
+    C++, ~100 us a step less); CUDA (and the CPU standing for it) runs them one by one."""
+    seeds = state.seeds if config.sampling else None
     if config.mode == "spd":
-        promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, True)
-        new_ids, changed, converged = ops.spd_update(state.ids, state.active, promoted, pred, conf,
-                                                     config.accept_threshold, config.mask_id)
-        # A row that converged at this step may get new embeddings: they are never fed.
-        ops.hybrid_embed(state.embeds, model.embedding_weight, new_ids,
-                         state.active if all_live else state.active & live,
-                         changed if all_live else changed & live, topk_ids, topk_probs,
-                         config.mask_id)
-    else:
-        promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, False)
-        new_ids = torch.where(promoted, pred, state.ids)
-        converged = ~(new_ids == config.mask_id).logical_and_(state.active).any(dim=1)
-    state.ids.copy_(new_ids if all_live else torch.where(live, new_ids, state.ids))
+        fused = getattr(ops, "spd_step", None)
+        # The CPU's own path: CPU logits, and the model's CPU variants on (model/native.py;
+        # a model without them, like the tests' stubs, has only that path).
+        own_cpu_path = logits.is_cpu and getattr(model, "cpu_variant", True)
+        run = fused if fused is not None and own_cpu_path else (
+            lambda *args: spd_step_composed(ops, *args, all_live=all_live))
+        run(logits, state.ids, state.embeds, state.done, state.step, state.active,
+             model.embedding_weight, seeds, config.top_k, config.temperature, config.threshold,
+             config.accept_threshold, config.mask_id)
+        return
+    pred, conf, _, _ = ops.logits_stats(logits, config.top_k, config.temperature,
+                                        None if seeds is None else seeds + state.step)
+    promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, False)
+    new_ids = torch.where(promoted, pred, state.ids)
+    converged = ~(new_ids == config.mask_id).logical_and_(state.active).any(dim=1)
+    state.ids.copy_(new_ids if all_live else torch.where(~state.done[:, None], new_ids, state.ids))
     state.done.logical_or_(converged)
     state.step.add_(1)
+
+
+def spd_step_composed(ops, logits, ids, embeds, done, step, active, weight, seeds, k: int,
+                      temperature: float, threshold: float, accept_threshold: float,
+                      mask_id: int, *, all_live: bool = False) -> None:
+    """One SPD step from the backend's ops, one by one, in place (the semantics of
+    dmax.spd_step; dmax_ext.reference.spd_step_reference runs it on the reference ops).
+    seeds: the block's row seeds (sampling; this step's are seeds + step) or None."""
+    pred, conf, topk_ids, topk_probs = ops.logits_stats(
+        logits, k, temperature, None if seeds is None else seeds + step)
+    promoted = ops.promote(ids, conf, pred, threshold, mask_id, True)
+    new_ids, changed, converged = ops.spd_update(ids, active, promoted, pred, conf,
+                                                 accept_threshold, mask_id)
+    live = None if all_live else ~done[:, None]
+    # A row that converged at this step may get new embeddings: they are never fed.
+    ops.hybrid_embed(embeds, weight, new_ids, active if all_live else active & live,
+                     changed if all_live else changed & live, topk_ids, topk_probs, mask_id)
+    ids.copy_(new_ids if all_live else torch.where(live, new_ids, ids))
+    done.logical_or_(converged)
+    step.add_(1)
