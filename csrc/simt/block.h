@@ -269,10 +269,13 @@ class Block {
 
   // Warp-greedy turns: the lanes of warp w, in the phase's order, until none is ready.
   void run_warp(unsigned w, const std::vector<unsigned>& order) {
+    lanes_.clear();
+    for (unsigned t : order)
+      if (t / 32u == w) lanes_.push_back(t);
     for (bool progress = true; progress;) {
       progress = false;
-      for (unsigned t : order) {
-        if (t / 32u != w || slots_[t].state != ThreadState::Ready) continue;
+      for (unsigned t : lanes_) {
+        if (slots_[t].state != ThreadState::Ready) continue;
         resume(t);
         progress = true;
         if (error_) std::rethrow_exception(error_);
@@ -405,6 +408,7 @@ class Block {
   unsigned barrier_first_ = kNone;
   unsigned barrier_count_ = 0, barrier_live_ = 0;
   std::exception_ptr error_;
+  std::vector<unsigned> lanes_;  // run_warp's lanes, in the phase's order
 };
 
 inline Block& running_block(const char* what) {

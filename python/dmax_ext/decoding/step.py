@@ -118,7 +118,8 @@ def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: Deco
     small ops of a step's ~15, ~40 us of a bf16 step of llada2-small after its forward has
     pushed the dispatcher out of the caches (docs/PERFORMANCE.md).
     On the CPU's own path an SPD step is one op, dmax.spd_step (ops.spd_step: the same ops from
-    C++, ~100 us a step less); CUDA (and the CPU standing for it) runs them one by one."""
+    C++, ~56 us less a bf16 step of llada2-small); CUDA (and the CPU standing for it) runs them
+    one by one."""
     seeds = state.seeds if config.sampling else None
     if config.mode == "spd":
         fused = getattr(ops, "spd_step", None)
