@@ -139,6 +139,30 @@ def test_strided_slices_read_like_contiguous_copies(backend):
         assert torch.equal(got.cpu(), want.cpu()), slots
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_misaligned_rows_read_like_aligned_ones(backend, dtype):
+    """The tensor-core kernel copies rows 16 bytes a lane when every row starts 16-byte aligned
+    (block_attention_tc_vector_rows) and an element a lane otherwise: keys and values one
+    element past an aligned start give the same bits as aligned copies, in one launch and with
+    split keys."""
+    b = Backend(backend)
+
+    def shifted(t):  # the same values, starting 2 bytes past torch's aligned allocation
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    for batch, heads, kv_heads, length, slots in ((2, 8, 2, 32, 60), (1, 2, 1, 16, 300)):
+        q, keys, values, mask, scale = _case(dtype, batch, heads, kv_heads, length, slots, 64)
+        op = b.op("block_attention")
+        want = op(*b.to(q, keys.contiguous(), values.contiguous(), mask), scale).cpu()
+        got = op(*b.to(shifted(q), shifted(keys), shifted(values), mask), scale).cpu()
+        assert keys.contiguous().data_ptr() % 16 == 0 and shifted(keys).data_ptr() % 16 != 0
+        assert torch.equal(got, want), (batch, slots)
+
+
 @pytest.mark.parametrize("backend", BACKENDS_ONE_SCHEDULE)
 def test_the_head_dim_limit(backend):
     """The kernel takes the head dims the model sends it (BLOCK_ATTENTION_MAX_HEAD_DIM) and

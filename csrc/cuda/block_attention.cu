@@ -50,7 +50,10 @@ void attention_typed(const BlockAttentionArgs& a, const kernels::AttnShape& sh, 
   if constexpr (!std::is_same<T, float>::value) {  // no float32 tensor-core kernel
     if (tensor_cores) {
       const LaunchConfig cfg = kernels::block_attention_tc_launch_config(sh);
-      const auto attention_kernel = &kernels::block_attention_tc_kernel<T>;
+      const auto attention_kernel =
+          kernels::block_attention_tc_vector_rows(q, keys, values, st)
+              ? &kernels::block_attention_tc_kernel<T, true>
+              : &kernels::block_attention_tc_kernel<T, false>;
       DMAX_LAUNCH(attention_kernel, cfg.grid, cfg.block, cfg.smem_bytes, stream)(
           q, keys, values, a.mask, st, sh, a.scale, out, sums, ml);
       launched = true;

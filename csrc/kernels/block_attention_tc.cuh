@@ -62,9 +62,36 @@ inline bool block_attention_tc_supports(int64_t dim) {
   return dim > 0 && dim % 16 == 0 && dim <= kAttnMaxHeadDim;
 }
 
+// A warp copies one row of D 16-bit elements from global to shared memory (src null: zeros):
+// 16 bytes a lane per load where kVec (the launcher checked every row start 16-byte aligned),
+// else one element a lane per load, 8 times the load instructions.
+template <class T, bool kVec>
+__device__ __forceinline__ void copy_row(T* dst, const T* src, int D, int lane) {
+  if constexpr (kVec) {
+    constexpr int kPer = 16 / sizeof(T);
+    for (int v = lane; v < D / kPer; v += 32)
+      reinterpret_cast<uint4*>(dst)[v] =
+          src ? reinterpret_cast<const uint4*>(src)[v] : make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    for (int d = lane; d < D; d += 32) dst[d] = src ? src[d] : from_float<T>(0.f);
+  }
+}
+
+// Whether every row the kernel copies starts 16-byte aligned: copy_row's vector form.
+template <class T>
+inline bool block_attention_tc_vector_rows(const T* q, const T* keys, const T* values,
+                                           const AttnStrides& st) {
+  constexpr int64_t kPer = 16 / sizeof(T);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  for (const int64_t stride : {st.q_b, st.q_h, st.q_t, st.k_b, st.k_h, st.k_s, st.v_b, st.v_h,
+                               st.v_s})
+    if (stride % kPer != 0) return false;
+  return aligned(q) && aligned(keys) && aligned(values);
+}
+
 // grid (splits, ceil(group * T / kTcRows), batch * kv_heads), kTcWarps * 32 threads, dynamic
 // shared memory block_attention_tc_smem_bytes(dim). Outputs as block_attention_kernel's.
-template <class T>
+template <class T, bool kVec>
 __global__ void __launch_bounds__(kTcWarps * 32)
 block_attention_tc_kernel(const T* __restrict__ q, const T* __restrict__ keys,
                           const T* __restrict__ values, const bool* __restrict__ mask,
@@ -91,9 +118,9 @@ block_attention_tc_kernel(const T* __restrict__ q, const T* __restrict__ keys,
   for (int r = warp; r < kTcRows; r += kTcWarps) {
     const int g = row0 + r;
     const int head = kv_head * group + g / sh.length, t = g % sh.length;
-    for (int d = lane; d < D; d += 32)
-      q_s[r * pitch + d] = g < group_rows ? q[b * st.q_b + head * st.q_h + t * st.q_t + d]
-                                          : from_float<T>(0.f);
+    copy_row<T, kVec>(q_s + r * pitch,
+                      g < group_rows ? q + b * st.q_b + head * st.q_h + t * st.q_t : nullptr, D,
+                      lane);
   }
   __syncthreads();
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[kTcMaxChunks];
@@ -123,10 +150,8 @@ block_attention_tc_kernel(const T* __restrict__ q, const T* __restrict__ keys,
     for (int j = warp; j < kTcKeyTile; j += kTcWarps) {
       const int s = tile + j;
       const bool in = s < end_key;
-      for (int d = lane; d < D; d += 32) {
-        k_s[j * pitch + d] = in ? k_base[s * st.k_s + d] : from_float<T>(0.f);
-        v_s[j * pitch + d] = in ? v_base[s * st.v_s + d] : from_float<T>(0.f);
-      }
+      copy_row<T, kVec>(k_s + j * pitch, in ? k_base + s * st.k_s : nullptr, D, lane);
+      copy_row<T, kVec>(v_s + j * pitch, in ? v_base + s * st.v_s : nullptr, D, lane);
     }
     __syncthreads();
 
