@@ -54,7 +54,7 @@ def test_matches_float64_attention_within_sdpa_error(backend, dtype):
               suppress_health_check=list(HealthCheck))
     @given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 4),
            length=st.integers(1, 40), extra=st.integers(0, 300),
-           dim=st.sampled_from([8, 20, 33, 64, 128]), shared_mask=st.booleans(),
+           dim=st.sampled_from([8, 20, 33, 48, 64, 128]), shared_mask=st.booleans(),
            seed=st.integers(0, 2**31))
     def check(batch, kv_heads, group, length, extra, dim, shared_mask, seed):
         heads, slots = kv_heads * group, length + extra
@@ -111,20 +111,23 @@ def test_16_bit_outputs_are_the_references_bits(backend, dtype):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("slots", [40, 400], ids=["one-launch", "split"])
-def test_a_query_that_may_attend_nothing_gets_zeros(backend, slots):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_query_that_may_attend_nothing_gets_zeros(backend, slots, dtype):
     """Zeros (not NaN) for a row masked everywhere, in one launch and through the merge, where
-    a split may see no allowed key while the others do; the other rows as the reference."""
+    a split may see no allowed key while the others do; the other rows as the reference. Both
+    kernels: float32 takes the CUDA-core one, bfloat16 at D 64 the tensor-core one."""
     b = Backend(backend)
-    q, keys, values, mask, scale = _case(torch.float32, batch=1, heads=2, kv_heads=1, length=8,
-                                         slots=slots)
+    q, keys, values, mask, scale = _case(dtype, batch=1, heads=2, kv_heads=1, length=8,
+                                         slots=slots, dim=64)
     mask = mask.clone()
     mask[0, 0, 3] = False
     mask[0, 0, 5, :slots - 30] = False  # row 5 sees only the last keys: other splits see none
-    assert splits_keys(1, 2, 8, slots) == (slots == 400)  # float32: the CUDA-core kernel
+    assert splits_keys(1, 2, 8, slots, 1, dtype, 64) == (slots == 400)
     got = b.op("block_attention")(*b.to(q, keys, values, mask), scale).cpu()
     assert got[0, 3].eq(0).all() and got.isfinite().all()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
     torch.testing.assert_close(got, block_attention_reference(q, keys, values, mask, scale),
-                               rtol=1e-5, atol=1e-6)
+                               **tol)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
