@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from dmax_calls import dmax_calls
+from test_hybrid_embed import bits
 from tolerances import assert_hybrid_embed_close
 
 from dmax_ext import ops
@@ -46,10 +47,6 @@ def run(fn, state, k, temperature):
 
 def composed(*args):
     spd_step_composed(NativeOps(), *args)
-
-
-def bits(t):
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
