@@ -20,6 +20,10 @@ void spd_step(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor&
               const at::Tensor& done, const at::Tensor& step, const at::Tensor& active,
               const at::Tensor& weight, const std::optional<at::Tensor>& seeds, int64_t k,
               double temperature, double threshold, double accept_threshold, int64_t mask_id);
+void threshold_step(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& done,
+                    const at::Tensor& step, const at::Tensor& active,
+                    const std::optional<at::Tensor>& seeds, int64_t k, double temperature,
+                    double threshold, int64_t mask_id);
 at::Tensor onpolicy_noise(const at::Tensor& noisy_ids, const at::Tensor& sample_flags,
                           const at::Tensor& topk_ids, const at::Tensor& topk_probs,
                           double temperature, const std::optional<at::Tensor>& seeds,

@@ -13,6 +13,7 @@ TORCH_LIBRARY(dmax, m) {
   m.def(dmax::kCpuBf16DotSchema, &dmax::cpu::cpu_bf16_dot);  // no tensor: one kernel for all keys
   m.def(dmax::kPackMoeWeightsSchema);
   m.def(dmax::kSpdStepSchema);
+  m.def(dmax::kThresholdStepSchema);
 }
 
 TORCH_LIBRARY_IMPL(dmax, CPU, m) {
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(dmax, CPU, m) {
   m.impl("spd_update", &dmax::cpu::spd_update);
   m.impl("hybrid_embed", &dmax::cpu::hybrid_embed);
   m.impl("spd_step", &dmax::cpu::spd_step);
+  m.impl("threshold_step", &dmax::cpu::threshold_step);
   m.impl("onpolicy_noise", &dmax::cpu::onpolicy_noise);
   m.impl("moe_experts", &dmax::cpu::moe_experts);
   m.impl("skinny_linear", &dmax::cpu::skinny_linear);

@@ -79,6 +79,11 @@ constexpr const char* kSpdStepSchema =
     "spd_step(Tensor logits, Tensor(a!) ids, Tensor(b!) embeds, Tensor(c!) done, "
     "Tensor(d!) step, Tensor active, Tensor weight, Tensor? seeds, int k, float temperature, "
     "float threshold, float accept_threshold, int mask_id) -> ()";
+// CPU only: the hard-threshold baseline's step, in place (logits_stats, promote anywhere, the
+// promoted ids committed, converged when no mask is left; as decoding/step.py runs them). `dmax`.
+constexpr const char* kThresholdStepSchema =
+    "threshold_step(Tensor logits, Tensor(a!) ids, Tensor(b!) done, Tensor(c!) step, "
+    "Tensor active, Tensor? seeds, int k, float temperature, float threshold, int mask_id) -> ()";
 // A decoding block's attention over the KV cache (the model's SDPA call), the output
 // [B, T, heads * D] as the output projection reads it.
 constexpr const char* kBlockAttentionSchema =

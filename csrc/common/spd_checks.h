@@ -82,28 +82,34 @@ inline void check_hybrid_embed_args(const at::Tensor& embeds, const at::Tensor& 
               weight.size(0), "), got ", mask_id);
 }
 
-// spd_step's own arguments; the ops it runs check the rest (logits' dtype, k, temperature and
-// seeds: logits_stats; embeds and weight: hybrid_embed).
-inline void check_spd_step_args(const at::Tensor& logits, const at::Tensor& ids,
-                                const at::Tensor& embeds, const at::Tensor& done,
-                                const at::Tensor& step, const at::Tensor& active,
-                                const std::optional<at::Tensor>& seeds, double temperature) {
-  const char* op = "spd_step";
+// The decoding-step ops' own arguments (spd_step, threshold_step: CPU tensors); the ops they
+// run check the rest (logits' dtype, k, temperature and seeds: logits_stats; embeds and weight:
+// hybrid_embed).
+inline void check_step_args(const char* op, const at::Tensor& logits, const at::Tensor& ids,
+                            const at::Tensor& done, const at::Tensor& step,
+                            const at::Tensor& active, const std::optional<at::Tensor>& seeds,
+                            double temperature) {
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be [B, L, V], got ", logits.sizes());
+  TORCH_CHECK(logits.device().is_cpu(), op, ": the CPU op got ", logits.device(),
+              " tensors (CUDA runs the step's ops one by one)");
   const int64_t B = logits.size(0), L = logits.size(1);
   const auto device = logits.device();
   check_arg(ids, op, "ids", at::kLong, {B, L}, device);
   check_arg(active, op, "active", at::kBool, {B, L}, device);
   check_arg(done, op, "done", at::kBool, {B}, device);
   check_arg(step, op, "step", at::kLong, {}, device);
-  TORCH_CHECK(embeds.dim() == 3 && embeds.size(0) == B && embeds.size(1) == L, op,
-              ": embeds must be [", B, ", ", L, ", H] (B and L of logits), got ", embeds.sizes());
-  TORCH_CHECK(embeds.device() == device, op, ": embeds must be on ", device,
-              " like the other inputs, got ", embeds.device());
-  TORCH_CHECK(ids.is_contiguous() && done.is_contiguous(), op,
-              ": ids and done must be contiguous (written in place)");
+  TORCH_CHECK(done.is_contiguous(), op, ": done must be contiguous");
   TORCH_CHECK(temperature <= 0 || seeds.has_value(), op,
               ": sampling (temperature > 0) needs the rows' seeds");
+}
+
+inline void check_step_embeds(const char* op, const at::Tensor& logits, const at::Tensor& embeds) {
+  TORCH_CHECK(embeds.dim() == 3 && embeds.size(0) == logits.size(0) &&
+                  embeds.size(1) == logits.size(1),
+              op, ": embeds must be [", logits.size(0), ", ", logits.size(1),
+              ", H] (B and L of logits), got ", embeds.sizes());
+  TORCH_CHECK(embeds.device() == logits.device(), op, ": embeds must be on ", logits.device(),
+              " like the other inputs, got ", embeds.device());
 }
 
 }  // namespace dmax::checks

@@ -330,24 +330,12 @@ def spd_step(logits: torch.Tensor, ids: torch.Tensor, embeds: torch.Tensor, done
     (the embedding table) of one dtype; done bool [B]; step int64 []; seeds int64 [B] or None.
     ids, embeds, done and step are written. CPU tensors only: on CUDA the step runs the ops one
     by one, inside a CUDA graph."""
-    check_tensor("logits", logits, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
-    if logits.device.type != "cpu":
-        raise ValueError(f"logits must be on the CPU (spd_step is CPU only), got {logits.device}")
-    B, L, V = logits.shape
-    _check_block("ids", ids, torch.int64, (B, L))
-    _check_block("active", active, torch.bool, (B, L))
-    _check_block("done", done, torch.bool, (B,))
-    _check_block("step", step, torch.int64, ())
+    B, L = _check_step_state(logits, ids, done, step, active, k, temperature, seeds)
     check_tensor("embeds", embeds, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
     check_shape("embeds", embeds, (B, L, embeds.shape[2]))
     check_tensor("weight", weight, dtypes=(embeds.dtype,), ndim=2)
     check_shape("weight", weight, (weight.shape[0], embeds.shape[2]))
-    _check_same_device(logits.device, ids=ids, active=active, done=done, step=step,
-                       embeds=embeds, weight=weight)
-    _check_topk_arg(k)
-    _check_temperature(temperature)
-    if temperature > 0:
-        _check_seeds(seeds, B, logits.device)
+    _check_same_device(logits.device, embeds=embeds, weight=weight)
     _check_unit_interval("threshold", threshold)
     _check_unit_interval("accept_threshold", accept_threshold)
     if not 0 <= int(mask_id) < weight.shape[0]:
@@ -359,12 +347,51 @@ def spd_step(logits: torch.Tensor, ids: torch.Tensor, embeds: torch.Tensor, done
                             float(threshold), float(accept_threshold), int(mask_id))
 
 
+def threshold_step(logits: torch.Tensor, ids: torch.Tensor, done: torch.Tensor,
+                   step: torch.Tensor, active: torch.Tensor, seeds: torch.Tensor | None, k: int,
+                   temperature: float, threshold: float, mask_id: int) -> None:
+    """The hard-threshold baseline's step (SPEC section 3) for every running row, in place, as
+    one CPU op: logits_stats, promote anywhere (prefix=False), the promoted ids committed,
+    converged when no active position is masked; converged rows (done) keep their ids;
+    done |= converged; step += 1. decoding.step.threshold_step_composed runs the ops one by
+    one (reference: dmax_ext.reference.threshold_step_reference). Arguments as spd_step's."""
+    B, L = _check_step_state(logits, ids, done, step, active, k, temperature, seeds)
+    _check_unit_interval("threshold", threshold)
+    torch.ops.dmax.threshold_step(logits, ids, done, step, active,
+                                  seeds if temperature > 0 else None, int(k), float(temperature),
+                                  float(threshold), int(mask_id))
+
+
+def _check_step_state(logits, ids, done, step, active, k, temperature, seeds) -> tuple[int, int]:
+    """The arguments spd_step and threshold_step share: (B, L)."""
+    check_tensor("logits", logits, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits must be on the CPU (the step ops are CPU only), "
+                         f"got {logits.device}")
+    B, L, _ = logits.shape
+    _check_block("ids", ids, torch.int64, (B, L))
+    _check_block("active", active, torch.bool, (B, L))
+    _check_block("done", done, torch.bool, (B,))
+    _check_block("step", step, torch.int64, ())
+    _check_same_device(logits.device, ids=ids, active=active, done=done, step=step)
+    _check_topk_arg(k)
+    _check_temperature(temperature)
+    if temperature > 0:
+        _check_seeds(seeds, B, logits.device)
+    return B, L
+
+
 def _spd_step_fake(logits, ids, embeds, done, step, active, weight, seeds, k, temperature,
                    threshold, accept_threshold, mask_id):
     return None
 
 
-FAKE_KERNELS.update(spd_step=_spd_step_fake)
+def _threshold_step_fake(logits, ids, done, step, active, seeds, k, temperature, threshold,
+                         mask_id):
+    return None
+
+
+FAKE_KERNELS.update(spd_step=_spd_step_fake, threshold_step=_threshold_step_fake)
 
 
 # ---- moe_experts: a MoE layer's routed experts for a decoding block (CPU only) -----------------

@@ -106,6 +106,21 @@ def spd_step_reference(logits: torch.Tensor, ids: torch.Tensor, embeds: torch.Te
     return ids, embeds, done, step
 
 
+def threshold_step_reference(logits: torch.Tensor, ids: torch.Tensor, done: torch.Tensor,
+                             step: torch.Tensor, active: torch.Tensor,
+                             seeds: torch.Tensor | None, k: int, temperature: float,
+                             threshold: float, mask_id: int):
+    """dmax.threshold_step (the hard-threshold baseline's step, SPEC section 3): what
+    decoding.step.threshold_step_composed makes of this module's references. Returns NEW
+    tensors (ids, done, step)."""
+    from .decoding.backends import ReferenceOps
+    from .decoding.step import threshold_step_composed
+    ids, done, step = ids.clone(), done.clone(), step.clone()
+    threshold_step_composed(ReferenceOps(), logits, ids, done, step, active, seeds, k,
+                            temperature, threshold, mask_id)
+    return ids, done, step
+
+
 # ---- rng_uniform: the shared counter-based RNG (bit-exact mirror of csrc/common/rng.h) --------
 # All arithmetic is on int64 tensors holding uint32 values; 32-bit products are split into 16-bit
 # halves of the constant so that no intermediate exceeds 2^49 (no int64 overflow).

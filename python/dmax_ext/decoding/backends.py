@@ -44,6 +44,10 @@ class NativeOps:
         """A whole SPD step in one dispatch (CPU tensors; step.apply_step picks it)."""
         torch.ops.dmax.spd_step(*args)
 
+    def threshold_step(self, *args) -> None:
+        """A whole threshold-baseline step in one dispatch (CPU tensors)."""
+        torch.ops.dmax.threshold_step(*args)
+
 
 class ReferenceOps:
     def __init__(self):

@@ -7,9 +7,9 @@ with the host: the engine reads `state.done` once per step to decide whether the
 and for which rows (`BlockState.select`: converged rows leave the eager steps).
 
 A step = the block's forward (`forward_block`, later steps; `forward_first`, a block's first step)
-followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD; on the
-CPU's own path one op, dmax.spd_step), or logits_stats -> promote(prefix=False) -> commit the
-promoted ids (the threshold baseline).
+followed by `apply_step`: logits_stats -> promote -> spd_update -> hybrid_embed (SPD), or
+logits_stats -> promote(prefix=False) -> commit the promoted ids (the threshold baseline); on the
+CPU's own path each as one op (dmax.spd_step, dmax.threshold_step).
 """
 from __future__ import annotations
 
@@ -117,29 +117,24 @@ def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: Deco
     converged rows leave), so the masks that keep converged rows as they are are skipped: four
     small ops of a step's ~15, ~40 us of a bf16 step of llada2-small after its forward has
     pushed the dispatcher out of the caches (docs/PERFORMANCE.md).
-    On the CPU's own path an SPD step is one op, dmax.spd_step (ops.spd_step: the same ops from
-    C++, ~56 us less a bf16 step of llada2-small); CUDA (and the CPU standing for it) runs them
-    one by one."""
+    On the CPU's own path the step is one op, dmax.spd_step or dmax.threshold_step (the same
+    ops from C++: ~56 us less a bf16 SPD step of llada2-small); CUDA (and the CPU standing for
+    it) runs them one by one."""
     seeds = state.seeds if config.sampling else None
+    # The CPU's own path: CPU logits, and the model's CPU variants on (model/native.py; a model
+    # without them, like the tests' stubs, has only that path).
+    own_cpu_path = logits.is_cpu and getattr(model, "cpu_variant", True)
     if config.mode == "spd":
-        fused = getattr(ops, "spd_step", None)
-        # The CPU's own path: CPU logits, and the model's CPU variants on (model/native.py;
-        # a model without them, like the tests' stubs, has only that path).
-        own_cpu_path = logits.is_cpu and getattr(model, "cpu_variant", True)
-        run = fused if fused is not None and own_cpu_path else (
-            lambda *args: spd_step_composed(ops, *args, all_live=all_live))
+        fused = getattr(ops, "spd_step", None) if own_cpu_path else None
+        run = fused or (lambda *args: spd_step_composed(ops, *args, all_live=all_live))
         run(logits, state.ids, state.embeds, state.done, state.step, state.active,
-             model.embedding_weight, seeds, config.top_k, config.temperature, config.threshold,
-             config.accept_threshold, config.mask_id)
-        return
-    pred, conf, _, _ = ops.logits_stats(logits, config.top_k, config.temperature,
-                                        None if seeds is None else seeds + state.step)
-    promoted = ops.promote(state.ids, conf, pred, config.threshold, config.mask_id, False)
-    new_ids = torch.where(promoted, pred, state.ids)
-    converged = ~(new_ids == config.mask_id).logical_and_(state.active).any(dim=1)
-    state.ids.copy_(new_ids if all_live else torch.where(~state.done[:, None], new_ids, state.ids))
-    state.done.logical_or_(converged)
-    state.step.add_(1)
+            model.embedding_weight, seeds, config.top_k, config.temperature, config.threshold,
+            config.accept_threshold, config.mask_id)
+    else:
+        fused = getattr(ops, "threshold_step", None) if own_cpu_path else None
+        run = fused or (lambda *args: threshold_step_composed(ops, *args, all_live=all_live))
+        run(logits, state.ids, state.done, state.step, state.active, seeds, config.top_k,
+            config.temperature, config.threshold, config.mask_id)
 
 
 def spd_step_composed(ops, logits, ids, embeds, done, step, active, weight, seeds, k: int,
@@ -158,5 +153,21 @@ def spd_step_composed(ops, logits, ids, embeds, done, step, active, weight, seed
     ops.hybrid_embed(embeds, weight, new_ids, active if all_live else active & live,
                      changed if all_live else changed & live, topk_ids, topk_probs, mask_id)
     ids.copy_(new_ids if all_live else torch.where(live, new_ids, ids))
+    done.logical_or_(converged)
+    step.add_(1)
+
+
+def threshold_step_composed(ops, logits, ids, done, step, active, seeds, k: int,
+                            temperature: float, threshold: float, mask_id: int, *,
+                            all_live: bool = False) -> None:
+    """The hard-threshold baseline's step from the backend's ops, in place (the semantics of
+    dmax.threshold_step; dmax_ext.reference.threshold_step_reference runs it on the reference
+    ops): promote anywhere, commit the promoted ids, converged when no mask is left."""
+    pred, conf, _, _ = ops.logits_stats(logits, k, temperature,
+                                        None if seeds is None else seeds + step)
+    promoted = ops.promote(ids, conf, pred, threshold, mask_id, False)
+    new_ids = torch.where(promoted, pred, ids)
+    converged = ~(new_ids == mask_id).logical_and_(active).any(dim=1)
+    ids.copy_(new_ids if all_live else torch.where(~done[:, None], new_ids, ids))
     done.logical_or_(converged)
     step.add_(1)

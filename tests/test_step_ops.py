@@ -1,8 +1,9 @@
-"""dmax.spd_step (CPU), one SPD step of a running batch as one op: bitwise the step the native ops
-make one by one (decoding.step.spd_step_composed, what CUDA runs), and against the reference
-(dmax_ext.reference.spd_step_reference: the references composed) on hypothesis states with
-converged rows, sampling, every dtype; the NaN error; argument errors; opcheck; and which path
-a decode takes (the op on the CPU's own path, the ops one by one with the CPU variants off)."""
+"""dmax.spd_step and dmax.threshold_step (CPU), a decoding step of a running batch as one op:
+bitwise the step the native ops make one by one (decoding.step.spd_step_composed /
+threshold_step_composed, what CUDA runs), and against the references composed
+(dmax_ext.reference.spd_step_reference / threshold_step_reference) on hypothesis states with
+converged rows, sampling, every dtype; the NaN error; argument errors; opcheck; and which path a
+decode takes (the op on the CPU's own path, the ops one by one with the CPU variants off)."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,8 +14,8 @@ from tolerances import assert_hybrid_embed_close
 
 from dmax_ext import ops
 from dmax_ext.decoding.backends import NativeOps
-from dmax_ext.decoding.step import spd_step_composed
-from dmax_ext.reference import spd_step_reference
+from dmax_ext.decoding.step import spd_step_composed, threshold_step_composed
+from dmax_ext.reference import spd_step_reference, threshold_step_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 THRESHOLD, ACCEPT = 0.5, 0.9
@@ -29,6 +30,7 @@ def random_state(gen, B, L, V, H, dtype, *, p_done=0.3, sampling=False, scale=4.
     active = torch.rand(B, L, generator=gen) < 0.8
     ids = torch.randint(0, V - 1, (B, L), generator=gen)
     ids[active & (torch.rand(B, L, generator=gen) < 0.5)] = mask_id
+    ids[~active & (torch.rand(B, L, generator=gen) < 0.1)] = mask_id  # a prompt with the mask id
     weight = torch.randn(V, H, generator=gen).to(dtype)
     embeds = torch.randn(B, L, H, generator=gen).to(dtype)
     done = torch.rand(B, generator=gen) < p_done
@@ -47,6 +49,17 @@ def run(fn, state, k, temperature):
 
 def composed(*args):
     spd_step_composed(NativeOps(), *args)
+
+
+def run_threshold(fn, state, k, temperature):
+    logits, ids, _, done, step, active, _, seeds, mask_id = state
+    ids, done, step = ids.clone(), done.clone(), step.clone()
+    fn(logits, ids, done, step, active, seeds, k, temperature, THRESHOLD, mask_id)
+    return ids, done, step
+
+
+def threshold_composed(*args):
+    threshold_step_composed(NativeOps(), *args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -138,7 +151,7 @@ def test_argument_errors():
         call(threshold=1.5)
     with pytest.raises(ValueError, match=r"mask_id must be in \[0, 10\)"):
         call(mask_id=10)
-    with pytest.raises(ValueError, match="spd_step is CPU only"):
+    with pytest.raises(ValueError, match="the step ops are CPU only"):
         call(logits=logits.to("meta"))
     # the op's own checks, past the wrapper
     with pytest.raises(RuntimeError, match="spd_step: done must be Bool"):
@@ -176,4 +189,77 @@ def test_a_decode_takes_the_op_on_the_cpus_own_path_only():
         cuda_like = dmax_ext.decode(model, prompt, gen_length=64, block_length=32, threshold=0.5)
     names = [name for name, _ in calls]
     assert "spd_step" not in names and names.count("spd_update") == cuda_like.nfe, names
+    assert own.tokens == cuda_like.tokens and own.nfe == cuda_like.nfe
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_step_bitwise_the_native_ops_one_by_one(dtype):
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(B=st.integers(1, 4), L=st.integers(1, 40), V=st.integers(3, 300),
+           sampling=st.booleans(), p_done=st.sampled_from([0.0, 0.5, 1.0]),
+           seed=st.integers(0, 2**31))
+    def check(B, L, V, sampling, p_done, seed):
+        gen = torch.Generator().manual_seed(seed)
+        state = random_state(gen, B, L, V, 4, dtype, p_done=p_done, sampling=sampling)
+        temperature = 0.7 if sampling else 0.0
+        got = run_threshold(ops.threshold_step, state, 1, temperature)
+        want = run_threshold(threshold_composed, state, 1, temperature)
+        for name, g, w in zip(("ids", "done", "step"), got, want):
+            assert torch.equal(g, w), f"{name}: B{B} L{L} V{V} sampling {sampling} done {p_done}"
+        done_before = state[3]
+        assert torch.equal(got[0][done_before], state[1][done_before])
+
+    check()
+
+
+def test_threshold_step_against_the_reference():
+    checked = 0
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        state = random_state(gen, 3, 16, 60, 4, torch.float32, p_done=0.3)
+        conf = torch.softmax(state[0].double(), -1).amax(-1)
+        if ((conf - THRESHOLD).abs() < 1e-4).any():
+            continue
+        got = run_threshold(ops.threshold_step, state, 1, 0.0)
+        logits, ids, _, done, step, active, _, seeds, mask_id = state
+        want = threshold_step_reference(logits, ids, done, step, active, seeds, 1, 0.0,
+                                        THRESHOLD, mask_id)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), seed
+        checked += 1
+    assert checked >= 30
+
+
+def test_threshold_step_errors_and_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    logits, ids, _, done, step, active, _, seeds, mask_id = random_state(
+        gen, 2, 6, 30, 4, torch.bfloat16, sampling=True)
+    torch.library.opcheck(torch.ops.dmax.threshold_step.default,
+                          (logits, ids, done, step, active, seeds, 1, 0.8, THRESHOLD, mask_id))
+    with pytest.raises(ValueError, match=r"done must have shape \(2,\)"):
+        ops.threshold_step(logits, ids, done[:1], step, active, None, 1, 0.0, THRESHOLD, mask_id)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\]"):
+        ops.threshold_step(logits, ids, done, step, active, None, 1, 0.0, 2.0, mask_id)
+    bad = logits.clone()
+    bad[0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[0, 2\] has a NaN or \+inf logit"):
+        ops.threshold_step(bad, ids, done, step, active, None, 1, 0.0, THRESHOLD, mask_id)
+
+
+def test_a_threshold_decode_takes_the_op_on_the_cpus_own_path_only():
+    import dmax_ext
+    from dmax_ext.model import random_model
+
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=25.0,
+                         lm_head_from_embedding=True)
+    prompt = [[5, 17, 29, 41, 53, 65, 77]]
+    kwargs = dict(gen_length=64, block_length=32, threshold=0.5, mode="threshold")
+    with dmax_calls() as calls:
+        own = dmax_ext.decode(model, prompt, **kwargs)
+    names = [name for name, _ in calls]
+    assert names.count("threshold_step") == own.nfe and "promote" not in names, names
+    model.set_cpu_variants(False)
+    with dmax_calls() as calls:
+        cuda_like = dmax_ext.decode(model, prompt, **kwargs)
+    names = [name for name, _ in calls]
+    assert "threshold_step" not in names and names.count("promote") == cuda_like.nfe, names
     assert own.tokens == cuda_like.tokens and own.nfe == cuda_like.nfe

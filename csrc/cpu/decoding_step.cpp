@@ -1,7 +1,10 @@
-// dmax.spd_step on the CPU: one SPD step of a running batch after its forward (SPEC section 3
-// steps 2-6), in place on the block's state, as the ops it is made of run it
-// (decoding/step.py apply_step: logits_stats -> promote -> spd_update -> hybrid_embed, the
-// converged rows kept as they are, the NaN check of the probabilities, step + 1).
+// The decoding step as one CPU op, after its forward, in place on the block's state, as the ops
+// it is made of run it (decoding/step.py spd_step_composed / threshold_step_composed):
+//   dmax.spd_step: SPEC section 3 steps 2-6, logits_stats -> promote -> spd_update ->
+//     hybrid_embed;
+//   dmax.threshold_step: the hard-threshold baseline, logits_stats -> promote (anywhere) ->
+//     commit the promoted ids -> converged when no mask is left;
+// both keeping the converged rows as they are, checking the probabilities for NaN, step + 1.
 //
 // Why one op: in a decode the step runs right after a forward that streamed the model's weights
 // through the caches, and its ~8 dispatches from Python each paid the cold interpreter and
@@ -35,21 +38,27 @@ bool any_true(const at::Tensor& flags) {
   return false;
 }
 
+// The row seeds of this step (the block's base + its step index, decoding/step.py) and the
+// softmax statistics, checked: what both steps start with.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> checked_stats(
+    const at::Tensor& logits, const at::Tensor& step, const std::optional<at::Tensor>& seeds,
+    int64_t k, double temperature) {
+  const std::optional<at::Tensor> row_seeds =
+      temperature > 0 ? std::optional<at::Tensor>(*seeds + step) : std::nullopt;
+  auto stats = logits_stats(logits.contiguous(), k, temperature, row_seeds);
+  check_softmax_defined(std::get<1>(stats));
+  return stats;
+}
+
 }  // namespace
 
 void spd_step(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& embeds,
               const at::Tensor& done, const at::Tensor& step, const at::Tensor& active,
               const at::Tensor& weight, const std::optional<at::Tensor>& seeds, int64_t k,
               double temperature, double threshold, double accept_threshold, int64_t mask_id) {
-  checks::check_spd_step_args(logits, ids, embeds, done, step, active, seeds, temperature);
-  TORCH_CHECK(logits.device().is_cpu(), "spd_step: the CPU op got ", logits.device(),
-              " tensors (CUDA runs the step's ops one by one)");
-  // The row seeds of this step: the block's base + its step index (decoding/step.py).
-  const std::optional<at::Tensor> row_seeds =
-      temperature > 0 ? std::optional<at::Tensor>(*seeds + step) : std::nullopt;
-  auto [pred, conf, topk_ids, topk_probs] =
-      logits_stats(logits.contiguous(), k, temperature, row_seeds);
-  check_softmax_defined(conf);
+  checks::check_step_args("spd_step", logits, ids, done, step, active, seeds, temperature);
+  checks::check_step_embeds("spd_step", logits, embeds);
+  auto [pred, conf, topk_ids, topk_probs] = checked_stats(logits, step, seeds, k, temperature);
   const at::Tensor promoted = promote(ids, conf, pred, threshold, mask_id, /*prefix=*/true);
   auto [new_ids, changed, converged] =
       spd_update(ids, active, promoted, pred, conf, accept_threshold, mask_id);
@@ -63,6 +72,20 @@ void spd_step(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor&
                  topk_ids, topk_probs, mask_id);
     ids.copy_(at::where(live, new_ids, ids));
   }
+  done.logical_or_(converged);
+  step.add_(1);
+}
+
+void threshold_step(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& done,
+                    const at::Tensor& step, const at::Tensor& active,
+                    const std::optional<at::Tensor>& seeds, int64_t k, double temperature,
+                    double threshold, int64_t mask_id) {
+  checks::check_step_args("threshold_step", logits, ids, done, step, active, seeds, temperature);
+  auto [pred, conf, topk_ids, topk_probs] = checked_stats(logits, step, seeds, k, temperature);
+  const at::Tensor promoted = promote(ids, conf, pred, threshold, mask_id, /*prefix=*/false);
+  const at::Tensor new_ids = at::where(promoted, pred, ids);
+  const at::Tensor converged = new_ids.eq(mask_id).logical_and_(active).any(1).logical_not_();
+  ids.copy_(any_true(done) ? at::where(done.logical_not().unsqueeze(1), new_ids, ids) : new_ids);
   done.logical_or_(converged);
   step.add_(1);
 }
