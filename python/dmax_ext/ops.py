@@ -355,7 +355,7 @@ def threshold_step(logits: torch.Tensor, ids: torch.Tensor, done: torch.Tensor,
     converged when no active position is masked; converged rows (done) keep their ids;
     done |= converged; step += 1. decoding.step.threshold_step_composed runs the ops one by
     one (reference: dmax_ext.reference.threshold_step_reference). Arguments as spd_step's."""
-    B, L = _check_step_state(logits, ids, done, step, active, k, temperature, seeds)
+    _check_step_state(logits, ids, done, step, active, k, temperature, seeds)
     _check_unit_interval("threshold", threshold)
     torch.ops.dmax.threshold_step(logits, ids, done, step, active,
                                   seeds if temperature > 0 else None, int(k), float(temperature),
