@@ -171,27 +171,6 @@ def test_opcheck():
                            THRESHOLD, ACCEPT, mask_id))
 
 
-def test_a_decode_takes_the_op_on_the_cpus_own_path_only():
-    """The same tokens either way; with the CPU variants off (the CPU standing for CUDA) the
-    step runs the ops one by one, as a CUDA graph captures them."""
-    import dmax_ext
-    from dmax_ext.model import random_model
-
-    model = random_model("tiny", dtype=torch.float32, lm_head_gain=25.0,
-                         lm_head_from_embedding=True)
-    prompt = [[5, 17, 29, 41, 53, 65, 77]]
-    with dmax_calls() as calls:
-        own = dmax_ext.decode(model, prompt, gen_length=64, block_length=32, threshold=0.5)
-    names = [name for name, _ in calls]
-    assert names.count("spd_step") == own.nfe and "spd_update" not in names, names
-    model.set_cpu_variants(False)
-    with dmax_calls() as calls:
-        cuda_like = dmax_ext.decode(model, prompt, gen_length=64, block_length=32, threshold=0.5)
-    names = [name for name, _ in calls]
-    assert "spd_step" not in names and names.count("spd_update") == cuda_like.nfe, names
-    assert own.tokens == cuda_like.tokens and own.nfe == cuda_like.nfe
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_step_bitwise_the_native_ops_one_by_one(dtype):
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -245,21 +224,29 @@ def test_threshold_step_errors_and_opcheck():
         ops.threshold_step(bad, ids, done, step, active, None, 1, 0.0, THRESHOLD, mask_id)
 
 
-def test_a_threshold_decode_takes_the_op_on_the_cpus_own_path_only():
+# mode -> (the step's op, an op the step runs one by one: spd_update and promote are CUDA's)
+STEP_OPS = {"spd": ("spd_step", "spd_update"), "threshold": ("threshold_step", "promote")}
+
+
+@pytest.mark.parametrize("mode", list(STEP_OPS))
+def test_a_decode_takes_the_op_on_the_cpus_own_path_only(mode):
+    """The same tokens either way; with the CPU variants off (the CPU standing for CUDA) the
+    step runs the ops one by one, as a CUDA graph captures them."""
     import dmax_ext
     from dmax_ext.model import random_model
 
+    fused, one_by_one = STEP_OPS[mode]
     model = random_model("tiny", dtype=torch.float32, lm_head_gain=25.0,
                          lm_head_from_embedding=True)
     prompt = [[5, 17, 29, 41, 53, 65, 77]]
-    kwargs = dict(gen_length=64, block_length=32, threshold=0.5, mode="threshold")
+    kwargs = dict(gen_length=64, block_length=32, threshold=0.5, mode=mode)
     with dmax_calls() as calls:
         own = dmax_ext.decode(model, prompt, **kwargs)
     names = [name for name, _ in calls]
-    assert names.count("threshold_step") == own.nfe and "promote" not in names, names
+    assert names.count(fused) == own.nfe and one_by_one not in names, names
     model.set_cpu_variants(False)
     with dmax_calls() as calls:
         cuda_like = dmax_ext.decode(model, prompt, **kwargs)
     names = [name for name, _ in calls]
-    assert "threshold_step" not in names and names.count("promote") == cuda_like.nfe, names
+    assert fused not in names and names.count(one_by_one) == cuda_like.nfe, names
     assert own.tokens == cuda_like.tokens and own.nfe == cuda_like.nfe
