@@ -15,6 +15,7 @@ from dmax_ext.decoding.backends import resolve_ops
 from dmax_ext.decoding.cuda_graph import CudaGraphStep, EagerStep, StepTimer, key_span
 from dmax_ext.decoding.engine import _Decoder
 from dmax_ext.decoding.params import make_config
+from dmax_ext.decoding.rolling import RollingDecoder
 from dmax_ext.decoding.step import BlockState, apply_step, forward_block, forward_first
 from dmax_ext.model import random_model
 
@@ -35,15 +36,16 @@ def on_cuda_path(model):
 
 
 def run_decoder(model, runner, ops="native", *, mode="spd", gen_length=9, top_k=DEFAULT_TOP_K,
-                temperature=0.0, seed=None, eos_id=None):
-    """decode() with a given later-step runner (what decode builds itself: eager or graphs)."""
+                temperature=0.0, seed=None, eos_id=None, decoder=_Decoder):
+    """decode() with a given step runner (what decode builds itself: eager or graphs) and
+    schedule (decoder: engine._Decoder, lockstep, or rolling.RollingDecoder)."""
     config = make_config(model.config, mode=mode, gen_length=gen_length, block_length=L,
                          threshold=DEFAULT_THRESHOLD, accept_threshold=DEFAULT_ACCEPT_THRESHOLD,
                          top_k=top_k, temperature=temperature, eos_id=eos_id, mask_id=None,
                          seed=seed)
     timer = StepTimer(False, model.embedding_weight.device)
     with torch.inference_mode():
-        return _Decoder(model, resolve_ops(ops), config, runner, timer).run(PROMPTS)
+        return decoder(model, resolve_ops(ops), config, runner, timer).run(PROMPTS)
 
 
 class StaticShapeCheck(EagerStep):
@@ -67,6 +69,10 @@ class StaticShapeCheck(EagerStep):
     def __call__(self, ops, model, cache, state, write_slot, config):
         self._check(state, cache)
         super().__call__(ops, model, cache, state, write_slot, config)
+
+    def rolling(self, ops, model, cache, state, write_slot, config):
+        self._check(state, cache)
+        super().rolling(ops, model, cache, state, write_slot, config)
 
     def _check(self, state, cache):
         fingerprint = tuple((t.data_ptr(), t.shape, t.dtype) for t in vars(state).values()) \
@@ -96,6 +102,10 @@ class CountingGraphStep(CudaGraphStep):
     def __call__(self, ops, model, cache, state, write_slot, config):
         self._note("later", cache, write_slot, config)
         super().__call__(ops, model, cache, state, write_slot, config)
+
+    def rolling(self, ops, model, cache, state, write_slot, config):
+        self._note("rolling", cache, write_slot, config)
+        super().rolling(ops, model, cache, state, write_slot, config)
 
     def _note(self, kind, cache, write_slot, config):
         span = key_span(write_slot, config.block_length, cache.max_slots)
@@ -345,3 +355,29 @@ def test_cuda_graph_equals_eager_and_captures_once_per_span(mode, sampling):
                                        eager.block_steps, eager.capped_blocks)
     assert decode(model, PROMPTS, block_length=L, cuda_graphs=True, **kwargs).tokens == \
         graphed.tokens
+
+
+@pytest.mark.parametrize("mode", ["spd", "threshold"])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "seed": 5}],
+                         ids=["greedy", "seeded"])
+def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sampling):
+    # The rolling schedule has one kind of step at one slot: a graph per running batch, replayed
+    # by every step of every block; compactions (eos ends sequences at different blocks) start
+    # new batches. Its steps see the same buffers throughout a batch (StaticShapeCheck).
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(mode=mode, gen_length=24, top_k=2, decoder=RollingDecoder, **sampling)
+    kwargs["eos_id"] = eos_in_different_blocks(
+        decode(model, PROMPTS, block_length=L, mode=mode, gen_length=24, top_k=2,
+               **sampling).tokens, PROMPTS, L)
+    runner = GraphStandIn()
+    graphed = run_decoder(model, runner, **kwargs)
+    assert runner.epoch > 0 and {k for _, k, _, _ in runner.calls} == {"rolling"}
+    batches = len({epoch for epoch, _, _, _ in runner.calls})
+    assert runner.captures == runner.graphs_wanted() == batches > 1
+    assert len(runner.calls) == graphed.nfe - 1  # every forward but the prefill, replayed
+    check = StaticShapeCheck()
+    eager = run_decoder(model, check, **kwargs)
+    assert check.repeats > 0
+    assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps,
+            graphed.capped_blocks) == (eager.tokens, eager.nfe, eager.seq_nfe,
+                                       eager.block_steps, eager.capped_blocks)

@@ -220,3 +220,19 @@ def test_a_prefill_runs_only_the_last_layers_key_value_projection(dtype):
             assert ran == ([] if hooked is None else [1])
             for got, want in zip(cache.keys + cache.values, whole.keys + whole.values):
                 assert torch.equal(got, want)
+
+
+def test_roll_rows_moves_the_chosen_rows_left():
+    from dmax_ext.model.cache import KVCache
+    cache = KVCache.allocate(2, 3, 2, 12, 4, torch.float32, "cpu")
+    for t in cache.keys + cache.values:
+        t.copy_(torch.randn_like(t))
+    before = [t.clone() for t in cache.keys + cache.values]
+    cache.roll_rows(torch.tensor([0, 2]), 4)
+    for old, new in zip(before, cache.keys + cache.values):
+        for b in (0, 2):
+            assert torch.equal(new[b, :, :8], old[b, :, 4:])  # slot t <- slot t + 4
+            assert torch.equal(new[b, :, 8:], old[b, :, :4])  # the last slots: rewritten later
+        assert torch.equal(new[1], old[1])
+    with pytest.raises(ValueError, match="shift must be in"):
+        cache.roll_rows(torch.tensor([0]), 0)

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .step import BlockState, apply_step, forward_block, forward_first
+from .step import BlockState, apply_step, forward_block, forward_first, forward_rolling
 
 
 def key_span(write_slot: int, block_length: int, max_slots: int) -> int:
@@ -100,6 +100,14 @@ class EagerStep:
             # Without static shapes the engine has taken converged rows out of the batch.
             apply_step(ops, model, state, logits, config, all_live=not self.static_shapes)
 
+    def rolling(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
+        """A step of the rolling scheduler (forward_rolling), every row running."""
+        with self.timer("forward"):
+            logits = forward_rolling(model, cache, state, write_slot, config,
+                                     self._span(write_slot, config, cache))
+        with self.timer("ops"):
+            apply_step(ops, model, state, logits, config, all_live=True)
+
     def _span(self, write_slot: int, config, cache) -> int | None:
         return (key_span(write_slot, config.block_length, cache.max_slots)
                 if self.bucket_spans else None)
@@ -138,6 +146,14 @@ class CudaGraphStep:
             logits = forward_block(model, cache, state, slot, config, span)
             apply_step(ops, model, state, logits, config)
         self._replay("later", step, cache, state, write_slot, config.block_length)
+
+    def rolling(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
+        """A step of the rolling scheduler: one kind of step at one slot, so one graph per
+        running batch."""
+        def step(slot, span):
+            logits = forward_rolling(model, cache, state, slot, config, span)
+            apply_step(ops, model, state, logits, config, all_live=True)
+        self._replay("rolling", step, cache, state, write_slot, config.block_length)
 
     def _replay(self, kind: str, step, cache, state: BlockState, write_slot: int,
                 block_length: int) -> None:

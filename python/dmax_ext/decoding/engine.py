@@ -7,13 +7,10 @@ step.forward_first), then later steps until every row has converged or the step 
 steps of that block: they run on the rows still decoding (BlockState.select, KVCache.select),
 and it rejoins at the next block's first step. Block step counts are heavy-tailed (1 to 32
 within a batch), so a row waiting in the forwards would cost most of a batched forward's compute
-for nothing (docs/PERFORMANCE.md, issue 9). Rows do not start their next block early: the batch
-shares one write slot (layout.py), so each block takes as many forwards as its slowest row. A
-scheduler moving rows on independently would need per-row write slots and a block's first step
-(2L tokens from ids) and later steps (L embeddings) in one forward; benchmarks/cpu_targets.py
-prints its bound on target 4's decode (forwards: 2.76x lockstep, 3.55x per row, bf16). With
-CUDA graphs (static buffers) a converged row stays in the batch instead, unchanged and
-uncounted.
+for nothing (docs/PERFORMANCE.md, issue 9). This lockstep schedule does not start a row's next
+block early: the batch shares one write slot (layout.py), so each block takes as many forwards
+as its slowest row. rolling.py's schedule does (decode's `scheduler`). With CUDA graphs (static
+buffers) a converged row stays in the batch instead, unchanged and uncounted.
 Then the block's ids go to the host once: a row whose block holds eos, or that finished its last
 block, is done and compacted out of the running batch.
 
@@ -65,7 +62,8 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
            accept_threshold: float = DEFAULT_ACCEPT_THRESHOLD, top_k: int = DEFAULT_TOP_K,
            temperature: float = 0.0, mode: str = "spd", eos_id: int | None = None,
            mask_id: int | None = None, seed: int | None = None, *, ops="native",
-           cuda_graphs: bool | None = None, timing: bool = False) -> DecodeResult:
+           cuda_graphs: bool | None = None, timing: bool = False,
+           scheduler: str = "auto") -> DecodeResult:
     """Decodes gen_length tokens (rounded up to whole blocks) after each prompt.
 
     input_ids: tensor [batch, prompt] / [prompt], a list of id lists (or 1-D tensors) of any
@@ -78,6 +76,9 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     the later steps as CUDA graphs (default: on for a CUDA model; never with timing=True).
     A tensor-parallel model (model/tensor_parallel.py) decodes through vocab-parallel ops
     (tensor_parallel_ops.py): call decode on every rank with the same arguments.
+    scheduler: "lockstep" (the batch moves from block to block together), "rolling" (each
+    sequence moves on when its block converges: fewer batched forwards, each feeding 2L tokens a
+    row; rolling.py) or "auto": rolling for a batch on CUDA, else lockstep.
 
     A block ends when every sequence has converged or after block_length steps (the step cap,
     SPEC section 3: "up to B steps"); a capped block keeps its ids as they are (mask ids
@@ -90,6 +91,10 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     prompts = prompts_as_lists(input_ids, model.config.vocab_size, device)
     check_positions(prompts, config.gen_length, config.block_length,
                     getattr(model.config, "max_position_embeddings", None))
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if scheduler == "auto":
+        scheduler = "rolling" if device.type == "cuda" and len(prompts) > 1 else "lockstep"
     backend = resolve_ops(ops)
     tp_group = getattr(model, "tp_group", None)
     if tp_group is not None:  # a tensor-parallel shard (model/tensor_parallel.py)
@@ -112,10 +117,19 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     runner = (CudaGraphStep() if cuda_graphs
               else EagerStep(timer, bucket_spans=device.type == "cuda"))
     with torch.inference_mode(), model.frozen():  # the layers' op arguments packed once
-        result = _Decoder(model, backend, config, runner, timer).run(prompts)
+        decoder = _Decoder if scheduler == "lockstep" else _rolling_decoder()
+        result = decoder(model, backend, config, runner, timer).run(prompts)
     if timing:
         result.forward_s, result.ops_s = timer.seconds["forward"], timer.seconds["ops"]
     return result
+
+
+SCHEDULERS = ("auto", "lockstep", "rolling")
+
+
+def _rolling_decoder():
+    from .rolling import RollingDecoder  # it builds on _Decoder (below)
+    return RollingDecoder
 
 
 class _Decoder:
@@ -125,13 +139,11 @@ class _Decoder:
         self.device = model.embedding_weight.device
 
     def run(self, prompts: list[list[int]]) -> DecodeResult:
+        """The lockstep schedule: the batch moves from slot block to slot block together."""
         start = time.perf_counter()
         model, config, L = self.model, self.config, self.config.block_length
-        layout = plan_layout([len(p) for p in prompts], config.gen_length, L)
+        layout = self._begin(prompts)
         batch = layout.batch_size
-        self.nfe, self.seq_nfe, self.capped = 0, [0] * batch, [0] * batch
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.block_steps: list[list[int]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # running row i decodes sequence rows[i]
         cache = model.new_cache(batch, layout.max_slots)
         valid_from = torch.tensor([layout.valid_from(b) for b in rows], device=self.device)
@@ -149,7 +161,8 @@ class _Decoder:
             # The first generated block has no previous block to commit (step.forward_first).
             self._run_block(cache, state, slot_block > layout.first_slot_block,
                             slot_block * L, rows)
-            keep = self._collect(layout, slot_block, rows, starts, state.ids.tolist())
+            last = [layout.is_last_block(b, slot_block) for b in rows]
+            keep = self._collect(rows, starts, last, state.ids.tolist())
             if not keep:
                 break
             if len(keep) < len(rows):  # compaction: finished sequences stop costing compute
@@ -157,6 +170,19 @@ class _Decoder:
                 cache, state = cache.select(index), state.select(index)
                 rows = [rows[i] for i in keep]
                 self.runner.reset()
+        return self._result(start)
+
+    def _begin(self, prompts: list[list[int]]) -> BatchLayout:
+        """The batch's layout, with every count and token list empty."""
+        self.layout = layout = plan_layout([len(p) for p in prompts], self.config.gen_length,
+                                           self.config.block_length)
+        batch = layout.batch_size
+        self.nfe, self.seq_nfe, self.capped = 0, [0] * batch, [0] * batch
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.block_steps: list[list[int]] = [[] for _ in range(batch)]
+        return layout
+
+    def _result(self, start: float) -> DecodeResult:
         n_tokens = [len(t) for t in self.tokens]
         return DecodeResult(
             tokens=self.tokens, nfe=self.nfe, tpf=sum(n_tokens) / self.nfe,
@@ -164,26 +190,31 @@ class _Decoder:
             block_steps=self.block_steps, capped_blocks=self.capped,
             wall_s=time.perf_counter() - start)
 
-    def _collect(self, layout: BatchLayout, slot_block: int, rows: list[int], starts: list[int],
+    def _collect(self, rows: list[int], starts: list[int], last: list[bool],
                  block_ids: list[list[int]]) -> list[int]:
-        """Appends each row's new tokens (up to and including eos); returns the rows that go
-        on. Only generated positions count: an eos id in the prompt's tail does not stop."""
+        """Appends each row's new tokens (up to and including eos), the block of row i starting
+        at absolute position starts[i] and being its sequence's last if last[i]; returns the
+        rows that go on. Only generated positions count: an eos id in the prompt's tail does
+        not stop."""
         eos, keep = self.config.eos_id, []
         for i, b in enumerate(rows):
-            new = block_ids[i][max(0, layout.prompt_lengths[b] - starts[i]):]
+            new = block_ids[i][max(0, self.layout.prompt_lengths[b] - starts[i]):]
             if eos in new:
                 self.tokens[b] += new[:new.index(eos) + 1]
                 continue
             self.tokens[b] += new
-            if not layout.is_last_block(b, slot_block):
+            if not last[i]:
                 keep.append(i)
         return keep
 
-    def _prefill(self, layout: BatchLayout, prompts, cache, valid_from) -> None:
-        """One forward of the prompts' full blocks into the cache (no logits computed)."""
+    def _prefill(self, layout: BatchLayout, prompts, cache, valid_from,
+                 write_slot: int = 0) -> None:
+        """One forward of the prompts' full blocks into the cache (no logits computed), at
+        slots [write_slot, write_slot + F L)."""
         ids, positions = prefill_inputs(layout, prompts, self.config.eos_id, self.device)
         with self.timer("forward"):
-            self.model.forward_cached(cache, input_ids=ids, position_ids=positions, write_slot=0,
+            self.model.forward_cached(cache, input_ids=ids, position_ids=positions,
+                                      write_slot=write_slot,
                                       valid_from=valid_from, block_length=self.config.block_length,
                                       n_logits=0)
         self.nfe += 1

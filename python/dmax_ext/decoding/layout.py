@@ -50,6 +50,21 @@ class BatchLayout:
     def is_last_block(self, b: int, slot_block: int) -> bool:
         return slot_block - self.first_slot_block == self.n_blocks[b] - 1
 
+    # The rolling scheduler (rolling.py) keeps every row's current block at the same slots,
+    # [rolling_slot, rolling_slot + L), whichever of its blocks that is, and its previous block
+    # just before them: a row moving on to its next block shifts its cache rows left by L
+    # (KVCache.roll_rows). rolling_slot leaves room for the longest sequence's earlier blocks,
+    # and at least one block for the previous block's slots.
+
+    @property
+    def rolling_slot(self) -> int:
+        longest = max(f + n for f, n in zip(self.first_blocks, self.n_blocks))
+        return max(1, longest - 1) * self.block_length
+
+    def rolling_valid_from(self, b: int, block: int) -> int:
+        """Sequence b's first slot while it decodes its generated block `block` (0-based)."""
+        return self.rolling_slot - (self.first_blocks[b] + block) * self.block_length
+
 
 def plan_layout(prompt_lengths: list[int], gen_length: int, block_length: int) -> BatchLayout:
     first = tuple(p // block_length for p in prompt_lengths)
@@ -72,6 +87,19 @@ def prefill_inputs(layout: BatchLayout, prompts: list[list[int]], pad_id: int, d
         ids[b, start:] = torch.tensor(prompt[:n], dtype=torch.int64)
         positions[b, start:] = torch.arange(n)
     return ids.to(device), positions.to(device)
+
+
+def block_before_ids(layout: BatchLayout, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """[B, L] host ids of the block before each sequence's first generated block: the prompt's
+    last full block, or pad_id where the prompt has none (the rolling scheduler feeds it anyway:
+    its slots lie before the sequence's first slot, so no query attends to them)."""
+    L = layout.block_length
+    ids = torch.full((layout.batch_size, L), pad_id, dtype=torch.int64)
+    for b, prompt in enumerate(prompts):
+        first = layout.first_blocks[b]
+        if first > 0:
+            ids[b] = torch.tensor(prompt[(first - 1) * L:first * L], dtype=torch.int64)
+    return ids
 
 
 def first_block_ids(layout: BatchLayout, prompts: list[list[int]], mask_id: int) -> torch.Tensor:

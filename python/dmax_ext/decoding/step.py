@@ -71,6 +71,27 @@ class BlockState:
             self.embeds.copy_(model.embed(self.ids))
 
 
+    def next_block(self, model, index: torch.Tensor, block_starts: torch.Tensor,
+                   valid_from: torch.Tensor, config: DecodeConfig) -> None:
+        """The rolling scheduler (rolling.py): the rows `index` (int64 [B'] on the state's
+        device) move on to their next block, all masks, at absolute positions block_starts [B']
+        and first slots valid_from [B'], while the other rows stay mid-block. Their ids become
+        prev_ids. `step` runs on over every forward there, so a row's seeds are based on its
+        value now: seeds + step is still the row's block start + its own step index."""
+        device, L = self.ids.device, self.ids.shape[1]
+        masks = torch.full((index.numel(), L), config.mask_id, dtype=torch.int64, device=device)
+        starts = block_starts.to(device)
+        self.prev_ids.index_copy_(0, index, self.ids.index_select(0, index))
+        self.ids.index_copy_(0, index, masks)
+        self.active.index_fill_(0, index, True)
+        self.positions.index_copy_(0, index, starts[:, None] + torch.arange(L, device=device))
+        self.valid_from.index_copy_(0, index, valid_from.to(device))
+        self.done.index_fill_(0, index, False)
+        self.seeds.index_copy_(0, index, row_seed_base(config.seed) + starts - self.step)
+        if config.mode == "spd":
+            self.embeds.index_copy_(0, index, model.embed(masks))
+
+
 def row_seed_base(seed: int | None) -> int:
     # Row seed at step s = base + (absolute block start + s): unique per (seed, block, step)
     # because s < block_length (the step cap), and independent of the row's batch index, so a
@@ -107,6 +128,26 @@ def forward_block(model, cache, state: BlockState, write_slot: int | torch.Tenso
     return model.forward_cached(cache, **inputs, position_ids=state.positions,
                                 write_slot=write_slot, valid_from=state.valid_from,
                                 block_length=config.block_length, span=span)
+
+
+def forward_rolling(model, cache, state: BlockState, write_slot: int | torch.Tensor,
+                    config: DecodeConfig, span: int | None = None) -> torch.Tensor:
+    """A step of the rolling scheduler (rolling.py), whichever step of its block each row is
+    at: every row's previous block from its ids (committing, or re-committing, its K/V: the
+    same bits each time) and its current block, 2L tokens at write_slot - L. The current block
+    comes from its embeddings (SPD: a row at its block's first step holds the embeddings of its
+    ids, start_block / next_block) or its ids (threshold). A row with no previous block (its
+    prompt has no full block) feeds pad ids at position 0 there, before its first slot, so no
+    query attends to them. Returns the current blocks' logits [B, L, V]."""
+    L = config.block_length
+    positions = torch.cat([(state.positions - L).clamp_min(0), state.positions], dim=1)
+    if config.mode == "spd":
+        inputs = {"inputs_embeds": torch.cat([model.embed(state.prev_ids), state.embeds], dim=1)}
+    else:
+        inputs = {"input_ids": torch.cat([state.prev_ids, state.ids], dim=1)}
+    return model.forward_cached(cache, **inputs, position_ids=positions,
+                                write_slot=write_slot - L, valid_from=state.valid_from,
+                                block_length=L, n_logits=L, span=span)
 
 
 def apply_step(ops, model, state: BlockState, logits: torch.Tensor, config: DecodeConfig,

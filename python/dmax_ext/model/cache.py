@@ -42,3 +42,14 @@ class KVCache:
             batch_index = batch_index.nonzero().flatten()
         return KVCache([k.index_select(0, batch_index) for k in self.keys],
                        [v.index_select(0, batch_index) for v in self.values])
+
+    def roll_rows(self, batch_index: torch.Tensor, shift: int) -> None:
+        """Moves the rows batch_index (int64 [B'] on the cache's device) `shift` slots to the
+        left, in place: slot t takes slot t + shift's keys and values, and the last `shift`
+        slots the first ones' (the rolling scheduler, decoding/rolling.py: a sequence moving on
+        to its next block, whose feed then rewrites those last slots)."""
+        if not 0 < shift <= self.max_slots:
+            raise ValueError(f"shift must be in [1, {self.max_slots}] (the cache's slots), "
+                             f"got {shift}")
+        for t in self.keys + self.values:
+            t.index_copy_(0, batch_index, t.index_select(0, batch_index).roll(-shift, dims=2))
