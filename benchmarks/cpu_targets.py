@@ -177,12 +177,17 @@ def batch_target(model, prompts, args) -> dict:
     only if all of them (decode()'s batch invariance; a bf16 batch of before took other paths,
     docs/PERFORMANCE.md 2026-12-06 23:45)."""
     kwargs = decode_args(args)
-    batched, alone, alone_walls = [], [], []
+    batched, rolled, alone, alone_walls = [], [], [], []
     decode(model, prompts[:2], **{**kwargs, "gen_length": args.block_length})  # warm-up
     for _ in range(args.rounds):
         start = time.perf_counter()
         out = decode(model, prompts, **kwargs)
         batched.append(sum(map(len, out.tokens)) / (time.perf_counter() - start))
+        # The rolling schedule (decoding/rolling.py; decode's default on CUDA only): fewer
+        # forwards of twice the tokens a row, a gain only where forwards are bandwidth-bound.
+        start = time.perf_counter()
+        rolling = decode(model, prompts, scheduler="rolling", **kwargs)
+        rolled.append(sum(map(len, rolling.tokens)) / (time.perf_counter() - start))
         tokens, wall, solo = 0, 0.0, []
         for p in prompts:
             start = time.perf_counter()
@@ -193,11 +198,16 @@ def batch_target(model, prompts, args) -> dict:
         alone_walls.append(wall)
     as_alone = sum(t == s.tokens[0] and n == s.nfe
                    for t, n, s in zip(out.tokens, out.seq_nfe, solo))
+    rolling_as_alone = sum(t == s.tokens[0] and n == s.nfe
+                           for t, n, s in zip(rolling.tokens, rolling.seq_nfe, solo))
     b8, b1 = statistics.median(batched), statistics.median(alone)
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
             "alone_tokens_per_s": b1, "speedup": b8 / b1, "nfe": out.nfe, "tpf": out.tpf,
-            "as_alone": as_alone,
+            "as_alone": as_alone, "rolling_tokens_per_s": statistics.median(rolled),
+            "rolling_speedup": statistics.median(rolled) / b1, "rolling_nfe": rolling.nfe,
+            "rolling_forwards": sum(rolling.seq_nfe) / rolling.nfe,
+            "rolling_as_alone": rolling_as_alone,
             **batch_ceilings(model, prompts, kwargs, statistics.median(alone_walls))}
 
 
@@ -215,8 +225,9 @@ def batch_ceilings(model, prompts, kwargs, alone_wall_s: float) -> dict:
 
     - forwards: sum(seq_nfe) / nfe = the rows a batched forward decodes on average. A batched
       forward costs at least a one-row forward on any machine, and the alone runs pay one
-      one-row forward per seq_nfe. (Rows leave a block when it converges, engine.py; a scheduler
-      starting rows' next blocks early is bounded the same way by sum(seq_nfe) / max(seq_nfe).)
+      one-row forward per seq_nfe. (Rows leave a block when it converges, engine.py; the rolling
+      schedule, which starts rows' next blocks early, is bounded the same way by
+      sum(seq_nfe) / max(seq_nfe), and reaches it.)
     - flops: the measured alone wall time / the batched decode's FLOPs (prefill, first steps of
       2 blocks, later steps; roofline.block_forward_cost) at this machine's peak matmul rate: the
       batched decode cannot run faster than its arithmetic where it is compute-bound."""
@@ -388,9 +399,14 @@ def main(argv=None) -> int:
                   f"(prompt lengths {r['prompt_lengths']}; batched nfe {r['nfe']}, "
                   f"tokens per batched forward {r['tpf']:.2f}; sequences decoded as alone "
                   f"{r['as_alone']}/{r['batch']})")
+            print(f"      the rolling schedule: {r['rolling_tokens_per_s']:.1f} tokens/s = "
+                  f"{r['rolling_speedup']:.2f}x; nfe {r['rolling_nfe']} (forwards "
+                  f"{r['rolling_forwards']:.2f}x, 2L tokens a row); sequences decoded as alone "
+                  f"{r['rolling_as_alone']}/{r['batch']}")
             print(f"      ceilings for this decode, any implementation: forwards "
-                  f"{r['live_rows']:.2f}x (rows decoding per batched forward; a per-row block "
-                  f"scheduler: {r['scheduler_bound']:.2f}x), flops {r['flops_ceiling']:.2f}x "
+                  f"{r['live_rows']:.2f}x (rows decoding per batched forward; rows starting "
+                  f"their next block early: {r['scheduler_bound']:.2f}x), flops "
+                  f"{r['flops_ceiling']:.2f}x "
                   f"(alone wall / {r['batched_gflop']:.0f} GFLOP at the best matmul "
                   f"rate measured, {r['peak_gflops']:.0f} GFLOP/s)")
     return 1 if failed else 0

@@ -32,7 +32,7 @@ import torch
 
 import dmax_ext
 from dmax_ext.cli import DTYPES, resolve_dtype, tensor_parallel_size
-from dmax_ext.decoding import DEFAULT_BLOCK_LENGTH, DEFAULT_THRESHOLD, MODES, decode
+from dmax_ext.decoding import DEFAULT_BLOCK_LENGTH, DEFAULT_THRESHOLD, MODES, SCHEDULERS, decode
 from dmax_ext.distributed import init_tensor_parallel, launched_world_size, spawn_local
 from dmax_ext.model.tensor_parallel import load_sharded_model, shard_model, tensor_parallel_rank
 from dmax_ext.training.data import encode_prompt, read_jsonl
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="random_model preset: llada2-mini (GPU), llada2-small or tiny (CPU)")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="jsonl of {prompt: ...}")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
+                   help="how a batch's sequences move from block to block (decode(): auto = "
+                        "rolling for a CUDA batch, else lockstep)")
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_LENGTH)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
@@ -138,7 +141,7 @@ def run_path(model, prompts, args, ops: str, cuda_graphs: bool, timing: bool):
         start = time.perf_counter()
         out = decode(model, prompts[i:i + args.batch], gen_length=args.gen_length,
                      block_length=args.block_length, threshold=args.threshold, mode=args.mode,
-                     ops=ops, cuda_graphs=cuda_graphs, timing=timing)
+                     ops=ops, cuda_graphs=cuda_graphs, timing=timing, scheduler=args.scheduler)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         totals["wall_s"] += time.perf_counter() - start
@@ -224,7 +227,8 @@ def main(argv=None) -> int:
     if tensor_parallel_rank(model) != 0:  # every rank measured the same run: rank 0 reports
         return 1 if verified is False else 0
     print(f"model: {name}  device: {device_label(device)}  dtype: {model.dtype}  "
-          f"mode: {args.mode}  batch: {args.batch}  prompts: {len(prompts)}  "
+          f"mode: {args.mode}  batch: {args.batch}  scheduler: {args.scheduler}  "
+          f"prompts: {len(prompts)}  "
           f"gen_length: {args.gen_length}  block_length: {args.block_length}  "
           f"threshold: {args.threshold}  tp: {tensor_parallel_size(args)}")
     header = f"{'path':<30} {'forwards/s':>11} {'TPF':>6} {'tokens/s':>10} {'outside fwd':>12}"

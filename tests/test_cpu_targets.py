@@ -16,6 +16,7 @@ def test_cpu_targets_quick_prints_every_verdict(capsys):
     assert "machine over" in out and "identical tokens" in out and "ceilings" in out
     # float32 decodes batch-invariantly: the batch-8 line compares one decode
     assert "sequences decoded as alone 8/8" in out
+    assert "the rolling schedule:" in out and out.count("decoded as alone 8/8") == 2
 
 
 def test_profile_names_the_parts_of_a_forward(capsys):

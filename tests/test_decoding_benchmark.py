@@ -30,6 +30,7 @@ def test_tps_quick_checkpoint_with_prompt_file(tmp_path, capsys):
     from decoding_fixtures import write_chat_checkpoint
     path = write_chat_checkpoint(tmp_path / "tiny")
     assert tps.main(["--model", str(path), "--quick", "--mode", "threshold", "--batch", "2",
-                     "--device", "cpu"]) == 0
+                     "--scheduler", "rolling", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert f"model: {path}" in table and "mode: threshold  batch: 2  prompts: 2" in table
+    assert f"model: {path}" in table
+    assert "mode: threshold  batch: 2  scheduler: rolling  prompts: 2" in table

@@ -36,8 +36,8 @@ from .backends import resolve_ops
 from .cuda_graph import CudaGraphStep, EagerStep, StepTimer
 from .layout import BatchLayout, first_block_ids, plan_layout, prefill_inputs
 from .params import (DEFAULT_ACCEPT_THRESHOLD, DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH,
-                     DEFAULT_THRESHOLD, DEFAULT_TOP_K, DecodeConfig, check_positions,
-                     make_config, prompts_as_lists)
+                     DEFAULT_THRESHOLD, DEFAULT_TOP_K, SCHEDULERS, DecodeConfig,
+                     check_positions, make_config, prompts_as_lists)
 from .step import BlockState
 
 
@@ -122,9 +122,6 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     if timing:
         result.forward_s, result.ops_s = timer.seconds["forward"], timer.seconds["ops"]
     return result
-
-
-SCHEDULERS = ("auto", "lockstep", "rolling")
 
 
 def _rolling_decoder():

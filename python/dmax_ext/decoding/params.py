@@ -18,6 +18,8 @@ DEFAULT_ACCEPT_THRESHOLD = 0.9   # tau_acc: SPD convergence threshold
 DEFAULT_TOP_K = 1                # hybrid embedding over the top-k predictions (k = 1: the release)
 MAX_TOP_K = 8                    # the ops' limit (ARCHITECTURE.md, "Ops")
 MODES = ("spd", "threshold")
+# decode()'s schedules of a batch's blocks: engine.py (lockstep), rolling.py; "auto" picks.
+SCHEDULERS = ("auto", "lockstep", "rolling")
 OPS_BACKENDS = ("native", "reference")
 
 
