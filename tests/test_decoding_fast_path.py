@@ -324,13 +324,14 @@ def test_graph_runner_captures_once_per_span_and_decodes_as_eager(mode, sampling
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_captured_step_dispatches_no_host_sync(dtype):
+@pytest.mark.parametrize("decoder", [_Decoder, RollingDecoder], ids=["lockstep", "rolling"])
+def test_captured_step_dispatches_no_host_sync(dtype, decoder):
     # What a capture records: the raw ops (backends.NativeOps while capturing) and the CUDA
     # model path (grouped MoE, projections without their CPU-only forms).
     model = on_cuda_path(random_model("tiny", dtype=dtype, lm_head_gain=25.0,
                                       lm_head_from_embedding=True, seed=1))
     runner = GraphStandIn(sync_check=True)
-    run_decoder(model, runner, step_ops.raw_ops(), gen_length=24, top_k=2)
+    run_decoder(model, runner, step_ops.raw_ops(), gen_length=24, top_k=2, decoder=decoder)
     assert runner.captures > 0 and runner.traced_ops > 100
     assert runner.syncs == 0
 
@@ -360,15 +361,20 @@ def test_cuda_graph_equals_eager_and_captures_once_per_span(mode, sampling):
 @pytest.mark.parametrize("mode", ["spd", "threshold"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "seed": 5}],
                          ids=["greedy", "seeded"])
-def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sampling):
+@pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu_path", "cuda_path"])
+def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sampling,
+                                                                       cuda_path):
     # The rolling schedule has one kind of step at one slot: a graph per running batch, replayed
     # by every step of every block; compactions (eos ends sequences at different blocks) start
-    # new batches. Its steps see the same buffers throughout a batch (StaticShapeCheck).
+    # new batches. Its steps see the same buffers throughout a batch (StaticShapeCheck). With
+    # the CUDA path's ops the slot is a device tensor in the graph (step_tables).
     model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
     kwargs = dict(mode=mode, gen_length=24, top_k=2, decoder=RollingDecoder, **sampling)
     kwargs["eos_id"] = eos_in_different_blocks(
         decode(model, PROMPTS, block_length=L, mode=mode, gen_length=24, top_k=2,
                **sampling).tokens, PROMPTS, L)
+    if cuda_path:
+        on_cuda_path(model)
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
     assert runner.epoch > 0 and {k for _, k, _, _ in runner.calls} == {"rolling"}
@@ -376,6 +382,7 @@ def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sam
     assert runner.captures == runner.graphs_wanted() == batches > 1
     assert len(runner.calls) == graphed.nfe - 1  # every forward but the prefill, replayed
     check = StaticShapeCheck()
+    check.bucket_spans = True  # the graphs' key spans: the same kernels on the same inputs
     eager = run_decoder(model, check, **kwargs)
     assert check.repeats > 0
     assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps,

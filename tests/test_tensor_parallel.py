@@ -141,6 +141,10 @@ def _rank_main(ckpt: Path, out_dir: Path) -> None:
         result = decode(model, PROMPTS, gen_length=16, block_length=8, **DECODES["spd"])
     out["gpu_path_spd"] = (result.tokens, result.nfe)
     out["gpu_path_ops"] = {name for name, _ in calls}
+    # What decode picks for a batch on CUDA: the rolling schedule.
+    result = decode(model, PROMPTS, gen_length=16, block_length=8, scheduler="rolling",
+                    **DECODES["spd"])
+    out["gpu_path_rolling"] = (result.tokens, result.seq_nfe, result.nfe)
     model.set_cpu_variants(True)
     model.set_moe_impl("auto")
     printed = io.StringIO()
@@ -238,6 +242,8 @@ def test_the_gpu_path_decodes_as_one_process(run):
         assert r["gpu_path_spd"] == (want.tokens, want.nfe)
         # (host write slots: the tables are torch's, as in any eager decode)
         assert KERNEL_OPS - {"qk_norm_rotary", "step_tables"} <= r["gpu_path_ops"]
+        tokens, seq_nfe, nfe = r["gpu_path_rolling"]
+        assert (tokens, seq_nfe) == (want.tokens, want.seq_nfe) and nfe <= want.nfe
 
 
 def test_ranks_agree_on_an_unseeded_sample(run):
