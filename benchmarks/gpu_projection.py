@@ -68,6 +68,8 @@ PAPER_TOKENS_PER_S, PAPER_SETUP = 1338, "two H200, tensor parallel 2, batch 1"
 ASSUMED_US_PER_GRAPH_KERNEL = 2.0      # launch gap + minimal duration of a small kernel in a graph
 ASSUMED_US_PER_EAGER_OP = 5.0          # PyTorch eager dispatch + launch, CPU side
 ASSUMED_US_PER_ALLREDUCE = 10.0        # small-message all-reduce over NVLink (2 GPUs)
+ASSUMED_MATMUL_SHARE = 0.5             # of the dense BF16 peak, a batched forward's GEMMs
+SCHEDULE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def costs(config, tp: int, expert_bytes: float, cache_slots: int) -> dict:
@@ -253,6 +255,65 @@ def projection_section(config) -> list[str]:
     return lines
 
 
+def schedule_forward(config, tp: int, batch: int, cache_slots: int, rolling: bool):
+    """(bytes, FLOPs) per GPU of one batched forward: lockstep's later step (L tokens a row, from
+    embeddings) or the rolling schedule's step (2L a row: the previous block from ids,
+    re-committed, and the current one; logits of the current block only)."""
+    cost = roofline.block_forward_cost
+    if not rolling:
+        c = cost(config, BLOCK, cache_slots, batch=batch, embedding_rows=0,
+                 weight_bytes=WEIGHT_BYTES, tp=tp)
+        return c.total_bytes, c.total_flops
+    c = cost(config, 2 * BLOCK, cache_slots - BLOCK, batch=batch, embedding_rows=batch * BLOCK,
+             weight_bytes=WEIGHT_BYTES, tp=tp)
+    return (c.total_bytes - c.bytes["logits"] / 2, c.total_flops - c.flops["lm_head"] / 2)
+
+
+def schedule_section(config) -> list[str]:
+    """Batched forwards of the two schedules (decoding/engine.py, decoding/rolling.py)."""
+    from dmax_ext.decoding.params import ROLLING_MAX_BATCH
+    device, tp, slots = next(d for d in DEVICES if d.name == "H200"), 2, CACHE_SLOTS[0]
+
+    def forward_ms(nbytes, flops):
+        return 1e3 * max(nbytes / (ACHIEVABLE * device.peak_bytes_per_s),
+                         flops / (ASSUMED_MATMUL_SHARE * device.bf16_dense_flops))
+    lines = [f"### Batches: one forward of each schedule ({device.name}, bf16, TP {tp}, cache "
+             f"{slots})", "",
+             "A batch decode's time is its forwards times their cost. Lockstep (engine.py) runs, "
+             "per block, the slowest row's steps; rolling (rolling.py) starts each row's next "
+             "block as soon as its block converges, so it runs the longest sequence's own "
+             "forwards, but every forward feeds 2L tokens a row (the previous block, "
+             "re-committed). Time per forward = max(bytes / (" f"{ACHIEVABLE} x bandwidth), FLOPs "
+             f"/ ({ASSUMED_MATMUL_SHARE} x the dense BF16 peak)) (the share of peak is assumed):",
+             "", "| batch | lockstep later step: GB / GFLOP / ms | rolling step: GB / GFLOP / ms "
+             "| rolling / lockstep time per forward |", "|---|---|---|---|"]
+    ratios = {}
+    for batch in SCHEDULE_BATCHES:
+        cells = []
+        for rolling in (False, True):
+            nbytes, flops = schedule_forward(config, tp, batch, slots, rolling)
+            cells.append((nbytes, flops, forward_ms(nbytes, flops)))
+        ratios[batch] = cells[1][2] / cells[0][2]
+        lines.append(f"| {batch} | " + " | ".join(f"{b / 1e9:.2f} / {f / 1e9:,.0f} / {t:.2f}"
+                                                  for b, f, t in cells)
+                     + f" | {ratios[batch]:.2f} |")
+    small = [b for b in SCHEDULE_BATCHES if 1 < b <= ROLLING_MAX_BATCH]
+    lines += ["", f"From 2 to {ROLLING_MAX_BATCH} rows a rolling forward costs "
+              f"{min(ratios[b] for b in small):.2f} - {max(ratios[b] for b in small):.2f}x "
+              "lockstep's later step: both read nearly every expert (a 32-token row already "
+              "touches 64% of them), and the doubled arithmetic stays under the bandwidth time. "
+              "So rolling wins wherever it saves more forwards than that, and decode's scheduler "
+              f"\"auto\" takes it for CUDA batches of 2 to {ROLLING_MAX_BATCH} "
+              "(decoding/params.py ROLLING_MAX_BATCH). Past that the forward turns "
+              f"compute-bound ({ratios[SCHEDULE_BATCHES[-1]]:.2f}x at batch "
+              f"{SCHEDULE_BATCHES[-1]}). At batch 1 there is nothing to save (rolling = "
+              "lockstep's forwards, each dearer). The forwards each schedule runs depend on the "
+              "model's block step counts: docs/PERFORMANCE.md's log has them measured on the "
+              "synthetic llada2-small workload (a count, not a time: the same on any machine).",
+              ""]
+    return lines
+
+
 def attention_compute_line(config, device: Device) -> str:
     """The attention's products over a long cache, on tensor cores (block_attention_tc.cuh) and
     as the CUDA-core kernel would run them."""
@@ -319,7 +380,8 @@ def overheads_section(config, later_step, eager_step) -> list[str]:
             f"~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step. "
             "Graph captures: one per batch size, kind of step (first, later) and key-span "
             f"bucket (next section), not one per block: at most 2 (log2(S / {BLOCK}) + 1) per "
-            "batch size for a cache of S slots.",
+            "batch size for a cache of S slots (lockstep; the rolling schedule has one kind of "
+            "step at one slot: one graph per running batch).",
             f"- Key-span buckets: a replayed step reads up to twice the keys it needs; reading "
             f"{2 * slots} slots instead of {slots} adds "
             f"{span_cost[2 * slots] / span_cost[slots] - 1:.1%} to a later step's bytes.",
@@ -357,7 +419,10 @@ def step_section(config, later_step, first_step, eager_step) -> list[str]:
              "The first step of a kind at a new span runs eagerly on a side stream and is "
              "captured; every other step is `graph.replay()`. The first generated block's "
              "first step runs eagerly (no previous block: once per decode). A compaction (a "
-             "sequence finished) drops the graphs: new buffers.", "",
+             "sequence finished) drops the graphs: new buffers. (That is the lockstep schedule, "
+             "traced below; a rolling step, `forward_rolling`, runs a first step's ops give or "
+             "take one: the previous block's ids embedded and joined to the current block's "
+             "embeddings, its positions clamped.)", "",
              "Ops counted by `benchmarks/step_ops.py` (a TorchDispatchMode trace of the real "
              "step on the `tiny` preset, bf16, the CUDA MoE path `grouped`, scaled to "
              f"{PRESET}'s layers; each op is at least one kernel on CUDA; views and no-op casts "
@@ -444,7 +509,8 @@ def section_text() -> str:
              "figure in this section is a projection** from the model's sizes and the devices' "
              "datasheet bandwidth, not a measurement: no GPU has run this code.", ""]
     lines += assumptions(config) + distinct_section(config) + bytes_section(config)
-    lines += projection_section(config) + overheads_section(config, later_step, eager_step)
+    lines += projection_section(config) + schedule_section(config)
+    lines += overheads_section(config, later_step, eager_step)
     lines += step_section(config, later_step, first_step, eager_step)
     return "\n".join(lines).rstrip() + "\n"
 

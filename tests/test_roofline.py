@@ -134,3 +134,20 @@ def test_write_section_replaces_between_markers(tmp_path):
     text = doc.read_text()
     assert "entry" in text and "SECTION-TWO\n" in text and "SECTION-ONE" not in text
     assert text.count(gpu_projection.BEGIN) == 1 and text.count(gpu_projection.END) == 1
+
+
+def test_schedule_forward_feeds_twice_the_tokens_and_computes_one_block_of_logits():
+    config = gpu_projection.preset_config(gpu_projection.PRESET)
+    cost = roofline.block_forward_cost
+    for batch in (1, 8):
+        lock_bytes, lock_flops = gpu_projection.schedule_forward(config, 2, batch, 512, False)
+        roll_bytes, roll_flops = gpu_projection.schedule_forward(config, 2, batch, 512, True)
+        # a block's first step, but for the embedding rows: the current block comes as
+        # embeddings (SPD), the previous one as ids
+        first = cost(config, 64, 480, batch=batch, embedding_rows=32 * batch, tp=2)
+        later = cost(config, 32, 512, batch=batch, embedding_rows=0, tp=2)
+        assert (lock_bytes, lock_flops) == (later.total_bytes, later.total_flops)
+        # ... and with the current block's logits only
+        assert roll_flops == first.total_flops - first.flops["lm_head"] / 2
+        assert roll_bytes == first.total_bytes - later.bytes["logits"]
+        assert roll_flops > 1.5 * lock_flops and roll_bytes >= lock_bytes

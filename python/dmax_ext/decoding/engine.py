@@ -36,8 +36,8 @@ from .backends import resolve_ops
 from .cuda_graph import CudaGraphStep, EagerStep, StepTimer
 from .layout import BatchLayout, first_block_ids, plan_layout, prefill_inputs
 from .params import (DEFAULT_ACCEPT_THRESHOLD, DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH,
-                     DEFAULT_THRESHOLD, DEFAULT_TOP_K, SCHEDULERS, DecodeConfig,
-                     check_positions, make_config, prompts_as_lists)
+                     DEFAULT_THRESHOLD, DEFAULT_TOP_K, ROLLING_MAX_BATCH, SCHEDULERS,
+                     DecodeConfig, check_positions, make_config, prompts_as_lists)
 from .step import BlockState
 
 
@@ -78,7 +78,8 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     (tensor_parallel_ops.py): call decode on every rank with the same arguments.
     scheduler: "lockstep" (the batch moves from block to block together), "rolling" (each
     sequence moves on when its block converges: fewer batched forwards, each feeding 2L tokens a
-    row; rolling.py) or "auto": rolling for a batch on CUDA, else lockstep.
+    row; rolling.py) or "auto": rolling for a CUDA batch of 2 to params.ROLLING_MAX_BATCH
+    sequences, else lockstep.
 
     A block ends when every sequence has converged or after block_length steps (the step cap,
     SPEC section 3: "up to B steps"); a capped block keeps its ids as they are (mask ids
@@ -94,7 +95,8 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if scheduler == "auto":
-        scheduler = "rolling" if device.type == "cuda" and len(prompts) > 1 else "lockstep"
+        scheduler = ("rolling" if device.type == "cuda" and 1 < len(prompts) <= ROLLING_MAX_BATCH
+                     else "lockstep")
     backend = resolve_ops(ops)
     tp_group = getattr(model, "tp_group", None)
     if tp_group is not None:  # a tensor-parallel shard (model/tensor_parallel.py)

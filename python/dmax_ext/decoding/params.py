@@ -18,8 +18,13 @@ DEFAULT_ACCEPT_THRESHOLD = 0.9   # tau_acc: SPD convergence threshold
 DEFAULT_TOP_K = 1                # hybrid embedding over the top-k predictions (k = 1: the release)
 MAX_TOP_K = 8                    # the ops' limit (ARCHITECTURE.md, "Ops")
 MODES = ("spd", "threshold")
-# decode()'s schedules of a batch's blocks: engine.py (lockstep), rolling.py; "auto" picks.
+# decode()'s schedules of a batch's blocks: engine.py (lockstep), rolling.py; "auto" picks
+# rolling for a CUDA batch of 2 to ROLLING_MAX_BATCH sequences. Past it a forward of 2L tokens a
+# row is no longer bound by the weights' bytes but by arithmetic: llada2-mini on an H200 at
+# batch 64, projected 1.7x the time of lockstep's later step (docs/PERFORMANCE.md, "GPU
+# projections", where this bound is printed from here), which fewer forwards may not repay.
 SCHEDULERS = ("auto", "lockstep", "rolling")
+ROLLING_MAX_BATCH = 32
 OPS_BACKENDS = ("native", "reference")
 
 

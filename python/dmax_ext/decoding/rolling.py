@@ -7,7 +7,8 @@ costs about what one row's does (it streams the same expert weights: docs/PERFOR
 projections"), so the forwards a decode runs are its time, and rolling runs fewer: the longest
 sequence's own count (plus the prefill), where lockstep runs the sum over blocks of the slowest
 row's steps. On a CPU, where a block's forward is bound by arithmetic, it gains nothing and feeds
-twice the tokens (below): decode's scheduler "auto" takes it on CUDA only.
+twice the tokens (below): decode's scheduler "auto" takes it on CUDA only, up to
+params.ROLLING_MAX_BATCH sequences.
 
 How, with the model's forward unchanged:
 - Every row's current block sits at the same slots, [s, s + L) with s = layout.rolling_slot,
