@@ -77,3 +77,16 @@ def test_scheduler_choice():
                                       scheduler=s) for s in ("auto", "lockstep", "rolling"))
     assert auto.nfe == lockstep.nfe > rolling.nfe
     assert auto.tokens == lockstep.tokens == rolling.tokens
+
+
+@pytest.mark.parametrize("prompts, gen_length", [
+    ([[5], [6, 7]], 2),             # one block each, no full prompt block: slot L is the first
+    ([[5, 6, 7, 8]], 8),            # batch 1, a prompt of exactly one block
+    ([[5] * 4, [1] * 12], 3),       # prompts of whole blocks, a different block count each
+])
+def test_rolling_edge_layouts(prompts, gen_length):
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(gen_length=gen_length, block_length=L)
+    solo = [decode(model, [p], **kwargs) for p in prompts]
+    check_as_alone(decode(model, prompts, scheduler="rolling", **kwargs), solo, prompts,
+                   gen_length)
