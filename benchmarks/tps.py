@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--synthetic", metavar="PRESET",
                      help="random_model preset: llada2-mini (GPU), llada2-small or tiny (CPU)")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="jsonl of {prompt: ...}")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="the most prompts decoded at once")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
                    help="how a batch's sequences move from block to block (decode(): auto = "
                         "rolling for a CUDA batch, else lockstep)")
@@ -132,27 +132,20 @@ def synthetic_prompts(config, n: int) -> list[list[int]]:
 
 
 def run_path(model, prompts, args, ops: str, cuda_graphs: bool, timing: bool):
-    """Decodes every prompt in batches of args.batch; returns totals."""
-    totals = {"wall_s": 0.0, "nfe": 0, "seq_nfe": 0, "tokens": 0, "forward_s": 0.0, "ops_s": 0.0,
-              "outputs": []}
-    for i in range(0, len(prompts), args.batch):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = decode(model, prompts[i:i + args.batch], gen_length=args.gen_length,
-                     block_length=args.block_length, threshold=args.threshold, mode=args.mode,
-                     ops=ops, cuda_graphs=cuda_graphs, timing=timing, scheduler=args.scheduler)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        totals["wall_s"] += time.perf_counter() - start
-        totals["nfe"] += out.nfe
-        totals["seq_nfe"] += sum(out.seq_nfe)
-        totals["tokens"] += sum(map(len, out.tokens))
-        totals["outputs"] += out.tokens
-        if timing:
-            totals["forward_s"] += out.forward_s
-            totals["ops_s"] += out.ops_s
-    return totals
+    """Decodes every prompt, args.batch at a time (decode's max_batch: in groups with the
+    lockstep schedule, a waiting prompt admitted as soon as a sequence finishes with the rolling
+    one); returns totals."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = decode(model, prompts, gen_length=args.gen_length, block_length=args.block_length,
+                 threshold=args.threshold, mode=args.mode, ops=ops, cuda_graphs=cuda_graphs,
+                 timing=timing, scheduler=args.scheduler, max_batch=args.batch)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"wall_s": time.perf_counter() - start, "nfe": out.nfe, "seq_nfe": sum(out.seq_nfe),
+            "tokens": sum(map(len, out.tokens)), "outputs": out.tokens,
+            "forward_s": out.forward_s if timing else 0.0, "ops_s": out.ops_s if timing else 0.0}
 
 
 def measure(model, prompts, args, label: str, ops: str, cuda_graphs: bool) -> dict:

@@ -388,3 +388,20 @@ def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sam
     assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps,
             graphed.capped_blocks) == (eager.tokens, eager.nfe, eager.seq_nfe,
                                        eager.block_steps, eager.capped_blocks)
+
+
+def test_rolling_admissions_under_the_graph_stand_in():
+    # Sequences admitted mid-decode (max_batch 2 of 3 prompts): every admission is a new batch
+    # of buffers, so a new graph; the decode is the eager one's.
+    import functools
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(gen_length=24, top_k=2,
+                  decoder=functools.partial(RollingDecoder, max_batch=2))
+    runner = GraphStandIn()
+    graphed = run_decoder(model, runner, **kwargs)
+    batches = len({epoch for epoch, _, _, _ in runner.calls})
+    assert runner.captures == runner.graphs_wanted() == batches > 1
+    eager = run_decoder(model, EagerStep(StepTimer(False, torch.device("cpu")),
+                                         bucket_spans=True), **kwargs)
+    assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps) == \
+        (eager.tokens, eager.nfe, eager.seq_nfe, eager.block_steps)

@@ -17,11 +17,13 @@ L = 4
 PROMPTS = [[5, 9, 33], [7] * 9, list(range(40, 48)), [300, 2, 17, 17, 101, 64], [11] * 13]
 
 
-def check_as_alone(out, solo, prompts, gen_length, block_length=L):
+def check_as_alone(out, solo, prompts, gen_length, block_length=L, all_at_once=True):
     assert out.tokens == [s.tokens[0] for s in solo]
     assert out.seq_nfe == [s.nfe for s in solo]
     assert out.block_steps == [s.block_steps[0] for s in solo]
     assert out.capped_blocks == [s.capped_blocks[0] for s in solo]
+    if not all_at_once:
+        return
     # No row waits: the batch runs the longest sequence's steps, plus the prefill if any prompt
     # has a full block.
     layout = plan_layout([len(p) for p in prompts], gen_length, block_length)
@@ -90,3 +92,58 @@ def test_rolling_edge_layouts(prompts, gen_length):
     solo = [decode(model, [p], **kwargs) for p in prompts]
     check_as_alone(decode(model, prompts, scheduler="rolling", **kwargs), solo, prompts,
                    gen_length)
+
+
+def fed_forwards(model, monkeypatch) -> list[tuple[int, int]]:
+    """Records (rows, logits wanted) of every forward of the model."""
+    fed, forward = [], model.forward_cached
+
+    def recording(cache, **kwargs):
+        fed.append((kwargs["position_ids"].shape[0], kwargs.get("n_logits")))
+        return forward(cache, **kwargs)
+    monkeypatch.setattr(model, "forward_cached", recording)
+    return fed
+
+
+MORE_PROMPTS = PROMPTS + [[21, 22], list(range(60, 71)), [9] * 5]
+
+
+@pytest.mark.parametrize("mode", ["spd", "threshold"])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}],
+                         ids=["greedy", "seeded"])
+def test_rolling_admits_waiting_prompts_as_sequences_finish(mode, sampling, monkeypatch):
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(gen_length=14, block_length=L, mode=mode, **sampling)
+    kwargs["eos_id"] = eos_in_different_blocks(decode(model, MORE_PROMPTS, **kwargs).tokens,
+                                               MORE_PROMPTS, L)
+    solo = [decode(model, [p], **kwargs) for p in MORE_PROMPTS]
+    groups = decode(model, MORE_PROMPTS, scheduler="lockstep", max_batch=3, **kwargs)
+    fed = fed_forwards(model, monkeypatch)
+    out = decode(model, MORE_PROMPTS, scheduler="rolling", max_batch=3, **kwargs)
+    check_as_alone(out, solo, MORE_PROMPTS, kwargs["gen_length"], all_at_once=False)
+    assert len(fed) == out.nfe and max(rows for rows, _ in fed) == 3
+    prefills = [i for i, (_, n_logits) in enumerate(fed) if n_logits == 0]
+    assert len(prefills) > 1 and prefills[-1] > 0  # prompts admitted mid-decode
+    # the batch refilled: full again after an admission
+    assert any(fed[i + 1][0] == 3 for i in prefills[1:] if i + 1 < len(fed))
+    assert groups.tokens == out.tokens and out.nfe <= groups.nfe
+
+
+def test_lockstep_max_batch_decodes_in_groups():
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=200.0, seed=1)
+    kwargs = dict(gen_length=12, block_length=L, scheduler="lockstep")
+    out = decode(model, MORE_PROMPTS, max_batch=3, **kwargs)
+    parts = [decode(model, MORE_PROMPTS[i:i + 3], **kwargs) for i in range(0, 8, 3)]
+    assert out.tokens == [t for p in parts for t in p.tokens]
+    assert out.seq_nfe == [n for p in parts for n in p.seq_nfe]
+    assert out.block_steps == [s for p in parts for s in p.block_steps]
+    assert out.nfe == sum(p.nfe for p in parts)
+    assert out.tpf == pytest.approx(sum(map(len, out.tokens)) / out.nfe)
+
+
+def test_max_batch_errors():
+    model = random_model("tiny", dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        decode(model, PROMPTS, gen_length=4, block_length=L, max_batch=0)
+    with pytest.raises(TypeError, match="max_batch must be an int"):
+        decode(model, PROMPTS, gen_length=4, block_length=L, max_batch=2.0)

@@ -101,7 +101,7 @@ class EagerStep:
             apply_step(ops, model, state, logits, config, all_live=not self.static_shapes)
 
     def rolling(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
-        """A step of the rolling scheduler (forward_rolling), every row running."""
+        """A step of the rolling schedule (forward_rolling), every row running."""
         with self.timer("forward"):
             logits = forward_rolling(model, cache, state, write_slot, config,
                                      self._span(write_slot, config, cache))
@@ -148,7 +148,7 @@ class CudaGraphStep:
         self._replay("later", step, cache, state, write_slot, config.block_length)
 
     def rolling(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
-        """A step of the rolling scheduler: one kind of step at one slot, so one graph per
+        """A step of the rolling schedule: one kind of step at one slot, so one graph per
         running batch."""
         def step(slot, span):
             logits = forward_rolling(model, cache, state, slot, config, span)

@@ -37,7 +37,8 @@ from .cuda_graph import CudaGraphStep, EagerStep, StepTimer
 from .layout import BatchLayout, first_block_ids, plan_layout, prefill_inputs
 from .params import (DEFAULT_ACCEPT_THRESHOLD, DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH,
                      DEFAULT_THRESHOLD, DEFAULT_TOP_K, ROLLING_MAX_BATCH, SCHEDULERS,
-                     DecodeConfig, check_positions, make_config, prompts_as_lists)
+                     DecodeConfig, check_positions, make_config, prompts_as_lists,
+                     resolve_max_batch)
 from .step import BlockState
 
 
@@ -63,7 +64,7 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
            temperature: float = 0.0, mode: str = "spd", eos_id: int | None = None,
            mask_id: int | None = None, seed: int | None = None, *, ops="native",
            cuda_graphs: bool | None = None, timing: bool = False,
-           scheduler: str = "auto") -> DecodeResult:
+           scheduler: str = "auto", max_batch: int | None = None) -> DecodeResult:
     """Decodes gen_length tokens (rounded up to whole blocks) after each prompt.
 
     input_ids: tensor [batch, prompt] / [prompt], a list of id lists (or 1-D tensors) of any
@@ -80,6 +81,9 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     sequence moves on when its block converges: fewer batched forwards, each feeding 2L tokens a
     row; rolling.py) or "auto": rolling for a CUDA batch of 2 to params.ROLLING_MAX_BATCH
     sequences, else lockstep.
+    max_batch: the most sequences decoded at once (default: all). Rolling admits a waiting
+    prompt as soon as a running sequence finishes; lockstep decodes the prompts in groups of
+    max_batch, one after the other. Results are in prompt order either way.
 
     A block ends when every sequence has converged or after block_length steps (the step cap,
     SPEC section 3: "up to B steps"); a capped block keeps its ids as they are (mask ids
@@ -92,10 +96,12 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     prompts = prompts_as_lists(input_ids, model.config.vocab_size, device)
     check_positions(prompts, config.gen_length, config.block_length,
                     getattr(model.config, "max_position_embeddings", None))
+    max_batch = resolve_max_batch(max_batch, len(prompts))
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if scheduler == "auto":
-        scheduler = ("rolling" if device.type == "cuda" and 1 < len(prompts) <= ROLLING_MAX_BATCH
+        batch = min(len(prompts), max_batch)
+        scheduler = ("rolling" if device.type == "cuda" and 1 < batch <= ROLLING_MAX_BATCH
                      else "lockstep")
     backend = resolve_ops(ops)
     tp_group = getattr(model, "tp_group", None)
@@ -119,16 +125,16 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     runner = (CudaGraphStep() if cuda_graphs
               else EagerStep(timer, bucket_spans=device.type == "cuda"))
     with torch.inference_mode(), model.frozen():  # the layers' op arguments packed once
-        decoder = _Decoder if scheduler == "lockstep" else _rolling_decoder()
-        result = decoder(model, backend, config, runner, timer).run(prompts)
+        if scheduler == "rolling":
+            from .rolling import RollingDecoder  # it builds on _Decoder (below)
+            result = RollingDecoder(model, backend, config, runner, timer,
+                                    max_batch).run(prompts)
+        else:
+            result = _Decoder(model, backend, config, runner, timer).run_groups(prompts,
+                                                                               max_batch)
     if timing:
         result.forward_s, result.ops_s = timer.seconds["forward"], timer.seconds["ops"]
     return result
-
-
-def _rolling_decoder():
-    from .rolling import RollingDecoder  # it builds on _Decoder (below)
-    return RollingDecoder
 
 
 class _Decoder:
@@ -136,6 +142,23 @@ class _Decoder:
         self.model, self.ops, self.config = model, ops, config
         self.runner, self.timer = runner, timer
         self.device = model.embedding_weight.device
+
+    def run_groups(self, prompts: list[list[int]], max_batch: int) -> DecodeResult:
+        """The prompts decoded in groups of max_batch, one group after the other (run), as one
+        result in prompt order."""
+        if len(prompts) <= max_batch:
+            return self.run(prompts)
+        start, parts = time.perf_counter(), []
+        for first in range(0, len(prompts), max_batch):
+            self.runner.reset()  # each group has buffers of its own
+            parts.append(self.run(prompts[first:first + max_batch]))
+        n_tokens = sum(len(t) for part in parts for t in part.tokens)
+        nfe = sum(part.nfe for part in parts)
+        return DecodeResult(
+            tokens=[t for part in parts for t in part.tokens], nfe=nfe, tpf=n_tokens / nfe,
+            **{name: [x for part in parts for x in getattr(part, name)]
+               for name in ("seq_nfe", "seq_tpf", "block_steps", "capped_blocks")},
+            wall_s=time.perf_counter() - start)
 
     def run(self, prompts: list[list[int]]) -> DecodeResult:
         """The lockstep schedule: the batch moves from slot block to slot block together."""
@@ -207,9 +230,10 @@ class _Decoder:
         return keep
 
     def _prefill(self, layout: BatchLayout, prompts, cache, valid_from,
-                 write_slot: int = 0) -> None:
+                 write_slot: int = 0, seqs: list[int] | None = None) -> None:
         """One forward of the prompts' full blocks into the cache (no logits computed), at
-        slots [write_slot, write_slot + F L)."""
+        slots [write_slot, write_slot + F L). seqs: the decode's sequences the prompts are
+        (default: all, in order)."""
         ids, positions = prefill_inputs(layout, prompts, self.config.eos_id, self.device)
         with self.timer("forward"):
             self.model.forward_cached(cache, input_ids=ids, position_ids=positions,
@@ -217,8 +241,8 @@ class _Decoder:
                                       valid_from=valid_from, block_length=self.config.block_length,
                                       n_logits=0)
         self.nfe += 1
-        for b in range(layout.batch_size):
-            self.seq_nfe[b] += layout.first_blocks[b] > 0
+        for b, seq in enumerate(range(layout.batch_size) if seqs is None else seqs):
+            self.seq_nfe[seq] += layout.first_blocks[b] > 0
 
     def _new_state(self, valid_from: torch.Tensor) -> BlockState:
         model = self.model

@@ -50,7 +50,7 @@ class BatchLayout:
     def is_last_block(self, b: int, slot_block: int) -> bool:
         return slot_block - self.first_slot_block == self.n_blocks[b] - 1
 
-    # The rolling scheduler (rolling.py) keeps every row's current block at the same slots,
+    # The rolling schedule (rolling.py) keeps every row's current block at the same slots,
     # [rolling_slot, rolling_slot + L), whichever of its blocks that is, and its previous block
     # just before them: a row moving on to its next block shifts its cache rows left by L
     # (KVCache.roll_rows). rolling_slot leaves room for the longest sequence's earlier blocks,
@@ -91,7 +91,7 @@ def prefill_inputs(layout: BatchLayout, prompts: list[list[int]], pad_id: int, d
 
 def block_before_ids(layout: BatchLayout, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """[B, L] host ids of the block before each sequence's first generated block: the prompt's
-    last full block, or pad_id where the prompt has none (the rolling scheduler feeds it anyway:
+    last full block, or pad_id where the prompt has none (the rolling schedule feeds it anyway:
     its slots lie before the sequence's first slot, so no query attends to them)."""
     L = layout.block_length
     ids = torch.full((layout.batch_size, L), pad_id, dtype=torch.int64)

@@ -62,6 +62,11 @@ def _int(name: str, value, low: int, high: int | None = None) -> int:
     return value
 
 
+def resolve_max_batch(max_batch, n_prompts: int) -> int:
+    """decode()'s max_batch: the most sequences decoded at once (None: all of them)."""
+    return n_prompts if max_batch is None else _int("max_batch", max_batch, 1)
+
+
 def _unit_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")

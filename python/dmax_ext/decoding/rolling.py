@@ -32,71 +32,102 @@ import time
 
 import torch
 
+from ..model.cache import KVCache
 from .engine import _Decoder
-from .layout import block_before_ids, first_block_ids
+from .layout import block_before_ids, first_block_ids, plan_layout
+from .step import BlockState
 
 
 class RollingDecoder(_Decoder):
+    """max_batch: the most sequences running at once; a waiting prompt is admitted as soon as a
+    running sequence finishes (its prompt prefilled in a forward of its own, then it joins the
+    batch), so the batch stays full until the prompts run out."""
+
+    def __init__(self, model, ops, config, runner, timer, max_batch: int | None = None):
+        super().__init__(model, ops, config, runner, timer)
+        self.max_batch = max_batch
+
     def run(self, prompts: list[list[int]]):
         start = time.perf_counter()
-        model, config, L = self.model, self.config, self.config.block_length
         layout = self._begin(prompts)
-        slot = layout.rolling_slot
-        rows = list(range(layout.batch_size))  # running row i decodes sequence rows[i]
+        self.prompts, self.slot = prompts, layout.rolling_slot
+        waiting = list(range(layout.batch_size))
+        limit = self.max_batch or len(waiting)
+        rows, waiting = waiting[:limit], waiting[limit:]  # running row i decodes rows[i]
+        cache, state = self._admit(rows, None, None)
         blocks = [0] * len(rows)  # the generated block row i is on
         steps = [0] * len(rows)   # its steps in that block
-        cache = model.new_cache(len(rows), slot + L)
-        valid_from = torch.tensor([layout.rolling_valid_from(b, 0) for b in rows],
-                                  device=self.device)
-        if layout.first_slot_block > 0:
-            self._prefill(layout, prompts, cache, valid_from,
-                          slot - layout.first_slot_block * L)
-        state = self._new_state(valid_from)
-        with self.timer("ops"):
-            state.ids.copy_(block_before_ids(layout, prompts, config.eos_id))  # -> prev_ids
-            state.start_block(model, first_block_ids(layout, prompts, config.mask_id),
-                              torch.tensor([f * L for f in layout.first_blocks]), config)
         while rows:
-            self.runner.rolling(self.ops, model, cache, state, slot, config)
+            self.runner.rolling(self.ops, self.model, cache, state, self.slot, self.config)
             self.nfe += 1
             for i, b in enumerate(rows):
                 self.seq_nfe[b] += 1
                 steps[i] += 1
-            done = state.done.tolist()
-            ended = [i for i, d in enumerate(done)
-                     if d or steps[i] == config.max_steps_per_block]
-            if not ended:
-                continue
-            ids = state.ids.tolist()  # a block ended: its ids to the host, as in lockstep
-            for i in ended:
-                self.block_steps[rows[i]].append(steps[i])
-                self.capped[rows[i]] += not done[i]
-            starts = [(layout.first_blocks[rows[i]] + blocks[i]) * L for i in ended]
-            last = [blocks[i] == layout.n_blocks[rows[i]] - 1 for i in ended]
-            going = [ended[j] for j in self._collect([rows[i] for i in ended], starts, last,
-                                                     [ids[i] for i in ended])]
-            if going:
-                with self.timer("ops"):
-                    self._next_block(layout, cache, state, rows, blocks, going)
-                for i in going:
-                    blocks[i] += 1
-                    steps[i] = 0
-            if len(going) < len(ended):  # compaction: finished sequences stop costing compute
-                keep = [i for i in range(len(rows)) if i not in set(ended) - set(going)]
-                if keep:
-                    index = torch.tensor(keep, device=self.device)
-                    cache, state = cache.select(index), state.select(index)
+            ended, finished = self._end_blocks(cache, state, rows, blocks, steps)
+            if finished:  # compaction: finished sequences stop costing compute
+                keep = [i for i in range(len(rows)) if i not in finished]
+                index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+                cache, state = cache.select(index), state.select(index)
                 rows, blocks, steps = ([xs[i] for i in keep] for xs in (rows, blocks, steps))
-                self.runner.reset()
+                joining, waiting = waiting[:limit - len(rows)], waiting[limit - len(rows):]
+                if joining:
+                    cache, state = self._admit(joining, cache, state)
+                    rows, blocks, steps = (rows + joining, blocks + [0] * len(joining),
+                                           steps + [0] * len(joining))
+                self.runner.reset()  # new buffers
         return self._result(start)
 
-    def _next_block(self, layout, cache, state, rows, blocks, going: list[int]) -> None:
-        """Rows `going` (running-row indices) move on to their next generated block."""
-        L = self.config.block_length
-        index = torch.tensor(going, device=self.device)
-        cache.roll_rows(index, L)
-        starts = torch.tensor([(layout.first_blocks[rows[i]] + blocks[i] + 1) * L
-                               for i in going])
-        valid_from = torch.tensor([layout.rolling_valid_from(rows[i], blocks[i] + 1)
-                                   for i in going])
-        state.next_block(self.model, index, starts, valid_from, self.config)
+    def _end_blocks(self, cache, state, rows, blocks, steps) -> tuple[list[int], set[int]]:
+        """After a step: the rows whose block converged or hit the step cap collect their
+        tokens; those that go on move to their next block. Returns (rows whose block ended,
+        rows whose sequence finished), as running-row indices."""
+        done = state.done.tolist()
+        ended = [i for i, d in enumerate(done) if d or steps[i] == self.config.max_steps_per_block]
+        if not ended:
+            return ended, set()
+        L, layout = self.config.block_length, self.layout
+        ids = state.ids.tolist()  # a block ended: its ids to the host, as in lockstep
+        for i in ended:
+            self.block_steps[rows[i]].append(steps[i])
+            self.capped[rows[i]] += not done[i]
+        starts = [(layout.first_blocks[rows[i]] + blocks[i]) * L for i in ended]
+        last = [blocks[i] == layout.n_blocks[rows[i]] - 1 for i in ended]
+        going = [ended[j] for j in self._collect([rows[i] for i in ended], starts, last,
+                                                 [ids[i] for i in ended])]
+        if going:
+            with self.timer("ops"):
+                index = torch.tensor(going, device=self.device)
+                cache.roll_rows(index, L)
+                state.next_block(
+                    self.model, index,
+                    torch.tensor([(layout.first_blocks[rows[i]] + blocks[i] + 1) * L
+                                  for i in going]),
+                    torch.tensor([layout.rolling_valid_from(rows[i], blocks[i] + 1)
+                                  for i in going]),
+                    self.config)
+            for i in going:
+                blocks[i] += 1
+                steps[i] = 0
+        return ended, set(ended) - set(going)
+
+    def _admit(self, seqs: list[int], cache, state):
+        """Sequences `seqs` join the running batch (cache, state; None: there is none) at their
+        first generated block: their prompts' full blocks prefilled in a forward of their own,
+        their previous block the prompt's last full one. Returns the joined (cache, state)."""
+        config, L = self.config, self.config.block_length
+        prompts = [self.prompts[b] for b in seqs]
+        layout = plan_layout([len(p) for p in prompts], config.gen_length, L)
+        valid_from = torch.tensor([self.layout.rolling_valid_from(b, 0) for b in seqs],
+                                  device=self.device)
+        new_cache = self.model.new_cache(len(seqs), self.slot + L)
+        if layout.first_slot_block > 0:
+            self._prefill(layout, prompts, new_cache, valid_from,
+                          self.slot - layout.first_slot_block * L, seqs)
+        new_state = self._new_state(valid_from)
+        with self.timer("ops"):
+            new_state.ids.copy_(block_before_ids(layout, prompts, config.eos_id))  # -> prev_ids
+            new_state.start_block(self.model, first_block_ids(layout, prompts, config.mask_id),
+                                  torch.tensor([f * L for f in layout.first_blocks]), config)
+        if cache is None:
+            return new_cache, new_state
+        return KVCache.concat([cache, new_cache]), BlockState.joined(state, new_state)

@@ -54,6 +54,16 @@ class BlockState:
                 if f.name != "step"}
         return BlockState(**rows, step=self.step.clone())
 
+    @classmethod
+    def joined(cls, running: "BlockState", joining: "BlockState") -> "BlockState":
+        """A new state: running's rows, then joining's (sequences admitted mid-decode by the
+        rolling schedule). The step counter is running's; joining's seeds are rebased on it, so
+        seeds + step stays each row's block start + its own step index."""
+        rows = {f.name: torch.cat([getattr(running, f.name), getattr(joining, f.name)])
+                for f in fields(cls) if f.name not in ("step", "seeds")}
+        seeds = torch.cat([running.seeds, joining.seeds + joining.step - running.step])
+        return cls(**rows, seeds=seeds, step=running.step.clone())
+
     def start_block(self, model, ids: torch.Tensor, block_starts: torch.Tensor,
                     config: DecodeConfig) -> None:
         """ids [B, L] (any device): the block's initial ids; block_starts [B]: the absolute
@@ -73,7 +83,7 @@ class BlockState:
 
     def next_block(self, model, index: torch.Tensor, block_starts: torch.Tensor,
                    valid_from: torch.Tensor, config: DecodeConfig) -> None:
-        """The rolling scheduler (rolling.py): the rows `index` (int64 [B'] on the state's
+        """The rolling schedule (rolling.py): the rows `index` (int64 [B'] on the state's
         device) move on to their next block, all masks, at absolute positions block_starts [B']
         and first slots valid_from [B'], while the other rows stay mid-block. Their ids become
         prev_ids. `step` runs on over every forward there, so a row's seeds are based on its
@@ -132,7 +142,7 @@ def forward_block(model, cache, state: BlockState, write_slot: int | torch.Tenso
 
 def forward_rolling(model, cache, state: BlockState, write_slot: int | torch.Tensor,
                     config: DecodeConfig, span: int | None = None) -> torch.Tensor:
-    """A step of the rolling scheduler (rolling.py), whichever step of its block each row is
+    """A step of the rolling schedule (rolling.py), whichever step of its block each row is
     at: every row's previous block from its ids (committing, or re-committing, its K/V: the
     same bits each time) and its current block, 2L tokens at write_slot - L. The current block
     comes from its embeddings (SPD: a row at its block's first step holds the embeddings of its

@@ -43,10 +43,17 @@ class KVCache:
         return KVCache([k.index_select(0, batch_index) for k in self.keys],
                        [v.index_select(0, batch_index) for v in self.values])
 
+    @classmethod
+    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+        """A new cache holding the rows of `caches` in order (same layers and slots): sequences
+        joining a running batch (decoding/rolling.py)."""
+        return cls([torch.cat(ks) for ks in zip(*(c.keys for c in caches))],
+                   [torch.cat(vs) for vs in zip(*(c.values for c in caches))])
+
     def roll_rows(self, batch_index: torch.Tensor, shift: int) -> None:
         """Moves the rows batch_index (int64 [B'] on the cache's device) `shift` slots to the
         left, in place: slot t takes slot t + shift's keys and values, and the last `shift`
-        slots the first ones' (the rolling scheduler, decoding/rolling.py: a sequence moving on
+        slots the first ones' (the rolling schedule, decoding/rolling.py: a sequence moving on
         to its next block, whose feed then rewrites those last slots)."""
         if not 0 < shift <= self.max_slots:
             raise ValueError(f"shift must be in [1, {self.max_slots}] (the cache's slots), "
