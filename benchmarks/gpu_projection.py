@@ -255,28 +255,37 @@ def projection_section(config) -> list[str]:
     return lines
 
 
+def forward_cost(config, tp: int, batch: int, n_tokens: int, cache_slots: int, n_logits: int,
+                 embedding_rows: int) -> tuple[float, float]:
+    """(bytes, FLOPs) per GPU of one forward of batch rows x n_tokens fed after cache_slots
+    slots, computing logits for the last n_logits tokens of each row only."""
+    c = roofline.block_forward_cost(config, n_tokens, cache_slots, batch=batch,
+                                    embedding_rows=embedding_rows, weight_bytes=WEIGHT_BYTES,
+                                    tp=tp)
+    unread = 1 - n_logits / n_tokens
+    return (c.total_bytes - c.bytes["logits"] * unread,
+            c.total_flops - c.flops["lm_head"] * unread)
+
+
+def forward_ms(nbytes: float, flops: float, device: Device) -> float:
+    """The bandwidth floor, or the arithmetic at the assumed share of the BF16 peak if longer."""
+    return 1e3 * max(nbytes / (ACHIEVABLE * device.peak_bytes_per_s),
+                     flops / (ASSUMED_MATMUL_SHARE * device.bf16_dense_flops))
+
+
 def schedule_forward(config, tp: int, batch: int, cache_slots: int, rolling: bool):
     """(bytes, FLOPs) per GPU of one batched forward: lockstep's later step (L tokens a row, from
     embeddings) or the rolling schedule's step (2L a row: the previous block from ids,
     re-committed, and the current one; logits of the current block only)."""
-    cost = roofline.block_forward_cost
     if not rolling:
-        c = cost(config, BLOCK, cache_slots, batch=batch, embedding_rows=0,
-                 weight_bytes=WEIGHT_BYTES, tp=tp)
-        return c.total_bytes, c.total_flops
-    c = cost(config, 2 * BLOCK, cache_slots - BLOCK, batch=batch, embedding_rows=batch * BLOCK,
-             weight_bytes=WEIGHT_BYTES, tp=tp)
-    return (c.total_bytes - c.bytes["logits"] / 2, c.total_flops - c.flops["lm_head"] / 2)
+        return forward_cost(config, tp, batch, BLOCK, cache_slots, BLOCK, 0)
+    return forward_cost(config, tp, batch, 2 * BLOCK, cache_slots - BLOCK, BLOCK, batch * BLOCK)
 
 
 def schedule_section(config) -> list[str]:
     """Batched forwards of the two schedules (decoding/engine.py, decoding/rolling.py)."""
     from dmax_ext.decoding.params import ROLLING_MAX_BATCH
     device, tp, slots = next(d for d in DEVICES if d.name == "H200"), 2, CACHE_SLOTS[0]
-
-    def forward_ms(nbytes, flops):
-        return 1e3 * max(nbytes / (ACHIEVABLE * device.peak_bytes_per_s),
-                         flops / (ASSUMED_MATMUL_SHARE * device.bf16_dense_flops))
     lines = [f"### Batches: one forward of each schedule ({device.name}, bf16, TP {tp}, cache "
              f"{slots})", "",
              "A batch decode's time is its forwards times their cost. Lockstep (engine.py) runs, "
@@ -292,7 +301,7 @@ def schedule_section(config) -> list[str]:
         cells = []
         for rolling in (False, True):
             nbytes, flops = schedule_forward(config, tp, batch, slots, rolling)
-            cells.append((nbytes, flops, forward_ms(nbytes, flops)))
+            cells.append((nbytes, flops, forward_ms(nbytes, flops, device)))
         ratios[batch] = cells[1][2] / cells[0][2]
         lines.append(f"| {batch} | " + " | ".join(f"{b / 1e9:.2f} / {f / 1e9:,.0f} / {t:.2f}"
                                                   for b, f, t in cells)

@@ -34,3 +34,16 @@ def test_tps_quick_checkpoint_with_prompt_file(tmp_path, capsys):
     table = capsys.readouterr().out
     assert f"model: {path}" in table
     assert "mode: threshold  batch: 2  scheduler: rolling  prompts: 2" in table
+
+
+def test_schedules_counts_each_schedules_forwards(capsys):
+    import schedules
+    assert schedules.main(["--preset", "tiny", "--prompts", "5", "--batch", "2", "--gen-length",
+                           "16", "--block-length", "8", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
+            if line.startswith(("one by one", "lockstep", "rolling"))}
+    assert set(rows) == {"one by one", "lockstep, groups of 2", "rolling, 2 at once"}
+    for cells in rows.values():  # float32 decodes batch-invariantly: every sequence as alone
+        assert "5/5" in cells
+    assert "(projection)" in out

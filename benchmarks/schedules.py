@@ -1,0 +1,97 @@
+"""A batch decode of many prompts under each schedule: the forwards it runs (a count, the same on
+any machine) and what those forwards would cost on a GPU (a projection).
+
+    python benchmarks/schedules.py                          # 32 prompts, at most 8 at once
+    python benchmarks/schedules.py --prompts 16 --batch 4 --dtype float32
+
+Three decodes of the same prompts (llada2-small with the benchmarks' synthetic weights, on the
+CPU): one by one (lockstep, max_batch 1), lockstep in groups of --batch, and rolling with at most
+--batch running (a waiting prompt admitted as soon as a sequence finishes). Every forward's shape
+is recorded (rows, tokens fed, cache slots, logits) and costed as the same forward of
+llada2-mini on an H200 at TP 2 (gpu_projection.forward_cost / forward_ms: the bandwidth floor,
+or the arithmetic at an assumed share of the peak): the synthetic model's step counts with the
+real model's bytes, a projection, not a GPU measurement. CPU wall times are printed for what
+they are: this machine's, where a block forward is compute-bound and batching gains little.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import block_forward  # noqa: E402
+import gpu_projection  # noqa: E402
+import tps  # noqa: E402
+from dmax_ext.model.presets import preset_config  # noqa: E402
+
+PRESET = "llada2-small"   # the decodes' model (--preset tiny: a smoke run)
+GPU, TP = "H200", 2
+
+
+def projected_ms(shapes, config) -> float:
+    device = next(d for d in gpu_projection.DEVICES if d.name == GPU)
+    total = 0.0
+    for s in shapes:
+        # SPD's later steps feed embeddings (no rows gathered); a count this small either way
+        nbytes, flops = gpu_projection.forward_cost(config, TP, s.batch, s.n_tokens,
+                                                    s.cache_slots, s.n_logits, 0)
+        total += gpu_projection.forward_ms(nbytes, flops, device)
+    return total
+
+
+def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
+    start = time.perf_counter()
+    out, shapes = block_forward.record_forward_shapes(
+        model, prompts, gen_length=args.gen_length, block_length=args.block_length,
+        threshold=args.threshold, scheduler=scheduler, max_batch=max_batch)
+    wall = time.perf_counter() - start
+    tokens = sum(map(len, out.tokens))
+    gpu_ms = projected_ms(shapes, preset_config(gpu_projection.PRESET))
+    return {"out": out, "nfe": out.nfe, "tokens": tokens, "cpu_tokens_per_s": tokens / wall,
+            "rows_per_forward": sum(s.batch for s in shapes) / len(shapes),
+            "gpu_ms": gpu_ms, "gpu_tokens_per_s": 1e3 * tokens / gpu_ms}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=PRESET)
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="the most prompts decoded at once")
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = tps.synthetic_model(args.preset, "cpu", getattr(torch, args.dtype))
+    prompts = tps.synthetic_prompts(model.config, args.prompts)
+    print(f"schedules: {args.preset} ({args.dtype}, synthetic weights), {args.prompts} prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, gen_length "
+          f"{args.gen_length}, block {args.block_length}, threshold {args.threshold}; CPU "
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)")
+    runs = {"one by one": run(model, prompts, args, "lockstep", 1),
+            f"lockstep, groups of {args.batch}": run(model, prompts, args, "lockstep",
+                                                     args.batch),
+            f"rolling, {args.batch} at once": run(model, prompts, args, "rolling", args.batch)}
+    alone = runs["one by one"]
+    print(f"\n{'schedule':<26} {'forwards':>9} {'rows/fwd':>9} {'as alone':>9} "
+          f"{'CPU tok/s':>10} {f'{GPU} TP{TP} tok/s (projection)':>30} {'vs one by one':>14}")
+    for name, r in runs.items():
+        same = sum(a == b and n == m for a, b, n, m in zip(
+            r["out"].tokens, alone["out"].tokens, r["out"].seq_nfe, alone["out"].seq_nfe))
+        gain = r["gpu_tokens_per_s"] / alone["gpu_tokens_per_s"]
+        print(f"{name:<26} {r['nfe']:>9} {r['rows_per_forward']:>9.2f} "
+              f"{same:>4}/{args.prompts:<4} {r['cpu_tokens_per_s']:>10.1f} "
+              f"{r['gpu_tokens_per_s']:>30,.0f} {gain:>13.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
