@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "python"))
 
 import block_forward  # noqa: E402
+import gpu_projection  # noqa: E402
 import roofline  # noqa: E402
 import tps  # noqa: E402
 from dmax_ext.decoding import decode  # noqa: E402
@@ -200,6 +201,13 @@ def batch_target(model, prompts, args) -> dict:
                    for t, n, s in zip(out.tokens, out.seq_nfe, solo))
     rolling_as_alone = sum(t == s.tokens[0] and n == s.nfe
                            for t, n, s in zip(rolling.tokens, rolling.seq_nfe, solo))
+    # The same decodes' forwards costed as llada2-mini's on an H200 (a projection): batching
+    # where forwards are bandwidth-bound.
+    gpu_ms = {name: gpu_projection.decode_ms(block_forward.record_forward_shapes(
+                  model, prompts, scheduler=scheduler, max_batch=max_batch, **kwargs)[1])
+              for name, scheduler, max_batch in (("alone", "lockstep", 1),
+                                                 ("lockstep", "lockstep", None),
+                                                 ("rolling", "rolling", None))}
     b8, b1 = statistics.median(batched), statistics.median(alone)
     return {"dtype": dtype_name(model.dtype), "batch": len(prompts),
             "prompt_lengths": [len(p) for p in prompts], "batch_tokens_per_s": b8,
@@ -208,6 +216,8 @@ def batch_target(model, prompts, args) -> dict:
             "rolling_speedup": statistics.median(rolled) / b1, "rolling_nfe": rolling.nfe,
             "rolling_forwards": sum(rolling.seq_nfe) / rolling.nfe,
             "rolling_as_alone": rolling_as_alone,
+            "gpu_lockstep_speedup": gpu_ms["alone"] / gpu_ms["lockstep"],
+            "gpu_rolling_speedup": gpu_ms["alone"] / gpu_ms["rolling"],
             **batch_ceilings(model, prompts, kwargs, statistics.median(alone_walls))}
 
 
@@ -403,6 +413,10 @@ def main(argv=None) -> int:
                   f"{r['rolling_speedup']:.2f}x; nfe {r['rolling_nfe']} (forwards "
                   f"{r['rolling_forwards']:.2f}x, 2L tokens a row); sequences decoded as alone "
                   f"{r['rolling_as_alone']}/{r['batch']}")
+            print(f"      on an H200 at TP 2, a projection (these decodes' forwards costed as "
+                  f"llada2-mini's, gpu_projection.decode_ms): lockstep "
+                  f"{r['gpu_lockstep_speedup']:.2f}x, rolling {r['gpu_rolling_speedup']:.2f}x "
+                  f"the tokens/s of batch 1")
             print(f"      ceilings for this decode, any implementation: forwards "
                   f"{r['live_rows']:.2f}x (rows decoding per batched forward; rows starting "
                   f"their next block early: {r['scheduler_bound']:.2f}x), flops "

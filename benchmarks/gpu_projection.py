@@ -273,6 +273,20 @@ def forward_ms(nbytes: float, flops: float, device: Device) -> float:
                      flops / (ASSUMED_MATMUL_SHARE * device.bf16_dense_flops))
 
 
+def decode_ms(shapes, device_name: str = "H200", tp: int = 2) -> float:
+    """The projected time of a decode's forwards (block_forward.ForwardShape: rows, tokens fed,
+    cache slots, logits), each costed as the same forward of PRESET (llada2-mini) on the device
+    (forward_cost / forward_ms): a decode's step counts, measured on any model, with the real
+    model's bytes."""
+    config, device = preset_config(PRESET), next(d for d in DEVICES if d.name == device_name)
+    total = 0.0
+    for s in shapes:
+        # a count this small either way: SPD's later steps gather no embedding rows
+        total += forward_ms(*forward_cost(config, tp, s.batch, s.n_tokens, s.cache_slots,
+                                          s.n_logits, 0), device)
+    return total
+
+
 def schedule_forward(config, tp: int, batch: int, cache_slots: int, rolling: bool):
     """(bytes, FLOPs) per GPU of one batched forward: lockstep's later step (L tokens a row, from
     embeddings) or the rolling schedule's step (2L a row: the previous block from ids,

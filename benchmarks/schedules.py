@@ -8,8 +8,8 @@ Three decodes of the same prompts (llada2-small with the benchmarks' synthetic w
 CPU): one by one (lockstep, max_batch 1), lockstep in groups of --batch, and rolling with at most
 --batch running (a waiting prompt admitted as soon as a sequence finishes). Every forward's shape
 is recorded (rows, tokens fed, cache slots, logits) and costed as the same forward of
-llada2-mini on an H200 at TP 2 (gpu_projection.forward_cost / forward_ms: the bandwidth floor,
-or the arithmetic at an assumed share of the peak): the synthetic model's step counts with the
+llada2-mini on an H200 at TP 2 (gpu_projection.decode_ms: the bandwidth floor, or the
+arithmetic at an assumed share of the peak): the synthetic model's step counts with the
 real model's bytes, a projection, not a GPU measurement. CPU wall times are printed for what
 they are: this machine's, where a block forward is compute-bound and batching gains little.
 """
@@ -28,21 +28,9 @@ sys.path.insert(0, str(HERE))
 import block_forward  # noqa: E402
 import gpu_projection  # noqa: E402
 import tps  # noqa: E402
-from dmax_ext.model.presets import preset_config  # noqa: E402
 
 PRESET = "llada2-small"   # the decodes' model (--preset tiny: a smoke run)
 GPU, TP = "H200", 2
-
-
-def projected_ms(shapes, config) -> float:
-    device = next(d for d in gpu_projection.DEVICES if d.name == GPU)
-    total = 0.0
-    for s in shapes:
-        # SPD's later steps feed embeddings (no rows gathered); a count this small either way
-        nbytes, flops = gpu_projection.forward_cost(config, TP, s.batch, s.n_tokens,
-                                                    s.cache_slots, s.n_logits, 0)
-        total += gpu_projection.forward_ms(nbytes, flops, device)
-    return total
 
 
 def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
@@ -52,7 +40,7 @@ def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
         threshold=args.threshold, scheduler=scheduler, max_batch=max_batch)
     wall = time.perf_counter() - start
     tokens = sum(map(len, out.tokens))
-    gpu_ms = projected_ms(shapes, preset_config(gpu_projection.PRESET))
+    gpu_ms = gpu_projection.decode_ms(shapes, GPU, TP)
     return {"out": out, "nfe": out.nfe, "tokens": tokens, "cpu_tokens_per_s": tokens / wall,
             "rows_per_forward": sum(s.batch for s in shapes) / len(shapes),
             "gpu_ms": gpu_ms, "gpu_tokens_per_s": 1e3 * tokens / gpu_ms}

@@ -17,6 +17,7 @@ def test_cpu_targets_quick_prints_every_verdict(capsys):
     # float32 decodes batch-invariantly: the batch-8 line compares one decode
     assert "sequences decoded as alone 8/8" in out
     assert "the rolling schedule:" in out and out.count("decoded as alone 8/8") == 2
+    assert "on an H200 at TP 2, a projection" in out
 
 
 def test_profile_names_the_parts_of_a_forward(capsys):
