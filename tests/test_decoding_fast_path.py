@@ -332,7 +332,7 @@ def test_captured_step_dispatches_no_host_sync(dtype, decoder):
                                       lm_head_from_embedding=True, seed=1))
     runner = GraphStandIn(sync_check=True)
     run_decoder(model, runner, step_ops.raw_ops(), gen_length=24, top_k=2, decoder=decoder)
-    assert runner.captures > 0 and runner.traced_ops > 100
+    assert runner.captures > 0 and runner.traced_ops > 80  # (one tiny step: ~90 ops)
     assert runner.syncs == 0
 
 
@@ -362,12 +362,12 @@ def test_cuda_graph_equals_eager_and_captures_once_per_span(mode, sampling):
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "seed": 5}],
                          ids=["greedy", "seeded"])
 @pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu_path", "cuda_path"])
-def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sampling,
-                                                                       cuda_path):
-    # The rolling schedule has one kind of step at one slot: a graph per running batch, replayed
-    # by every step of every block; compactions (eos ends sequences at different blocks) start
-    # new batches. Its steps see the same buffers throughout a batch (StaticShapeCheck). With
-    # the CUDA path's ops the slot is a device tensor in the graph (step_tables).
+def test_rolling_schedule_captures_once_and_decodes_as_eager(mode, sampling, cuda_path):
+    # The rolling schedule has one kind of step at one slot, and on static buffers a finished
+    # sequence's row stays in the batch (idle): one graph for the whole decode, replayed by
+    # every step of every block, though eos ends sequences at different blocks. Its steps see
+    # the same buffers throughout (StaticShapeCheck). With the CUDA path's ops the slot is a
+    # device tensor in the graph (step_tables).
     model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
     kwargs = dict(mode=mode, gen_length=24, top_k=2, decoder=RollingDecoder, **sampling)
     kwargs["eos_id"] = eos_in_different_blocks(
@@ -377,10 +377,10 @@ def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sam
         on_cuda_path(model)
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
-    assert runner.epoch > 0 and {k for _, k, _, _ in runner.calls} == {"rolling"}
-    batches = len({epoch for epoch, _, _, _ in runner.calls})
-    assert runner.captures == runner.graphs_wanted() == batches > 1
+    assert {k for _, k, _, _ in runner.calls} == {"rolling"}
+    assert runner.captures == 1 and runner.epoch == 0
     assert len(runner.calls) == graphed.nfe - 1  # every forward but the prefill, replayed
+    assert min(map(len, graphed.tokens)) < max(map(len, graphed.tokens))  # the premise: eos
     check = StaticShapeCheck()
     check.bucket_spans = True  # the graphs' key spans: the same kernels on the same inputs
     eager = run_decoder(model, check, **kwargs)
@@ -390,17 +390,20 @@ def test_rolling_schedule_captures_once_per_batch_and_decodes_as_eager(mode, sam
                                        eager.block_steps, eager.capped_blocks)
 
 
-def test_rolling_admissions_under_the_graph_stand_in():
-    # Sequences admitted mid-decode (max_batch 2 of 3 prompts): every admission is a new batch
-    # of buffers, so a new graph; the decode is the eager one's.
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "seed": 5}],
+                         ids=["greedy", "seeded"])
+def test_rolling_admissions_under_the_graph_stand_in(sampling):
+    # Sequences admitted mid-decode (max_batch 2 of 3 prompts) take a finished row's place in
+    # the graph's buffers: one capture for the whole decode. The eager decode (compaction, new
+    # rows joined) gives each sequence the same tokens and forwards.
     import functools
     model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
     kwargs = dict(gen_length=24, top_k=2,
-                  decoder=functools.partial(RollingDecoder, max_batch=2))
+                  decoder=functools.partial(RollingDecoder, max_batch=2), **sampling)
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
-    batches = len({epoch for epoch, _, _, _ in runner.calls})
-    assert runner.captures == runner.graphs_wanted() == batches > 1
+    assert runner.captures == 1 and runner.epoch == 0
+    assert len(runner.calls) == graphed.nfe - 2  # two prefills: the first rows', the admitted
     eager = run_decoder(model, EagerStep(StepTimer(False, torch.device("cpu")),
                                          bucket_spans=True), **kwargs)
     assert (graphed.tokens, graphed.nfe, graphed.seq_nfe, graphed.block_steps) == \

@@ -53,38 +53,58 @@ class RollingDecoder(_Decoder):
         self.prompts, self.slot = prompts, layout.rolling_slot
         waiting = list(range(layout.batch_size))
         limit = self.max_batch or len(waiting)
-        rows, waiting = waiting[:limit], waiting[limit:]  # running row i decodes rows[i]
-        cache, state = self._admit(rows, None, None)
+        # running row i decodes sequence rows[i] (None: an idle row, see below)
+        rows, waiting = waiting[:limit], waiting[limit:]
+        cache, state = self._new_rows(rows)
         blocks = [0] * len(rows)  # the generated block row i is on
         steps = [0] * len(rows)   # its steps in that block
-        while rows:
+        while any(b is not None for b in rows):
             self.runner.rolling(self.ops, self.model, cache, state, self.slot, self.config)
             self.nfe += 1
             for i, b in enumerate(rows):
-                self.seq_nfe[b] += 1
-                steps[i] += 1
-            ended, finished = self._end_blocks(cache, state, rows, blocks, steps)
-            if finished:  # compaction: finished sequences stop costing compute
-                keep = [i for i in range(len(rows)) if i not in finished]
-                index = torch.tensor(keep, dtype=torch.int64, device=self.device)
-                cache, state = cache.select(index), state.select(index)
-                rows, blocks, steps = ([xs[i] for i in keep] for xs in (rows, blocks, steps))
-                joining, waiting = waiting[:limit - len(rows)], waiting[limit - len(rows):]
+                if b is not None:
+                    self.seq_nfe[b] += 1
+                    steps[i] += 1
+            finished = self._end_blocks(cache, state, rows, blocks, steps)
+            if not finished:
+                continue
+            joining, waiting = waiting[:len(finished)], waiting[len(finished):]
+            if self.runner.static_shapes:
+                # A graph replays on the buffers it was captured with: admitted sequences take
+                # finished rows' places in them (no new capture), and rows left over stay in the
+                # batch idle, computed and ignored (on a GPU a forward's bytes are the weights').
+                free = sorted(finished)
                 if joining:
-                    cache, state = self._admit(joining, cache, state)
-                    rows, blocks, steps = (rows + joining, blocks + [0] * len(joining),
-                                           steps + [0] * len(joining))
-                self.runner.reset()  # new buffers
+                    new_cache, new_state = self._new_rows(joining)
+                    index = torch.tensor(free[:len(joining)], device=self.device)
+                    cache.put_rows(index, new_cache)
+                    state.put_rows(index, new_state)
+                for i, b in zip(free, joining + [None] * (len(free) - len(joining))):
+                    rows[i], blocks[i], steps[i] = b, 0, 0
+                continue
+            # compaction: finished sequences stop costing compute; admitted ones join
+            keep = [i for i in range(len(rows)) if i not in finished]
+            index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+            cache, state = cache.select(index), state.select(index)
+            rows, blocks, steps = ([xs[i] for i in keep] for xs in (rows, blocks, steps))
+            if joining:
+                new_cache, new_state = self._new_rows(joining)
+                cache = KVCache.concat([cache, new_cache])
+                state = BlockState.joined(state, new_state)
+                rows, blocks, steps = (rows + joining, blocks + [0] * len(joining),
+                                       steps + [0] * len(joining))
+            self.runner.reset()  # new buffers
         return self._result(start)
 
-    def _end_blocks(self, cache, state, rows, blocks, steps) -> tuple[list[int], set[int]]:
+    def _end_blocks(self, cache, state, rows, blocks, steps) -> set[int]:
         """After a step: the rows whose block converged or hit the step cap collect their
-        tokens; those that go on move to their next block. Returns (rows whose block ended,
-        rows whose sequence finished), as running-row indices."""
+        tokens; those that go on move to their next block. Returns the rows (running-row
+        indices) whose sequence finished."""
         done = state.done.tolist()
-        ended = [i for i, d in enumerate(done) if d or steps[i] == self.config.max_steps_per_block]
+        ended = [i for i, d in enumerate(done) if rows[i] is not None
+                 and (d or steps[i] == self.config.max_steps_per_block)]
         if not ended:
-            return ended, set()
+            return set()
         L, layout = self.config.block_length, self.layout
         ids = state.ids.tolist()  # a block ended: its ids to the host, as in lockstep
         for i in ended:
@@ -108,26 +128,24 @@ class RollingDecoder(_Decoder):
             for i in going:
                 blocks[i] += 1
                 steps[i] = 0
-        return ended, set(ended) - set(going)
+        return set(ended) - set(going)
 
-    def _admit(self, seqs: list[int], cache, state):
-        """Sequences `seqs` join the running batch (cache, state; None: there is none) at their
-        first generated block: their prompts' full blocks prefilled in a forward of their own,
-        their previous block the prompt's last full one. Returns the joined (cache, state)."""
+    def _new_rows(self, seqs: list[int]):
+        """(cache, state) of sequences `seqs` at their first generated block, to join a running
+        batch: their prompts' full blocks prefilled in a forward of their own, their previous
+        block the prompt's last full one."""
         config, L = self.config, self.config.block_length
         prompts = [self.prompts[b] for b in seqs]
         layout = plan_layout([len(p) for p in prompts], config.gen_length, L)
         valid_from = torch.tensor([self.layout.rolling_valid_from(b, 0) for b in seqs],
                                   device=self.device)
-        new_cache = self.model.new_cache(len(seqs), self.slot + L)
+        cache = self.model.new_cache(len(seqs), self.slot + L)
         if layout.first_slot_block > 0:
-            self._prefill(layout, prompts, new_cache, valid_from,
+            self._prefill(layout, prompts, cache, valid_from,
                           self.slot - layout.first_slot_block * L, seqs)
-        new_state = self._new_state(valid_from)
+        state = self._new_state(valid_from)
         with self.timer("ops"):
-            new_state.ids.copy_(block_before_ids(layout, prompts, config.eos_id))  # -> prev_ids
-            new_state.start_block(self.model, first_block_ids(layout, prompts, config.mask_id),
-                                  torch.tensor([f * L for f in layout.first_blocks]), config)
-        if cache is None:
-            return new_cache, new_state
-        return KVCache.concat([cache, new_cache]), BlockState.joined(state, new_state)
+            state.ids.copy_(block_before_ids(layout, prompts, config.eos_id))  # -> prev_ids
+            state.start_block(self.model, first_block_ids(layout, prompts, config.mask_id),
+                              torch.tensor([f * L for f in layout.first_blocks]), config)
+        return cache, state

@@ -54,15 +54,28 @@ class BlockState:
                 if f.name != "step"}
         return BlockState(**rows, step=self.step.clone())
 
+    # Sequences admitted mid-decode by the rolling schedule join a running state, as new rows
+    # (joined) or in finished rows' places (put_rows). The step counter stays the running one's;
+    # the joining rows' seeds are rebased on it, so seeds + step stays each row's block start +
+    # its own step index.
+
     @classmethod
     def joined(cls, running: "BlockState", joining: "BlockState") -> "BlockState":
-        """A new state: running's rows, then joining's (sequences admitted mid-decode by the
-        rolling schedule). The step counter is running's; joining's seeds are rebased on it, so
-        seeds + step stays each row's block start + its own step index."""
+        """A new state: running's rows, then joining's."""
         rows = {f.name: torch.cat([getattr(running, f.name), getattr(joining, f.name)])
                 for f in fields(cls) if f.name not in ("step", "seeds")}
-        seeds = torch.cat([running.seeds, joining.seeds + joining.step - running.step])
+        seeds = torch.cat([running.seeds, joining._seeds_on(running.step)])
         return cls(**rows, seeds=seeds, step=running.step.clone())
+
+    def put_rows(self, index: torch.Tensor, joining: "BlockState") -> None:
+        """In place: rows `index` (int64 [B'] on the device) take joining's B' rows."""
+        for f in fields(self):
+            if f.name not in ("step", "seeds"):
+                getattr(self, f.name).index_copy_(0, index, getattr(joining, f.name))
+        self.seeds.index_copy_(0, index, joining._seeds_on(self.step))
+
+    def _seeds_on(self, step: torch.Tensor) -> torch.Tensor:
+        return self.seeds + self.step - step
 
     def start_block(self, model, ids: torch.Tensor, block_starts: torch.Tensor,
                     config: DecodeConfig) -> None:

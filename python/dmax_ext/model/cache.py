@@ -50,6 +50,13 @@ class KVCache:
         return cls([torch.cat(ks) for ks in zip(*(c.keys for c in caches))],
                    [torch.cat(vs) for vs in zip(*(c.values for c in caches))])
 
+    def put_rows(self, batch_index: torch.Tensor, other: "KVCache") -> None:
+        """In place: rows batch_index (int64 [B'] on the device) take other's B' rows (same
+        layers and slots): sequences taking finished ones' places in buffers a CUDA graph
+        replays on (decoding/rolling.py)."""
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine.index_copy_(0, batch_index, theirs)
+
     def roll_rows(self, batch_index: torch.Tensor, shift: int) -> None:
         """Moves the rows batch_index (int64 [B'] on the cache's device) `shift` slots to the
         left, in place: slot t takes slot t + shift's keys and values, and the last `shift`
