@@ -185,7 +185,7 @@ def batch_target(model, prompts, args) -> dict:
         out = decode(model, prompts, **kwargs)
         batched.append(sum(map(len, out.tokens)) / (time.perf_counter() - start))
         # The rolling schedule (decoding/rolling.py; decode's default on CUDA only): fewer
-        # forwards of twice the tokens a row, a gain only where forwards are bandwidth-bound.
+        # forwards, most of twice the tokens a row, a gain only where forwards are bandwidth-bound.
         start = time.perf_counter()
         rolling = decode(model, prompts, scheduler="rolling", **kwargs)
         rolled.append(sum(map(len, rolling.tokens)) / (time.perf_counter() - start))
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
                   f"{r['as_alone']}/{r['batch']})")
             print(f"      the rolling schedule: {r['rolling_tokens_per_s']:.1f} tokens/s = "
                   f"{r['rolling_speedup']:.2f}x; nfe {r['rolling_nfe']} (forwards "
-                  f"{r['rolling_forwards']:.2f}x, 2L tokens a row); sequences decoded as alone "
+                  f"{r['rolling_forwards']:.2f}x, mostly 2L tokens a row); sequences decoded as alone "
                   f"{r['rolling_as_alone']}/{r['batch']}")
             print(f"      on an H200 at TP 2, a projection (these decodes' forwards costed as "
                   f"llada2-mini's, gpu_projection.decode_ms): lockstep "

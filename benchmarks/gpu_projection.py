@@ -305,8 +305,9 @@ def schedule_section(config) -> list[str]:
              "A batch decode's time is its forwards times their cost. Lockstep (engine.py) runs, "
              "per block, the slowest row's steps; rolling (rolling.py) starts each row's next "
              "block as soon as its block converges, so it runs the longest sequence's own "
-             "forwards, but every forward feeds 2L tokens a row (the previous block, "
-             "re-committed). Time per forward = max(bytes / (" f"{ACHIEVABLE} x bandwidth), FLOPs "
+             "forwards, but a forward where some row starts a block feeds 2L tokens a row (the "
+             "previous blocks, committed or re-committed; where none does, a later step). Time "
+             "per forward = max(bytes / (" f"{ACHIEVABLE} x bandwidth), FLOPs "
              f"/ ({ASSUMED_MATMUL_SHARE} x the dense BF16 peak)) (the share of peak is assumed):",
              "", "| batch | lockstep later step: GB / GFLOP / ms | rolling step: GB / GFLOP / ms "
              "| rolling / lockstep time per forward |", "|---|---|---|---|"]
@@ -403,8 +404,9 @@ def overheads_section(config, later_step, eager_step) -> list[str]:
             f"~{eager * ASSUMED_US_PER_EAGER_OP / 1e3:.0f} ms of CPU time per eager step. "
             "Graph captures: one per batch size, kind of step (first, later) and key-span "
             f"bucket (next section), not one per block: at most 2 (log2(S / {BLOCK}) + 1) per "
-            "batch size for a cache of S slots (lockstep; the rolling schedule has one kind of "
-            "step at one slot: one graph per running batch).",
+            "batch size for a cache of S slots (lockstep; the rolling schedule has two kinds of "
+            "step at one slot: one graph of each for a whole decode, sequences admitted in "
+            "finished ones' places).",
             f"- Key-span buckets: a replayed step reads up to twice the keys it needs; reading "
             f"{2 * slots} slots instead of {slots} adds "
             f"{span_cost[2 * slots] / span_cost[slots] - 1:.1%} to a later step's bytes.",

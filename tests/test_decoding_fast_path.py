@@ -363,11 +363,12 @@ def test_cuda_graph_equals_eager_and_captures_once_per_span(mode, sampling):
                          ids=["greedy", "seeded"])
 @pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu_path", "cuda_path"])
 def test_rolling_schedule_captures_once_and_decodes_as_eager(mode, sampling, cuda_path):
-    # The rolling schedule has one kind of step at one slot, and on static buffers a finished
-    # sequence's row stays in the batch (idle): one graph for the whole decode, replayed by
-    # every step of every block, though eos ends sequences at different blocks. Its steps see
-    # the same buffers throughout (StaticShapeCheck). With the CUDA path's ops the slot is a
-    # device tensor in the graph (step_tables).
+    # The rolling schedule has two kinds of step (some row starting a block: 2L tokens a row;
+    # none: a later step) at one slot, and on static buffers a finished sequence's row stays in
+    # the batch (idle): one graph of each kind for the whole decode, replayed by every step of
+    # every block, though eos ends sequences at different blocks. Its steps see the same
+    # buffers throughout (StaticShapeCheck). With the CUDA path's ops the slot is a device
+    # tensor in the graph (step_tables).
     model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
     kwargs = dict(mode=mode, gen_length=24, top_k=2, decoder=RollingDecoder, **sampling)
     kwargs["eos_id"] = eos_in_different_blocks(
@@ -377,8 +378,8 @@ def test_rolling_schedule_captures_once_and_decodes_as_eager(mode, sampling, cud
         on_cuda_path(model)
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
-    assert {k for _, k, _, _ in runner.calls} == {"rolling"}
-    assert runner.captures == 1 and runner.epoch == 0
+    assert {k for _, k, _, _ in runner.calls} == {"rolling", "later"}
+    assert runner.captures == 2 and runner.epoch == 0
     assert len(runner.calls) == graphed.nfe - 1  # every forward but the prefill, replayed
     assert min(map(len, graphed.tokens)) < max(map(len, graphed.tokens))  # the premise: eos
     check = StaticShapeCheck()
@@ -395,7 +396,8 @@ def test_rolling_schedule_captures_once_and_decodes_as_eager(mode, sampling, cud
 def test_rolling_admissions_under_the_graph_stand_in(sampling):
     # Sequences admitted mid-decode (max_batch 2 of 4 prompts; the last ones with 2 and 3 full
     # blocks, so their prefilled cache rows matter beyond the block each step re-commits) take
-    # finished rows' places in the graph's buffers: one capture for the whole decode. The eager
+    # finished rows' places in the graph's buffers: one capture of each kind of step for the
+    # whole decode. The eager
     # decode (compaction, new rows joined) gives each sequence the same tokens and forwards.
     # Gain 20: flatter predictions, where a sample follows its seed.
     import functools
@@ -405,7 +407,7 @@ def test_rolling_admissions_under_the_graph_stand_in(sampling):
                   decoder=functools.partial(RollingDecoder, max_batch=2), **sampling)
     runner = GraphStandIn()
     graphed = run_decoder(model, runner, **kwargs)
-    assert runner.captures == 1 and runner.epoch == 0
+    assert runner.captures == 2 and runner.epoch == 0
     # prefills: the first rows', then the admitted ones' (one forward if they join together)
     assert graphed.nfe - len(runner.calls) in (2, 3)
     solo = [run_decoder(model, EagerStep(StepTimer(False, torch.device("cpu"))),

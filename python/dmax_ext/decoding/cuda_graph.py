@@ -148,8 +148,8 @@ class CudaGraphStep:
         self._replay("later", step, cache, state, write_slot, config.block_length)
 
     def rolling(self, ops, model, cache, state: BlockState, write_slot: int, config) -> None:
-        """A step of the rolling schedule: one kind of step at one slot, so one graph per
-        running batch."""
+        """A step of the rolling schedule where some row starts a block (its later steps where
+        none does are __call__'s): one slot, so one graph per running batch."""
         def step(slot, span):
             logits = forward_rolling(model, cache, state, slot, config, span)
             apply_step(ops, model, state, logits, config, all_live=True)

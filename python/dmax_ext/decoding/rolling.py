@@ -6,19 +6,21 @@ block costs its slowest row's steps in batched forwards. On a GPU a batched forw
 costs about what one row's does (it streams the same expert weights: docs/PERFORMANCE.md, "GPU
 projections"), so the forwards a decode runs are its time, and rolling runs fewer: the longest
 sequence's own count (plus the prefill), where lockstep runs the sum over blocks of the slowest
-row's steps. On a CPU, where a block's forward is bound by arithmetic, it gains nothing and feeds
-twice the tokens (below): decode's scheduler "auto" takes it on CUDA only, up to
+row's steps. On a CPU, where a block's forward is bound by arithmetic, it gains nothing and
+mostly feeds twice the tokens (below): decode's scheduler "auto" takes it on CUDA only, up to
 params.ROLLING_MAX_BATCH sequences.
 
 How, with the model's forward unchanged:
 - Every row's current block sits at the same slots, [s, s + L) with s = layout.rolling_slot,
   whichever of its blocks it is on; its earlier blocks lie before, right-aligned. A row moving on
   rolls its cache rows left by L (KVCache.roll_rows) and its first slot valid_from with them.
-- Every forward feeds each row's previous block from its final ids and its current block (2L
-  tokens, step.forward_rolling): the previous block's K/V are committed by the row's first step
-  in the new block, as in lockstep, and re-committed with the same bits by its later steps. So
-  rows at a block's first step and rows at a later step share one forward, one kind of step (one
-  CUDA graph per running batch).
+- A forward where some row starts a block feeds each row's previous block from its final ids
+  and its current block (2L tokens, step.forward_rolling): the previous block's K/V are
+  committed by the row's first step in the new block, as in lockstep, and re-committed with the
+  same bits by the other rows' later steps. So rows at a block's first step and rows at a later
+  step share one forward. A forward where no row starts a block (every previous block
+  committed: the tail of a decode, where one or two rows are left) is lockstep's later step, L
+  tokens a row (step.forward_block). Two kinds of step at one slot: two CUDA graphs.
 - The current block's logits are the same bits as in lockstep wherever the forward computes each
   row's tokens independently of the others and of the number fed (the CPU's own kernels:
   tests/test_batch_invariance.py): each sequence then decodes exactly as alone.
@@ -59,7 +61,10 @@ class RollingDecoder(_Decoder):
         blocks = [0] * len(rows)  # the generated block row i is on
         steps = [0] * len(rows)   # its steps in that block
         while any(b is not None for b in rows):
-            self.runner.rolling(self.ops, self.model, cache, state, self.slot, self.config)
+            if any(b is not None and steps[i] == 0 for i, b in enumerate(rows)):
+                self.runner.rolling(self.ops, self.model, cache, state, self.slot, self.config)
+            else:  # every previous block is committed: a later step of L tokens a row does
+                self.runner(self.ops, self.model, cache, state, self.slot, self.config)
             self.nfe += 1
             for i, b in enumerate(rows):
                 if b is not None:
