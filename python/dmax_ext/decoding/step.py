@@ -93,7 +93,6 @@ class BlockState:
         if config.mode == "spd":
             self.embeds.copy_(model.embed(self.ids))
 
-
     def next_block(self, model, index: torch.Tensor, block_starts: torch.Tensor,
                    valid_from: torch.Tensor, config: DecodeConfig) -> None:
         """The rolling schedule (rolling.py): the rows `index` (int64 [B'] on the state's
