@@ -411,8 +411,8 @@ def main(argv=None) -> int:
                   f"{r['as_alone']}/{r['batch']})")
             print(f"      the rolling schedule: {r['rolling_tokens_per_s']:.1f} tokens/s = "
                   f"{r['rolling_speedup']:.2f}x; nfe {r['rolling_nfe']} (forwards "
-                  f"{r['rolling_forwards']:.2f}x, mostly 2L tokens a row); sequences decoded as alone "
-                  f"{r['rolling_as_alone']}/{r['batch']}")
+                  f"{r['rolling_forwards']:.2f}x, mostly 2L tokens a row); sequences decoded as "
+                  f"alone {r['rolling_as_alone']}/{r['batch']}")
             print(f"      on an H200 at TP 2, a projection (these decodes' forwards costed as "
                   f"llada2-mini's, gpu_projection.decode_ms): lockstep "
                   f"{r['gpu_lockstep_speedup']:.2f}x, rolling {r['gpu_rolling_speedup']:.2f}x "

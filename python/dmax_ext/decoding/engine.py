@@ -79,8 +79,8 @@ def decode(model, input_ids, gen_length: int = DEFAULT_GEN_LENGTH,
     (tensor_parallel_ops.py): call decode on every rank with the same arguments.
     scheduler: "lockstep" (the batch moves from block to block together), "rolling" (each
     sequence moves on when its block converges: fewer batched forwards, those where a row starts
-    a block feeding 2L tokens a row; rolling.py) or "auto": rolling for a CUDA batch of 2 to params.ROLLING_MAX_BATCH
-    sequences, else lockstep.
+    a block feeding 2L tokens a row; rolling.py) or "auto": rolling for a CUDA batch of 2 to
+    params.ROLLING_MAX_BATCH sequences, else lockstep.
     max_batch: the most sequences decoded at once (default: all). Rolling admits a waiting
     prompt as soon as a running sequence finishes; lockstep decodes the prompts in groups of
     max_batch, one after the other. Results are in prompt order either way.
