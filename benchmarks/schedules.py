@@ -3,6 +3,7 @@ any machine) and what those forwards would cost on a GPU (a projection).
 
     python benchmarks/schedules.py                          # 32 prompts, at most 8 at once
     python benchmarks/schedules.py --prompts 16 --batch 4 --dtype float32
+    python benchmarks/schedules.py --model path/to/LLaDA2.0-mini --device cuda   # a GPU run
 
 Three decodes of the same prompts (llada2-small with the benchmarks' synthetic weights, on the
 CPU): one by one (lockstep, max_batch 1), lockstep in groups of --batch, and rolling with at most
@@ -10,8 +11,10 @@ CPU): one by one (lockstep, max_batch 1), lockstep in groups of --batch, and rol
 is recorded (rows, tokens fed, cache slots, logits) and costed as the same forward of
 llada2-mini on an H200 at TP 2 (gpu_projection.decode_ms: the bandwidth floor, or the
 arithmetic at an assumed share of the peak): the synthetic model's step counts with the
-real model's bytes, a projection, not a GPU measurement. CPU wall times are printed for what
-they are: this machine's, where a block forward is compute-bound and batching gains little.
+real model's bytes, a projection, not a GPU measurement. Wall-clock tokens/s are printed for
+what they are: the device's (on a CPU a block forward is compute-bound and batching gains
+little). --model takes a checkpoint folder instead (the prompts stay synthetic ids: the counts
+and the speed are what this measures), --device cuda runs it there (decode's CUDA graphs).
 """
 from __future__ import annotations
 
@@ -28,27 +31,40 @@ sys.path.insert(0, str(HERE))
 import block_forward  # noqa: E402
 import gpu_projection  # noqa: E402
 import tps  # noqa: E402
+from dmax_ext import load_model  # noqa: E402
+from dmax_ext.decoding import decode  # noqa: E402
 
 PRESET = "llada2-small"   # the decodes' model (--preset tiny: a smoke run)
 GPU, TP = "H200", 2
 
 
 def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
-    start = time.perf_counter()
+    # (record_forward_shapes reads each forward's write slot, a host value: a CUDA model then
+    # decodes eagerly, so the timed run below is separate)
     out, shapes = block_forward.record_forward_shapes(
         model, prompts, gen_length=args.gen_length, block_length=args.block_length,
         threshold=args.threshold, scheduler=scheduler, max_batch=max_batch)
-    wall = time.perf_counter() - start
+    wall = out.wall_s  # on the CPU the recorded decode is the timed one
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = decode(model, prompts, gen_length=args.gen_length, block_length=args.block_length,
+                     threshold=args.threshold, scheduler=scheduler, max_batch=max_batch)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     tokens = sum(map(len, out.tokens))
     gpu_ms = gpu_projection.decode_ms(shapes, GPU, TP)
-    return {"out": out, "nfe": out.nfe, "tokens": tokens, "cpu_tokens_per_s": tokens / wall,
+    return {"out": out, "nfe": out.nfe, "tokens": tokens, "tokens_per_s": tokens / wall,
             "rows_per_forward": sum(s.batch for s in shapes) / len(shapes),
             "gpu_ms": gpu_ms, "gpu_tokens_per_s": 1e3 * tokens / gpu_ms}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=PRESET)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=PRESET, help="a synthetic model of this preset")
+    src.add_argument("--model", type=Path, help="a checkpoint folder instead")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="the most prompts decoded at once")
     p.add_argument("--gen-length", type=int, default=256)
@@ -58,25 +74,29 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = tps.synthetic_model(args.preset, "cpu", getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    model = (tps.synthetic_model(args.preset, args.device, dtype) if args.model is None
+             else load_model(args.model, device=args.device, dtype=dtype))
+    name = args.model or f"{args.preset} (synthetic weights)"
     prompts = tps.synthetic_prompts(model.config, args.prompts)
-    print(f"schedules: {args.preset} ({args.dtype}, synthetic weights), {args.prompts} prompts of "
+    print(f"schedules: {name}, {args.dtype}, {args.prompts} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, gen_length "
-          f"{args.gen_length}, block {args.block_length}, threshold {args.threshold}; CPU "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)")
+          f"{args.gen_length}, block {args.block_length}, threshold {args.threshold}; device "
+          f"{tps.device_label(model.device)}, CPU {torch.backends.cpu.get_cpu_capability()}")
     runs = {"one by one": run(model, prompts, args, "lockstep", 1),
             f"lockstep, groups of {args.batch}": run(model, prompts, args, "lockstep",
                                                      args.batch),
             f"rolling, {args.batch} at once": run(model, prompts, args, "rolling", args.batch)}
     alone = runs["one by one"]
     print(f"\n{'schedule':<26} {'forwards':>9} {'rows/fwd':>9} {'as alone':>9} "
-          f"{'CPU tok/s':>10} {f'{GPU} TP{TP} tok/s (projection)':>30} {'vs one by one':>14}")
+          f"{model.device.type + ' tok/s':>10} {f'{GPU} TP{TP} tok/s (projection)':>30} "
+          f"{'vs one by one':>14}")
     for name, r in runs.items():
         same = sum(a == b and n == m for a, b, n, m in zip(
             r["out"].tokens, alone["out"].tokens, r["out"].seq_nfe, alone["out"].seq_nfe))
         gain = r["gpu_tokens_per_s"] / alone["gpu_tokens_per_s"]
         print(f"{name:<26} {r['nfe']:>9} {r['rows_per_forward']:>9.2f} "
-              f"{same:>4}/{args.prompts:<4} {r['cpu_tokens_per_s']:>10.1f} "
+              f"{same:>4}/{args.prompts:<4} {r['tokens_per_s']:>10.1f} "
               f"{r['gpu_tokens_per_s']:>30,.0f} {gain:>13.2f}x")
     return 0
 

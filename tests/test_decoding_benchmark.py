@@ -47,3 +47,13 @@ def test_schedules_counts_each_schedules_forwards(capsys):
     for cells in rows.values():  # float32 decodes batch-invariantly: every sequence as alone
         assert "5/5" in cells
     assert "(projection)" in out
+
+
+def test_schedules_on_a_checkpoint_folder(tmp_path, capsys):
+    import schedules
+    from checkpoints import write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / "tiny", lm_head_gain=60.0)
+    assert schedules.main(["--model", str(path), "--prompts", "3", "--batch", "2",
+                           "--gen-length", "8", "--block-length", "4", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert f"schedules: {path}" in out and "3/3" in out and "cpu tok/s" in out
