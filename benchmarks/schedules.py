@@ -39,11 +39,11 @@ GPU, TP = "H200", 2
 
 
 def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
-    # (record_forward_shapes reads each forward's write slot, a host value: a CUDA model then
-    # decodes eagerly, so the timed run below is separate)
+    # Recording reads each forward's write slot on the host, so it decodes eagerly; on CUDA the
+    # timed run (CUDA graphs) is a second decode.
     out, shapes = block_forward.record_forward_shapes(
         model, prompts, gen_length=args.gen_length, block_length=args.block_length,
-        threshold=args.threshold, scheduler=scheduler, max_batch=max_batch)
+        threshold=args.threshold, scheduler=scheduler, max_batch=max_batch, cuda_graphs=False)
     wall = out.wall_s  # on the CPU the recorded decode is the timed one
     if model.device.type == "cuda":
         torch.cuda.synchronize()
