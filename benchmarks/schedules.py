@@ -4,6 +4,7 @@ any machine) and what those forwards would cost on a GPU (a projection).
     python benchmarks/schedules.py                          # 32 prompts, at most 8 at once
     python benchmarks/schedules.py --prompts 16 --batch 4 --dtype float32
     python benchmarks/schedules.py --model path/to/LLaDA2.0-mini --device cuda   # a GPU run
+    python benchmarks/schedules.py --plot docs/schedules.png   # and the rows of each forward
 
 Three decodes of the same prompts (llada2-small with the benchmarks' synthetic weights, on the
 CPU): one by one (lockstep, max_batch 1), lockstep in groups of --batch, and rolling with at most
@@ -55,7 +56,7 @@ def run(model, prompts, args, scheduler: str, max_batch: int) -> dict:
     tokens = sum(map(len, out.tokens))
     gpu_ms = gpu_projection.decode_ms(shapes, GPU, TP)
     return {"out": out, "nfe": out.nfe, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "rows_per_forward": sum(s.batch for s in shapes) / len(shapes),
+            "rows_per_forward": sum(s.batch for s in shapes) / len(shapes), "shapes": shapes,
             "gpu_ms": gpu_ms, "gpu_tokens_per_s": 1e3 * tokens / gpu_ms}
 
 
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", type=Path, help="write a PNG of the rows each forward decodes")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -98,7 +100,34 @@ def main(argv=None) -> int:
         print(f"{name:<26} {r['nfe']:>9} {r['rows_per_forward']:>9.2f} "
               f"{same:>4}/{args.prompts:<4} {r['tokens_per_s']:>10.1f} "
               f"{r['gpu_tokens_per_s']:>30,.0f} {gain:>13.2f}x")
+    if args.plot:
+        plot_rows(runs, args, name, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def plot_rows(runs: dict, args, name: str, path: Path) -> None:
+    """Rows decoding in each forward (prefills left out) against the forward's index: how full
+    each schedule keeps the batch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    for label, r in list(runs.items())[1:]:
+        rows = [s.batch for s in r["shapes"] if s.n_logits]
+        ax.step(range(1, len(rows) + 1), rows, where="post", linewidth=1,
+                label=f"{label}: {r['nfe']} forwards")
+    ax.set_xlabel("forward")
+    ax.set_ylabel("rows decoding")
+    ax.set_ylim(0, args.batch + 0.5)
+    ax.set_title(f"{args.prompts} prompts, at most {args.batch} at once ({name}, {args.dtype})",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ def test_tps_quick_checkpoint_with_prompt_file(tmp_path, capsys):
     assert "mode: threshold  batch: 2  scheduler: rolling  prompts: 2" in table
 
 
-def test_schedules_counts_each_schedules_forwards(capsys):
+def test_schedules_counts_each_schedules_forwards(tmp_path, capsys):
     import schedules
     assert schedules.main(["--preset", "tiny", "--prompts", "5", "--batch", "2", "--gen-length",
-                           "16", "--block-length", "8", "--dtype", "float32"]) == 0
+                           "16", "--block-length", "8", "--dtype", "float32", "--plot",
+                           str(tmp_path / "rows.png")]) == 0
+    assert (tmp_path / "rows.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
             if line.startswith(("one by one", "lockstep", "rolling"))}
