@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     model = (tps.synthetic_model(args.preset, args.device, dtype) if args.model is None
              else load_model(args.model, device=args.device, dtype=dtype))
-    name = args.model or f"{args.preset} (synthetic weights)"
+    model_name = args.model or f"{args.preset} (synthetic weights)"
     prompts = tps.synthetic_prompts(model.config, args.prompts)
-    print(f"schedules: {name}, {args.dtype}, {args.prompts} prompts of "
+    print(f"schedules: {model_name}, {args.dtype}, {args.prompts} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, gen_length "
           f"{args.gen_length}, block {args.block_length}, threshold {args.threshold}; device "
           f"{tps.device_label(model.device)}, CPU {torch.backends.cpu.get_cpu_capability()}")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
               f"{same:>4}/{args.prompts:<4} {r['tokens_per_s']:>10.1f} "
               f"{r['gpu_tokens_per_s']:>30,.0f} {gain:>13.2f}x")
     if args.plot:
-        plot_rows(runs, args, name, args.plot)
+        plot_rows(runs, args, model_name, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

@@ -48,7 +48,7 @@ def test_schedules_counts_each_schedules_forwards(tmp_path, capsys):
     assert set(rows) == {"one by one", "lockstep, groups of 2", "rolling, 2 at once"}
     for cells in rows.values():  # float32 decodes batch-invariantly: every sequence as alone
         assert "5/5" in cells
-    assert "(projection)" in out
+    assert "(projection)" in out and "schedules: tiny (synthetic weights)" in out
 
 
 def test_schedules_on_a_checkpoint_folder(tmp_path, capsys):
