@@ -100,6 +100,13 @@ def record_forward_shapes(model, prompts, **decode_kwargs):
     return out, shapes
 
 
+def decoded_as_alone(out, tokens: list[list[int]], seq_nfe: list[int]) -> int:
+    """How many sequences of the batched DecodeResult `out` got the tokens and the forward
+    count they get alone (tokens[b], seq_nfe[b]): decode()'s batch invariance, checked."""
+    return sum(t == alone_t and n == alone_n
+               for t, n, alone_t, alone_n in zip(out.tokens, out.seq_nfe, tokens, seq_nfe))
+
+
 def capture_block_steps(model, prompts, **decode_kwargs) -> list[BlockStep]:
     """Decodes `prompts` (one batch) and returns the inputs of every forward of one block (the
     later steps; not the prefill nor the first steps that also commit the previous block). A

@@ -197,10 +197,9 @@ def batch_target(model, prompts, args) -> dict:
             tokens += len(solo[-1].tokens[0])
         alone.append(tokens / wall)
         alone_walls.append(wall)
-    as_alone = sum(t == s.tokens[0] and n == s.nfe
-                   for t, n, s in zip(out.tokens, out.seq_nfe, solo))
-    rolling_as_alone = sum(t == s.tokens[0] and n == s.nfe
-                           for t, n, s in zip(rolling.tokens, rolling.seq_nfe, solo))
+    solo_tokens, solo_nfe = [s.tokens[0] for s in solo], [s.nfe for s in solo]
+    as_alone = block_forward.decoded_as_alone(out, solo_tokens, solo_nfe)
+    rolling_as_alone = block_forward.decoded_as_alone(rolling, solo_tokens, solo_nfe)
     # The same decodes' forwards costed as llada2-mini's on an H200 (a projection): batching
     # where forwards are bandwidth-bound.
     gpu_ms = {name: gpu_projection.decode_ms(block_forward.record_forward_shapes(

@@ -94,8 +94,8 @@ def main(argv=None) -> int:
           f"{model.device.type + ' tok/s':>10} {f'{GPU} TP{TP} tok/s (projection)':>30} "
           f"{'vs one by one':>14}")
     for name, r in runs.items():
-        same = sum(a == b and n == m for a, b, n, m in zip(
-            r["out"].tokens, alone["out"].tokens, r["out"].seq_nfe, alone["out"].seq_nfe))
+        same = block_forward.decoded_as_alone(r["out"], alone["out"].tokens,
+                                              alone["out"].seq_nfe)
         gain = r["gpu_tokens_per_s"] / alone["gpu_tokens_per_s"]
         print(f"{name:<26} {r['nfe']:>9} {r['rows_per_forward']:>9.2f} "
               f"{same:>4}/{args.prompts:<4} {r['tokens_per_s']:>10.1f} "

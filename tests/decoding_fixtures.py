@@ -1,5 +1,6 @@
 """A tiny checkpoint with a tokenizer and a chat template, for the generate CLI and tps.py;
-an eos id that stops a batch's sequences at different blocks."""
+an eos id that stops a batch's sequences at different blocks, and a batch decode set up around
+one; a record of the model's forwards."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,3 +51,29 @@ def eos_in_different_blocks(tokens: list[list[int]], prompts, block_length: int)
         if len(blocks) > 1 and any(t not in row for row in tokens):
             return t
     raise AssertionError("no such id: the test's premise does not hold")
+
+
+def eos_case(prompts, block_length: int, **decode_kwargs):
+    """The tiny model at lm_head gain 60 (blocks converge after 1 to block_length steps, some at
+    the cap, differently per row), the decode arguments with an eos id from
+    eos_in_different_blocks, and each prompt decoded alone with them: (model, kwargs, solo)."""
+    import torch
+
+    from dmax_ext.decoding import decode
+    from dmax_ext.model import random_model
+    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
+    kwargs = dict(block_length=block_length, **decode_kwargs)
+    kwargs["eos_id"] = eos_in_different_blocks(decode(model, prompts, **kwargs).tokens, prompts,
+                                               block_length)
+    return model, kwargs, [decode(model, [p], **kwargs) for p in prompts]
+
+
+def record_forwards(model, monkeypatch) -> list[tuple[int, int | None]]:
+    """From now on, (rows, n_logits) of every forward of the model (n_logits 0: a prefill)."""
+    fed, forward = [], model.forward_cached
+
+    def recording(cache, **kwargs):
+        fed.append((kwargs["position_ids"].shape[0], kwargs.get("n_logits")))
+        return forward(cache, **kwargs)
+    monkeypatch.setattr(model, "forward_cached", recording)
+    return fed

@@ -5,7 +5,7 @@ block's forwards when they converge or waiting in them; temperature 0 and seeded
 deterministic; eos stops a sequence."""
 import pytest
 import torch
-from decoding_fixtures import eos_in_different_blocks
+from decoding_fixtures import eos_case, record_forwards
 
 from dmax_ext.decoding import DEFAULT_ACCEPT_THRESHOLD, DEFAULT_THRESHOLD, decode
 from dmax_ext.decoding.cuda_graph import EagerStep
@@ -126,29 +126,12 @@ def test_batch_equals_one_by_one(model, mode, sampling):
     assert out.tpf == pytest.approx(sum(map(len, out.tokens)) / out.nfe)
 
 
-def fed_rows(model, monkeypatch) -> list[int]:
-    """Records the rows of every decoding forward (the prefill, which computes no logits, not)."""
-    rows, forward = [], model.forward_cached
-
-    def recording(cache, **kwargs):
-        if kwargs.get("n_logits") != 0:
-            rows.append(kwargs["position_ids"].shape[0])
-        return forward(cache, **kwargs)
-    monkeypatch.setattr(model, "forward_cached", recording)
-    return rows
-
-
 @pytest.mark.parametrize("mode", ["spd", "threshold"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}],
                          ids=["greedy", "seeded"])
 def test_converged_rows_leave_the_block_and_batch_equals_one_by_one(mode, sampling, monkeypatch):
-    # Gain 60: blocks converge after 1 to L steps (some hit the cap), differently per row.
-    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
-    kwargs = dict(gen_length=12, block_length=L, mode=mode, **sampling)
-    kwargs["eos_id"] = eos_in_different_blocks(decode(model, PROMPTS, **kwargs).tokens, PROMPTS,
-                                             L)
-    solo = [decode(model, [p], **kwargs) for p in PROMPTS]
-    fed = fed_rows(model, monkeypatch)
+    model, kwargs, solo = eos_case(PROMPTS, L, gen_length=12, mode=mode, **sampling)
+    fed = record_forwards(model, monkeypatch)
     out = decode(model, PROMPTS, **kwargs)
     assert out.tokens == [s.tokens[0] for s in solo]
     assert out.seq_nfe == [s.nfe for s in solo]
@@ -156,8 +139,10 @@ def test_converged_rows_leave_the_block_and_batch_equals_one_by_one(mode, sampli
     assert out.capped_blocks == [s.capped_blocks[0] for s in solo]
     assert any(len({steps[j] for steps in out.block_steps if j < len(steps)}) > 1
                for j in range(max(map(len, out.block_steps))))  # the premise
-    # Every forward fed exactly the rows whose block was still decoding.
-    assert sum(fed) == sum(map(sum, out.block_steps)) and len(fed) == out.nfe - 1
+    # Every decoding forward (the prefill computes no logits) fed exactly the rows whose block
+    # was still decoding.
+    rows = [n for n, n_logits in fed if n_logits != 0]
+    assert sum(rows) == sum(map(sum, out.block_steps)) and len(rows) == out.nfe - 1
     # With a runner on static buffers (CUDA graphs) converged rows wait in the batch instead:
     # the same decode and counts, more rows fed.
     fed.clear()
@@ -166,7 +151,7 @@ def test_converged_rows_leave_the_block_and_batch_equals_one_by_one(mode, sampli
     assert (waiting.tokens, waiting.nfe, waiting.seq_nfe, waiting.block_steps,
             waiting.capped_blocks) == (out.tokens, out.nfe, out.seq_nfe, out.block_steps,
                                        out.capped_blocks)
-    assert sum(fed) > sum(map(sum, out.block_steps))
+    assert sum(n for n, n_logits in fed if n_logits != 0) > sum(map(sum, out.block_steps))
 
 
 def test_native_ops_equal_reference_ops(model):

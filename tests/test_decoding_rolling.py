@@ -5,7 +5,7 @@ longest sequence alone (plus the prefill), fewer than the lockstep schedule."""
 import pytest
 import torch
 from cpu_flags import BF16_DOT_BY_DEFAULT
-from decoding_fixtures import eos_in_different_blocks
+from decoding_fixtures import eos_case, record_forwards
 
 from dmax_ext.decoding import decode
 from dmax_ext.decoding.layout import plan_layout
@@ -35,13 +35,9 @@ def check_as_alone(out, solo, prompts, gen_length, block_length=L, all_at_once=T
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}],
                          ids=["greedy", "seeded"])
 def test_rolling_batch_decodes_each_sequence_as_alone(mode, sampling):
-    # Gain 60: blocks converge after 1 to L steps (some hit the cap), differently per row; the
-    # eos id ends sequences at different blocks (compactions mid-decode).
-    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
-    kwargs = dict(gen_length=14, block_length=L, mode=mode, **sampling)
-    kwargs["eos_id"] = eos_in_different_blocks(decode(model, PROMPTS, **kwargs).tokens,
-                                               PROMPTS, L)
-    solo = [decode(model, [p], **kwargs) for p in PROMPTS]
+    # Blocks of 1 to L steps (some capped), differently per row; the eos id ends sequences at
+    # different blocks (compactions mid-decode).
+    model, kwargs, solo = eos_case(PROMPTS, L, gen_length=14, mode=mode, **sampling)
     out = decode(model, PROMPTS, scheduler="rolling", **kwargs)
     check_as_alone(out, solo, PROMPTS, kwargs["gen_length"])
     assert any(c > 0 for c in out.capped_blocks) or mode == "threshold"  # the premise: caps
@@ -94,17 +90,6 @@ def test_rolling_edge_layouts(prompts, gen_length):
                    gen_length)
 
 
-def fed_forwards(model, monkeypatch) -> list[tuple[int, int]]:
-    """Records (rows, logits wanted) of every forward of the model."""
-    fed, forward = [], model.forward_cached
-
-    def recording(cache, **kwargs):
-        fed.append((kwargs["position_ids"].shape[0], kwargs.get("n_logits")))
-        return forward(cache, **kwargs)
-    monkeypatch.setattr(model, "forward_cached", recording)
-    return fed
-
-
 MORE_PROMPTS = PROMPTS + [[21, 22], list(range(60, 71)), [9] * 5]
 
 
@@ -112,13 +97,9 @@ MORE_PROMPTS = PROMPTS + [[21, 22], list(range(60, 71)), [9] * 5]
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}],
                          ids=["greedy", "seeded"])
 def test_rolling_admits_waiting_prompts_as_sequences_finish(mode, sampling, monkeypatch):
-    model = random_model("tiny", dtype=torch.float32, lm_head_gain=60.0, seed=1)
-    kwargs = dict(gen_length=14, block_length=L, mode=mode, **sampling)
-    kwargs["eos_id"] = eos_in_different_blocks(decode(model, MORE_PROMPTS, **kwargs).tokens,
-                                               MORE_PROMPTS, L)
-    solo = [decode(model, [p], **kwargs) for p in MORE_PROMPTS]
+    model, kwargs, solo = eos_case(MORE_PROMPTS, L, gen_length=14, mode=mode, **sampling)
     groups = decode(model, MORE_PROMPTS, scheduler="lockstep", max_batch=3, **kwargs)
-    fed = fed_forwards(model, monkeypatch)
+    fed = record_forwards(model, monkeypatch)
     out = decode(model, MORE_PROMPTS, scheduler="rolling", max_batch=3, **kwargs)
     check_as_alone(out, solo, MORE_PROMPTS, kwargs["gen_length"], all_at_once=False)
     assert len(fed) == out.nfe and max(rows for rows, _ in fed) == 3
